@@ -1,0 +1,1 @@
+"""Support package: config schema, presets, the geometry function, errors, I/O, distributed and data helpers."""

@@ -1,0 +1,320 @@
+"""The typed configuration schema: every default lives here, once, with a one-line doc.
+
+A recipe (YAML under configs/) changes a few fields; `key=value` overrides on the command line change
+more. Unknown keys and wrong types are errors. `load_config` returns a validated `Config`.
+"""
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, List, Optional, Sequence
+
+from omegaconf import MISSING, OmegaConf  # noqa: F401  (MISSING kept for recipes that want required fields)
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from utils.errors import UserError
+
+DEFAULT_NEGATIVE_PROMPT = (
+    "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，"
+    "JPEG压缩残留，丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，"
+    "手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走"
+)
+
+
+# --------------------------------------------------------------------------------------------- models
+@dataclass
+class ModelRef:
+    """One DiT: a geometry preset, a checkpoint (folder or file) whose config.json gives the geometry, or both."""
+
+    preset: Optional[str] = None  # name of configs/models/<preset>.yaml (geometry without weights)
+    checkpoint: Optional[str] = None  # weights folder or file; a folder's config.json gives the geometry
+
+
+@dataclass
+class VaeRef:
+    """The VAE: a preset (configs/vae/<preset>.yaml) and optionally its weights."""
+
+    preset: Optional[str] = None  # empty: the generator preset's VAE
+    checkpoint: Optional[str] = None  # Wan2.1_VAE.pth / Wan2.2_VAE.pth / a diffusers vae/ folder; empty: random (tiny only)
+    tiling: bool = False  # spatial tiling in decode, for memory
+
+
+@dataclass
+class TextEncoderRef:
+    """The text encoder: umT5-XXL from the official file, or a tiny preset."""
+
+    preset: str = "umt5-xxl"  # configs/text_encoders/<preset>.yaml
+    checkpoint: Optional[str] = None  # models_t5_umt5-xxl-enc-bf16.pth (or a tiny encoder's safetensors)
+    tokenizer: Optional[str] = None  # local google/umt5-xxl folder (umt5-xxl only)
+    device: str = "auto"  # where it runs: auto (the training/inference device), cpu or cuda
+    negative_prompt: str = DEFAULT_NEGATIVE_PROMPT  # the unconditional prompt for CFG
+
+
+# --------------------------------------------------------------------------------------------- video
+@dataclass
+class VideoConfig:
+    """What is generated: pixel size and frame count; the latent shape is derived from these and the VAE."""
+
+    height: int = 480  # pixels
+    width: int = 832  # pixels
+    num_frames: int = 81  # pixel frames; latent frames = (num_frames - 1) / vae temporal stride + 1
+    num_frame_per_block: int = 3  # latent frames denoised together in the causal rollout
+    fps: int = 16  # frames per second of written videos
+    task: str = "t2v"  # t2v, or ti2v (first frame given as an image)
+    image_or_video_shape: Optional[List[int]] = None  # upstream's [B,F,C,H,W]; if given it must match the derived shape
+
+
+# --------------------------------------------------------------------------------------------- flow
+@dataclass
+class FlowConfig:
+    """Flow-matching constants shared by the student rollout and the score timesteps."""
+
+    num_train_timesteps: int = 1000  # timestep = num_train_timesteps * sigma
+    timestep_shift: float = 5.0  # shift applied to score timesteps and to the warped student step list
+
+
+@dataclass
+class SamplingConfig:
+    """Bidirectional teacher sampling (teacher baselines and verification)."""
+
+    sampler: str = "unipc"  # unipc (official, order 2, flow prediction) or euler
+    num_steps: int = 50  # denoising steps
+    shift: float = 5.0  # sigma shift of the sampling schedule
+    guidance_scale: float = 5.0  # CFG scale (the low-noise expert's for a MoE teacher)
+    guidance_scale_high_noise: Optional[float] = None  # MoE only: CFG scale of the high-noise expert
+    guidance_form: str = "standard"  # standard: uncond + g*(cond-uncond); dmd: cond + g*(cond-uncond)
+    cfg_truncation_steps: int = 0  # skip the unconditional pass in the last N steps
+    cfg_truncation_high_noise_steps: int = 0  # MoE: skip it in the last N high-noise steps before the switch
+
+
+@dataclass
+class OdeConfig(SamplingConfig):
+    """Teacher sampling for ODE pairs (upstream: 48 Euler steps, shift 8, CFG 6)."""
+
+    sampler: str = "euler"
+    num_steps: int = 48
+    shift: float = 8.0
+    guidance_scale: float = 6.0
+    keep_indices: List[int] = field(default_factory=lambda: [0, 12, 24, 36, -1])  # trajectory points kept; -1 = clean
+
+
+@dataclass
+class RolloutConfig:
+    """The causal student's few-step, block-wise rollout (training and inference)."""
+
+    denoising_step_list: List[int] = field(default_factory=lambda: [1000, 750, 500, 250])  # student timesteps
+    warp_denoising_step: bool = True  # map the list through the shifted schedule (flow.timestep_shift)
+    context_noise: int = 0  # timestep of the context pass that writes a finished block into the KV cache
+    local_attn_size: int = -1  # frames the KV cache holds; -1: all frames of the video (global attention)
+    sink_size: int = 0  # frames at the start kept in a rolling cache (attention sink)
+    same_step_across_blocks: bool = True  # one exit step for every block of a rollout
+    last_step_only: bool = False  # always exit at the last step
+    independent_first_frame: bool = False  # first block holds one frame (TI2V image), then blocks of num_frame_per_block
+
+
+# --------------------------------------------------------------------------------------------- training
+@dataclass
+class DistillConfig:
+    """Score distillation (DMD or SiD) with the real (teacher) and fake (critic) scores."""
+
+    distribution_loss: str = "dmd"  # dmd or sid
+    guidance_scale: float = 3.0  # CFG of the real score
+    guidance_form: str = "dmd"  # dmd: cond + g*(cond-uncond) (upstream); standard: uncond + g*(cond-uncond)
+    min_score_timestep_ratio: float = 0.02  # score timesteps are clamped to [min, max] * num_train_timesteps
+    max_score_timestep_ratio: float = 0.98
+    sid_alpha: float = 1.0  # SiD's alpha
+    dfake_gen_update_ratio: int = 5  # the generator steps every N-th iteration, the critic every iteration
+
+
+@dataclass
+class OptimConfig:
+    """AdamW for the generator and the critic."""
+
+    lr: float = 2.0e-6  # generator learning rate
+    lr_critic: float = 4.0e-7  # fake-score (critic) learning rate
+    beta1: float = 0.0
+    beta2: float = 0.999
+    beta1_critic: float = 0.0
+    beta2_critic: float = 0.999
+    weight_decay: float = 0.01
+    grad_clip: float = 10.0  # max grad norm, both models
+
+
+@dataclass
+class TrainConfig:
+    """The loop: stage, batch, length, checkpoints, precision and memory options."""
+
+    trainer: str = "score_distillation"  # ode (ODE regression -> ode_init) or score_distillation (DMD/SiD)
+    seed: int = 0  # global seed (never "random")
+    batch_size: int = 1  # per GPU, per micro-step
+    total_batch_size: Optional[int] = None  # global batch; gradient accumulation = total / (batch_size * world); empty: no accumulation
+    max_steps: int = 600  # optimizer iterations, then the run stops
+    log_iters: int = 50  # log every N iterations
+    save_iters: int = 100  # checkpoint every N iterations (and at the end)
+    keep_last: int = 3  # checkpoints kept
+    ema_weight: float = 0.99  # generator EMA decay; 0 disables EMA
+    ema_start_step: int = 200  # EMA starts at this iteration
+    mixed_precision: bool = True  # bf16 compute through FSDP2's MixedPrecisionPolicy (fp32 master weights)
+    gradient_checkpointing: bool = True  # activation checkpointing per transformer block
+    sharding_strategy: str = "hybrid_full"  # full (shard across all ranks) or hybrid_full (shard within a node, replicate across)
+    real_score_cpu: bool = False  # keep the frozen teacher on the CPU between uses
+    lora_rank: int = 0  # LoRA rank for generator and critic; 0: full fine-tuning
+    lora_alpha: float = 0.0  # LoRA alpha; 0: equal to the rank
+    max_consecutive_nonfinite: int = 5  # stop after this many NaN/Inf steps in a row
+    data_path: Optional[str] = None  # ODE LMDB (trainer=ode) or a prompt file (score distillation)
+    image_root: Optional[str] = None  # TI2V: folder of first-frame images named in the prompt file
+
+
+@dataclass
+class LoggingConfig:
+    """Console and JSONL always; wandb when enabled (its key comes from WANDB_API_KEY, never from here)."""
+
+    wandb: bool = False
+    wandb_project: str = "self-forcing"
+    wandb_entity: Optional[str] = None
+    wandb_mode: str = "online"  # online or offline
+
+
+@dataclass
+class Config:
+    """A whole recipe."""
+
+    generator: ModelRef = field(default_factory=ModelRef)  # the causal student
+    real_score: ModelRef = field(default_factory=ModelRef)  # the frozen bidirectional teacher
+    fake_score: ModelRef = field(default_factory=ModelRef)  # the critic; empty: same as real_score
+    vae: VaeRef = field(default_factory=VaeRef)
+    text_encoder: TextEncoderRef = field(default_factory=TextEncoderRef)
+    attention_backend: str = "sdpa"  # sdpa, flash (flash-attn 2/3) or flex (flex_attention for block-causal masks)
+    video: VideoConfig = field(default_factory=VideoConfig)
+    flow: FlowConfig = field(default_factory=FlowConfig)
+    teacher: SamplingConfig = field(default_factory=SamplingConfig)
+    ode: OdeConfig = field(default_factory=OdeConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+# --------------------------------------------------------------------------------------------- choices
+CHOICES = {
+    "attention_backend": ("sdpa", "flash", "flex"),
+    "video.task": ("t2v", "ti2v"),
+    "teacher.sampler": ("unipc", "euler"),
+    "teacher.guidance_form": ("standard", "dmd"),
+    "ode.sampler": ("unipc", "euler"),
+    "ode.guidance_form": ("standard", "dmd"),
+    "distill.distribution_loss": ("dmd", "sid"),
+    "distill.guidance_form": ("standard", "dmd"),
+    "train.trainer": ("ode", "score_distillation"),
+    "train.sharding_strategy": ("full", "hybrid_full"),
+    "text_encoder.device": ("auto", "cpu", "cuda"),
+    "logging.wandb_mode": ("online", "offline"),
+}
+
+
+# --------------------------------------------------------------------------------------------- loading
+def _read_yaml(path: Path) -> Any:
+    if not path.is_file():
+        raise UserError(f"config file {path} not found: expected a YAML recipe")
+    try:
+        return OmegaConf.load(path)
+    except Exception as err:  # yaml errors carry multi-line context; keep the first line
+        raise UserError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+
+
+def _recipe_layers(path: Path, seen: tuple[Path, ...] = ()) -> list:
+    """A recipe may name a `base:` recipe (relative to itself) that it overrides."""
+    path = path.resolve()
+    if path in seen:
+        raise UserError(f"config file {path} includes itself through `base:`")
+    data = _read_yaml(path)
+    base = data.pop("base", None) if hasattr(data, "pop") else None
+    layers = _recipe_layers((path.parent / str(base)), seen + (path,)) if base else []
+    return layers + [data]
+
+
+def _all_keys(node: Any, prefix: str = "") -> list[str]:
+    keys = []
+    for key in node.keys():
+        full = f"{prefix}{key}"
+        keys.append(full)
+        value = OmegaConf.select(node, str(key)) if OmegaConf.is_config(node) else None
+        if OmegaConf.is_dict(value):
+            keys.extend(_all_keys(value, full + "."))
+    return keys
+
+
+def _explain(err: OmegaConfBaseException, source: str) -> UserError:
+    full_key = getattr(err, "full_key", None) or "?"
+    first_line = str(err).splitlines()[0] if str(err) else type(err).__name__
+    if isinstance(err, ConfigKeyError):
+        schema_keys = _all_keys(OmegaConf.structured(Config))
+        close = difflib.get_close_matches(full_key, schema_keys, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        return UserError(f"unknown config key '{full_key}' in {source}{hint}: expected one of the schema's keys (utils/config.py)")
+    if isinstance(err, ValidationError):
+        return UserError(f"config key '{full_key}' in {source} has a wrong type: {first_line}")
+    return UserError(f"config error at '{full_key}' in {source}: {first_line}")
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Merge schema defaults, the recipe (with its bases) and `key=value` overrides; validate; return a Config."""
+    merged = OmegaConf.structured(Config)
+    OmegaConf.set_struct(merged, True)
+    if path is not None:
+        for layer in _recipe_layers(Path(path)):
+            try:
+                merged = OmegaConf.merge(merged, layer)
+            except OmegaConfBaseException as err:
+                raise _explain(err, str(path)) from None
+    for item in overrides:
+        if "=" not in item:
+            raise UserError(f"command-line override '{item}' is not of the form key=value")
+    try:
+        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+    except OmegaConfBaseException as err:
+        raise _explain(err, "the command line") from None
+    try:
+        config: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    except OmegaConfBaseException as err:
+        raise _explain(err, str(path)) from None
+    validate_choices(config)
+    return config
+
+
+def validate_choices(config: Config) -> None:
+    for key, allowed in CHOICES.items():
+        value = OmegaConf.select(OmegaConf.structured(config), key)
+        if value not in allowed:
+            raise UserError(f"config key '{key}' is '{value}': expected one of {', '.join(allowed)}")
+    checks = [
+        ("video.num_frame_per_block", config.video.num_frame_per_block >= 1, "at least 1"),
+        ("video.height", config.video.height > 0, "a positive number of pixels"),
+        ("video.width", config.video.width > 0, "a positive number of pixels"),
+        ("video.num_frames", config.video.num_frames >= 1, "at least 1"),
+        ("train.batch_size", config.train.batch_size >= 1, "at least 1"),
+        ("train.max_steps", config.train.max_steps >= 0, "0 or more"),
+        ("train.save_iters", config.train.save_iters >= 1, "at least 1"),
+        ("train.keep_last", config.train.keep_last >= 1, "at least 1"),
+        ("distill.dfake_gen_update_ratio", config.distill.dfake_gen_update_ratio >= 1, "at least 1"),
+        ("rollout.denoising_step_list", len(config.rollout.denoising_step_list) >= 1, "at least one timestep"),
+        ("rollout.sink_size", config.rollout.sink_size >= 0, "0 or more frames"),
+    ]
+    for key, ok, expected in checks:
+        if not ok:
+            value = OmegaConf.select(OmegaConf.structured(config), key)
+            raise UserError(f"config key '{key}' is {value}: expected {expected}")
+
+
+def to_yaml(config: Config) -> str:
+    """The resolved config as YAML (saved beside checkpoints and outputs)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(config))
+
+
+def split_cli(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Separate `key=value` overrides from ordinary arguments (for argparse's parse_known_args leftovers)."""
+    overrides = [a for a in argv if "=" in a and not a.startswith("-")]
+    rest = [a for a in argv if a not in overrides]
+    return overrides, rest

@@ -1,0 +1,209 @@
+"""Model, VAE and text-encoder presets (YAML under configs/) and checkpoint config.json reading.
+
+The numbers of every Wan family live in configs/models/*.yaml and configs/vae/*.yaml; this module only
+finds and reads them, and turns a recipe's references into resolved specs.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import OmegaConf
+
+from utils.errors import UserError
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CONFIGS_DIR = REPO_ROOT / "configs"
+
+# The fields of an official Wan config.json, in the official order.
+ARCH_FIELDS = (
+    "model_type", "patch_size", "text_len", "in_dim", "dim", "ffn_dim", "freq_dim", "text_dim",
+    "out_dim", "num_heads", "num_layers", "window_size", "qk_norm", "cross_attn_norm", "eps",
+)
+MOE_EXPERT_DIRS = ("high_noise_model", "low_noise_model")
+
+
+# --------------------------------------------------------------------------------------------- files
+def _preset_path(kind: str, name: str) -> Path:
+    """A preset is a name under configs/<kind>/ or a path to a YAML file."""
+    if name.endswith((".yaml", ".yml")) or "/" in name:
+        path = Path(name)
+        return path if path.is_absolute() or path.exists() else REPO_ROOT / name
+    return CONFIGS_DIR / kind / f"{name}.yaml"
+
+
+def available_presets(kind: str) -> list[str]:
+    return sorted(p.stem for p in (CONFIGS_DIR / kind).glob("*.yaml"))
+
+
+def _load_preset(kind: str, name: str) -> dict:
+    path = _preset_path(kind, name)
+    if not path.is_file():
+        known = ", ".join(available_presets(kind))
+        raise UserError(f"{kind[:-1]} preset '{name}' not found ({path}): expected one of {known} or a YAML path")
+    return OmegaConf.to_container(OmegaConf.load(path), resolve=True)  # type: ignore[return-value]
+
+
+def load_model_preset(name: str) -> dict:
+    return _load_preset("models", name)
+
+
+def load_vae_preset(name: str) -> dict:
+    return _load_preset("vae", name)
+
+
+def load_text_encoder_preset(name: str) -> dict:
+    return _load_preset("text_encoders", name)
+
+
+# --------------------------------------------------------------------------------------------- config.json
+def _from_diffusers_config(raw: dict) -> dict:
+    """Translate a diffusers WanTransformer3DModel config.json into the official fields."""
+    heads, head_dim = raw["num_attention_heads"], raw["attention_head_dim"]
+    in_dim = raw["in_channels"]
+    # diffusers has no model_type; the 48-channel Wan2.2 latent space is the TI2V model's.
+    model_type = "ti2v" if in_dim == 48 or raw.get("expand_timesteps") else "t2v"
+    if raw.get("image_dim"):
+        raise UserError("diffusers config.json describes an image-embedding (i2v) model: only t2v and ti2v are supported")
+    return {
+        "model_type": model_type,
+        "patch_size": list(raw["patch_size"]),
+        "text_len": raw.get("text_len", 512),
+        "in_dim": in_dim,
+        "dim": heads * head_dim,
+        "ffn_dim": raw["ffn_dim"],
+        "freq_dim": raw["freq_dim"],
+        "text_dim": raw["text_dim"],
+        "out_dim": raw["out_channels"],
+        "num_heads": heads,
+        "num_layers": raw["num_layers"],
+        "window_size": [-1, -1],
+        "qk_norm": bool(raw.get("qk_norm")),
+        "cross_attn_norm": bool(raw["cross_attn_norm"]),
+        "eps": raw["eps"],
+    }
+
+
+def read_checkpoint_config(folder: str | Path) -> dict:
+    """Official architecture fields from a checkpoint folder's config.json (official or diffusers style)."""
+    folder = Path(folder)
+    path = folder / "config.json"
+    if not path.is_file():
+        raise UserError(f"no config.json in checkpoint folder {folder}: expected the model's config.json beside its weights")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path} is not valid JSON: {err.msg} at line {err.lineno}") from None
+    if "num_attention_heads" in raw:
+        return _from_diffusers_config(raw)
+    missing = [k for k in ARCH_FIELDS if k not in raw]
+    if missing:
+        raise UserError(f"{path} lacks official fields {', '.join(missing[:4])}: expected an official Wan or diffusers config.json")
+    return {k: raw[k] for k in ARCH_FIELDS}
+
+
+def arch_to_config_json(arch: dict) -> dict:
+    """The official config.json content for an architecture (written beside exported weights)."""
+    return {"_class_name": "WanModel", **{k: arch[k] for k in ARCH_FIELDS}}
+
+
+# --------------------------------------------------------------------------------------------- specs
+@dataclass(frozen=True)
+class ModelSpec:
+    """A resolved DiT reference: its architecture and where its weights are."""
+
+    role: str
+    name: str  # the preset name, or the checkpoint path
+    arch: dict = field(hash=False)  # official config.json fields
+    vae: Optional[str] = None  # the latent space's VAE preset, when the preset says it
+    moe_boundary: Optional[float] = None  # MoE teachers: expert switch at t >= boundary * num_train_timesteps
+    checkpoint: Optional[str] = None
+
+    @property
+    def head_dim(self) -> int:
+        return self.arch["dim"] // self.arch["num_heads"]
+
+    @property
+    def latent_channels(self) -> int:
+        return self.arch["in_dim"]
+
+    @property
+    def is_moe(self) -> bool:
+        return self.moe_boundary is not None
+
+
+def _checkpoint_arch(role: str, checkpoint: str) -> tuple[dict, bool]:
+    """Read a checkpoint's architecture; returns (arch, is_moe_folder)."""
+    path = Path(checkpoint)
+    if not path.exists():
+        raise UserError(f"{role}.checkpoint {checkpoint} does not exist: expected a weights folder or file")
+    folder = path if path.is_dir() else path.parent
+    experts = [folder / d for d in MOE_EXPERT_DIRS]
+    if path.is_dir() and not (folder / "config.json").exists() and all(e.is_dir() for e in experts):
+        return read_checkpoint_config(experts[0]), True
+    return read_checkpoint_config(folder), False
+
+
+def resolve_model(role: str, ref: Any, check_weights: bool = True) -> ModelSpec:
+    """Turn a recipe's ModelRef into a ModelSpec; the checkpoint's config.json wins and must agree with a preset.
+
+    With check_weights=False a preset alone may stand for a checkpoint that is not on this machine (geometry only).
+    """
+    if not ref.preset and not ref.checkpoint:
+        raise UserError(f"{role} names no model: set {role}.preset (configs/models/) or {role}.checkpoint")
+    preset = load_model_preset(ref.preset) if ref.preset else {}
+    preset_arch = {k: preset[k] for k in ARCH_FIELDS if k in preset}
+    if ref.preset and len(preset_arch) != len(ARCH_FIELDS):
+        missing = [k for k in ARCH_FIELDS if k not in preset]
+        raise UserError(f"model preset '{ref.preset}' lacks fields {', '.join(missing)}")
+    moe = preset.get("moe") or None
+    arch = preset_arch
+    if ref.checkpoint and (check_weights or not preset_arch or Path(ref.checkpoint).exists()):
+        arch, is_moe_folder = _checkpoint_arch(role, ref.checkpoint)
+        if is_moe_folder and not moe:
+            raise UserError(f"{role}.checkpoint {ref.checkpoint} holds MoE experts: set {role}.preset to a MoE preset (e.g. wan2.2-t2v-a14b) for its boundary")
+        for key in ("dim", "num_heads", "num_layers", "in_dim", "ffn_dim"):
+            if preset_arch and preset_arch[key] != arch[key]:
+                raise UserError(
+                    f"{role}.checkpoint {ref.checkpoint} has {key}={arch[key]} but preset '{ref.preset}' says {preset_arch[key]}"
+                )
+    arch = {**arch, "patch_size": list(arch["patch_size"]), "window_size": list(arch["window_size"])}
+    return ModelSpec(
+        role=role,
+        name=ref.preset or str(ref.checkpoint),
+        arch=arch,
+        vae=preset.get("vae"),
+        moe_boundary=float(moe["boundary"]) if moe else None,
+        checkpoint=ref.checkpoint,
+    )
+
+
+@dataclass(frozen=True)
+class VaeSpec:
+    """A resolved VAE: its latent space and where its weights are."""
+
+    name: str
+    kind: str  # wan2.1, wan2.2 or miniature
+    z_dim: int
+    stride: tuple  # (t, h, w)
+    preset: dict = field(hash=False)  # the whole preset (mean/std, arch for tiny ones)
+    checkpoint: Optional[str] = None
+
+
+def resolve_vae(ref: Any, generator: ModelSpec, check_weights: bool = True) -> VaeSpec:
+    name = ref.preset or generator.vae
+    if not name:
+        raise UserError("vae.preset is empty and the generator's preset names no VAE: set vae.preset (configs/vae/)")
+    preset = load_vae_preset(name)
+    if check_weights and ref.checkpoint and not Path(ref.checkpoint).exists():
+        raise UserError(f"vae.checkpoint {ref.checkpoint} does not exist: expected Wan2.x_VAE.pth, a .safetensors or a diffusers vae/ folder")
+    return VaeSpec(
+        name=name,
+        kind=preset["kind"],
+        z_dim=int(preset["z_dim"]),
+        stride=tuple(int(s) for s in preset["stride"]),
+        preset=preset,
+        checkpoint=ref.checkpoint,
+    )
