@@ -5,7 +5,7 @@ import pytest
 import torch
 from diffusers import WanTransformer3DModel
 
-from dit_helpers import relative_error, tiny_arch, tiny_model
+from tests.dit_helpers import relative_error, tiny_arch, tiny_model
 from wan.convert import official_to_diffusers_config, official_to_diffusers_key
 from wan.modules.embeddings import pad_context
 from wan.modules.model import WanModel

@@ -1,0 +1,139 @@
+"""CausalWanModel: block-causal training mode == cached block-by-block rollout; rolling cache semantics."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.dit_helpers import relative_error, tiny_model
+from utils.errors import UserError
+from wan.modules.causal_model import CausalWanModel
+from wan.modules.kv_cache import KVCache
+from wan.modules.model import WanModel
+
+TOLERANCE = 1e-5
+HEIGHT, WIDTH = 4, 6  # latent, non-square
+FRAME_TOKENS = (HEIGHT // 2) * (WIDTH // 2)
+
+
+def make_cache(model: CausalWanModel, batch: int, max_frames: int, sink_frames: int = 0) -> KVCache:
+    config = model.config
+    return KVCache(
+        num_layers=config["num_layers"], batch_size=batch, max_frames=max_frames, frame_seq_length=FRAME_TOKENS,
+        num_heads=config["num_heads"], head_dim=model.head_dim, dtype=torch.float32, device="cpu",
+        sink_frames=sink_frames,
+    )  # fmt: skip
+
+
+def inputs(model, batch=2, frames=6, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, frames, model.config["in_dim"], HEIGHT, WIDTH, generator=generator)
+    timestep = torch.rand(batch, frames, generator=generator) * 1000
+    context = torch.randn(batch, 5, model.config["text_dim"], generator=generator)
+    return x, timestep, context
+
+
+def rollout(model, x, timestep, context, cache, block):
+    outputs = []
+    for start in range(0, x.shape[1], block):
+        end = start + block
+        outputs.append(model.forward_cached(x[:, start:end], timestep[:, start:end], context, cache, start, commit=True))
+    return torch.cat(outputs, dim=1)
+
+
+@pytest.mark.parametrize("preset", ["tiny-t2v", "tiny-ti2v"])
+def test_block_causal_equals_cached_rollout(preset):
+    model = tiny_model(CausalWanModel, preset=preset)
+    x, timestep, context = inputs(model)
+    with torch.no_grad():
+        whole = model.forward_block_causal(x, timestep, context, num_frame_per_block=2)
+        stepped = rollout(model, x, timestep, context, make_cache(model, 2, max_frames=6), block=2)
+    assert relative_error(stepped, whole) < TOLERANCE
+    # The mask matters: full bidirectional attention gives a different answer.
+    assert relative_error(model.predict_flow(x, timestep, context), whole) > 1e-3
+
+
+def test_one_block_equals_bidirectional_model():
+    causal = tiny_model(CausalWanModel, seed=2)
+    bidirectional = tiny_model(WanModel, seed=2)
+    x, timestep, context = inputs(causal, frames=3)
+    with torch.no_grad():
+        whole = causal.forward_block_causal(x, timestep, context, num_frame_per_block=3)
+        assert relative_error(whole, bidirectional.predict_flow(x, timestep, context)) < TOLERANCE
+        cached = causal.forward_cached(x, timestep, context, make_cache(causal, 2, 3), start_frame=0, commit=False)
+        assert relative_error(cached, whole) < TOLERANCE
+
+
+def test_commit_false_reads_the_same_window_and_changes_nothing():
+    model = tiny_model(CausalWanModel, seed=4)
+    x, timestep, context = inputs(model, frames=6)
+    cache = make_cache(model, 2, max_frames=4, sink_frames=1)
+    with torch.no_grad():
+        rollout(model, x[:, :4], timestep[:, :4], context, cache, block=2)  # cache now full
+        keys, values, frames = cache.keys.clone(), cache.values.clone(), list(cache.slot_frames)
+        probe = model.forward_cached(x[:, 4:], timestep[:, 4:], context, cache, 4, commit=False)
+        assert torch.equal(cache.keys, keys) and torch.equal(cache.values, values) and cache.slot_frames == frames
+        committed = model.forward_cached(x[:, 4:], timestep[:, 4:], context, cache, 4, commit=True)
+    assert torch.allclose(probe, committed, atol=1e-6)
+    assert cache.slot_frames == [0, 4, 5, 3] and cache.next_frame == 6  # frames 1, 2 evicted, sink kept
+
+
+def test_rolled_cache_equals_attention_over_exactly_its_window():
+    """One layer, so a frame's keys depend only on its own input: the rolled window can be rebuilt from scratch."""
+    model = tiny_model(CausalWanModel, seed=6, num_layers=1)
+    x, timestep, context = inputs(model, frames=7)
+    with torch.no_grad():
+        # Rolling: 4 frames of cache, 1 sink, blocks of 1 frame; frame 6 sees frames 0 (sink), 4, 5 and itself.
+        rolled = rollout(model, x, timestep, context, make_cache(model, 2, max_frames=4, sink_frames=1), block=1)
+        scratch = make_cache(model, 2, max_frames=7)
+        for frame in (0, 4, 5):
+            model.forward_cached(x[:, frame : frame + 1], timestep[:, frame : frame + 1], context, scratch, frame, True)
+        expected = model.forward_cached(x[:, 6:], timestep[:, 6:], context, scratch, 6, commit=False)
+        global_attention = rollout(model, x, timestep, context, make_cache(model, 2, max_frames=7), block=1)
+    assert relative_error(rolled[:, 6:], expected) < TOLERANCE
+    assert relative_error(rolled[:, :4], global_attention[:, :4]) < TOLERANCE  # before the cache fills: identical
+    assert relative_error(rolled[:, 6:], global_attention[:, 6:]) > 1e-4  # the evicted frames did matter
+
+
+def test_cached_keys_are_detached_and_gradients_reach_the_block():
+    model = tiny_model(CausalWanModel, seed=8)
+    x, timestep, context = inputs(model, frames=4)
+    cache = make_cache(model, 2, max_frames=4)
+    model.forward_cached(x[:, :2], timestep[:, :2], context, cache, 0, commit=True)
+    assert not cache.keys.requires_grad
+    out = model.forward_cached(x[:, 2:], timestep[:, 2:], context, cache, 2, commit=False)
+    out.square().mean().backward()
+    for name in ("self_attn.k.weight", "cross_attn.k.weight", "cross_attn.v.weight"):
+        assert model.blocks[0].get_parameter(name).grad.abs().sum() > 0, name
+
+
+def test_cross_attention_cache_is_per_context():
+    model = tiny_model(CausalWanModel, seed=9)
+    x, timestep, context = inputs(model, frames=2)
+    cache = make_cache(model, 2, max_frames=4)
+    with torch.no_grad():
+        first = model.forward_cached(x, timestep, context, cache, 0, commit=False)
+        other = model.forward_cached(x, timestep, torch.randn_like(context), cache, 0, commit=False)
+        again = model.forward_cached(x, timestep, context, cache, 0, commit=False)
+    assert not torch.allclose(first, other, atol=1e-4)
+    assert torch.allclose(first, again, atol=1e-6)
+
+
+def test_cache_from_geometry_and_mismatch_errors():
+    from utils.config import ModelRef, VaeRef
+    from utils.geometry import compute_geometry
+    from utils.presets import resolve_model, resolve_vae
+
+    spec = resolve_model("generator", ModelRef(preset="tiny-t2v"), check_weights=False)
+    vae = resolve_vae(VaeRef(), spec, check_weights=False)
+    geometry = compute_geometry(spec, vae, height=vae.stride[1] * 4, width=vae.stride[2] * 6, num_frames=vae.stride[0] * 5 + 1,
+                                num_frame_per_block=2, local_attn_size=4, sink_size=1)  # fmt: skip
+    cache = KVCache.from_geometry(geometry, batch_size=2, dtype=torch.float32, device="cpu")
+    assert geometry.frame_seq_length == FRAME_TOKENS and geometry.cache_frames == 4
+    assert tuple(cache.keys.shape) == (geometry.num_layers, 2, *geometry.kv_cache_shape[1:])
+    assert cache.sink_frames == 1
+    model = tiny_model(CausalWanModel)
+    x, timestep, context = inputs(model, frames=2)
+    with pytest.raises(UserError, match="KV cache"):
+        model.forward_cached(x[:1], timestep[:1], context[:1], cache, 0, commit=False)  # batch 1 vs cache batch 2
+    with pytest.raises(UserError, match="timestep"):
+        model.forward_block_causal(x, timestep[:, :1], context, num_frame_per_block=1)
