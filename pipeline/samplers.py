@@ -156,10 +156,9 @@ class UniPCSampler:
 
 
 def _corrector_weights_order2(rk: float, h: float, phi: float) -> list[float]:
-    """Solve the 2x2 UniC system [[1, 1], [rk, 1]] rho = b for bh2, in float64.
+    """Weights of UniC-2 (bh2, data prediction), from the 2x2 system [[1, 1], [rk, 1]] rho = b.
 
-    b_k = k! * phi_{k+1}(-h) h-terms / B(h) with B(h) = e^{-h} - 1 in the data-prediction form:
-    b_1 = (phi/(-h) - 1) / B, b_2 = 2 * ((phi/(-h) - 1)/(-h) - 1/2) / B.
+    With hh = -h and B = e^{hh} - 1 (= phi): b_1 = (phi/hh - 1) / B and b_2 = 2 * ((phi/hh - 1)/hh - 1/2) / B.
     """
     hh = -h
     g1 = phi / hh - 1.0
