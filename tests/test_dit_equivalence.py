@@ -1,6 +1,8 @@
 """WanModel against diffusers' WanTransformer3DModel (an independent implementation) with converted weights."""
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 from diffusers import WanTransformer3DModel
@@ -15,11 +17,11 @@ TOLERANCE = 1e-5
 
 
 def diffusers_twin(model: WanModel) -> WanTransformer3DModel:
-    config = {k: v for k, v in official_to_diffusers_config(model.config).items() if not k.startswith("_")}
+    accepted = inspect.signature(WanTransformer3DModel.__init__).parameters
+    config = {k: v for k, v in official_to_diffusers_config(model.config).items() if k in accepted}
     twin = WanTransformer3DModel(**config).eval()
     state = {official_to_diffusers_key(k): v for k, v in model.state_dict().items()}
-    missing, unexpected = twin.load_state_dict(state, strict=True), None
-    del missing, unexpected
+    twin.load_state_dict(state, strict=True)
     return twin
 
 

@@ -94,4 +94,6 @@ def official_to_diffusers_config(arch: dict) -> dict:
         "image_dim": None,
         "added_kv_proj_dim": None,
         "rope_max_seq_len": ROPE_MAX_POSITIONS,
+        # Not a diffusers field (its pipeline pads text to 512 itself); kept so the DiT's padding survives a round trip.
+        "text_len": arch["text_len"],
     }

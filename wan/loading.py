@@ -1,0 +1,191 @@
+"""Load Wan DiT weights: official or diffusers names; sharded, single-file safetensors or .pth.
+
+The model is built on the meta device and each tensor is read, cast and moved on its own, so a
+checkpoint is never held twice in memory. Everything is checked from the file headers first
+(missing, unexpected and mis-shaped keys) before a single weight is read.
+"""
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, TypeVar
+
+import torch
+import torch.nn as nn
+from safetensors import safe_open
+
+from utils.errors import UserError
+from utils.presets import ARCH_FIELDS, read_checkpoint_config
+from wan.convert import detect_naming, to_official_key
+
+ModelT = TypeVar("ModelT", bound=nn.Module)
+WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt")
+MAX_KEYS_SHOWN = 3
+
+
+@dataclass(frozen=True)
+class _Entry:
+    file: Path
+    source_key: str  # the name in the file
+    shape: tuple[int, ...]
+
+
+def _shown(keys) -> str:
+    keys = sorted(keys)
+    more = f" (+{len(keys) - MAX_KEYS_SHOWN} more)" if len(keys) > MAX_KEYS_SHOWN else ""
+    return ", ".join(keys[:MAX_KEYS_SHOWN]) + more
+
+
+def weight_files(path: Path) -> list[Path]:
+    """The weight files of a checkpoint folder (via its *.safetensors.index.json when there is one), or [file]."""
+    if path.is_file():
+        if not path.name.endswith(WEIGHT_SUFFIXES):
+            raise UserError(f"{path} is not a weights file: expected .safetensors, .pth or .pt")
+        return [path]
+    if not path.is_dir():
+        raise UserError(f"checkpoint {path} does not exist: expected a folder (config.json + weights) or a weights file")
+    indexes = sorted(path.glob("*.safetensors.index.json"))
+    if len(indexes) > 1:
+        raise UserError(f"{path} holds several index files ({_shown(p.name for p in indexes)}): expected one")
+    if indexes:
+        try:
+            weight_map = json.loads(indexes[0].read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise UserError(f"{indexes[0]} is not a safetensors index: expected JSON with a 'weight_map'") from None
+        shards = [path / name for name in dict.fromkeys(weight_map.values())]
+        missing = [shard.name for shard in shards if not shard.is_file()]
+        if missing:
+            raise UserError(f"{indexes[0]} names shards missing from {path}: {_shown(missing)}")
+        return shards
+    files = sorted(p for p in path.iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES))
+    if len(files) != 1:
+        found = _shown(p.name for p in files) if files else "none"
+        raise UserError(f"{path} must hold one weights file or a *.safetensors.index.json, found {found}")
+    return files
+
+
+def _open_safetensors(file: Path):
+    try:
+        return safe_open(str(file), framework="pt", device="cpu")
+    except Exception as err:  # the safetensors error types vary by version
+        raise UserError(f"{file} cannot be read as safetensors ({' '.join(str(err).split())}): truncated or corrupt?") from None
+
+
+def _load_pth(file: Path) -> dict[str, torch.Tensor]:
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:
+        raise UserError(f"{file} cannot be read as a torch checkpoint ({' '.join(str(err).split())}): truncated or corrupt?") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"{file} is not a flat state_dict of tensors")
+    return state
+
+
+def _index(files: list[Path]) -> tuple[dict[str, _Entry], dict[Path, dict[str, torch.Tensor]]]:
+    """Official key -> entry, from headers only (.pth files are memory-mapped and kept for the copy pass)."""
+    raw: list[tuple[str, _Entry]] = []
+    pth: dict[Path, dict[str, torch.Tensor]] = {}
+    for file in files:
+        if file.name.endswith(".safetensors"):
+            with _open_safetensors(file) as handle:
+                raw += [(key, _Entry(file, key, tuple(handle.get_slice(key).get_shape()))) for key in handle.keys()]
+        else:
+            pth[file] = _load_pth(file)
+            raw += [(key, _Entry(file, key, tuple(t.shape))) for key, t in pth[file].items()]
+    naming = detect_naming(key for key, _ in raw)
+    entries: dict[str, _Entry] = {}
+    unknown: dict[Path, list[str]] = defaultdict(list)
+    for key, entry in raw:
+        official = to_official_key(key, naming)
+        if official is None:
+            unknown[entry.file].append(key)
+        else:
+            entries[official] = entry
+    for file, keys in unknown.items():
+        raise UserError(f"{file} has keys that are not Wan DiT ({naming} names) keys: {_shown(keys)}")
+    return entries, pth
+
+
+def _check(model: nn.Module, entries: dict[str, _Entry], where: Path) -> None:
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    missing = expected.keys() - entries.keys()
+    if missing:
+        raise UserError(f"{where} lacks {len(missing)} keys the model needs: {_shown(missing)}")
+    unexpected = defaultdict(list)
+    for key in entries.keys() - expected.keys():
+        unexpected[entries[key].file].append(entries[key].source_key)
+    for file, keys in unexpected.items():
+        raise UserError(f"{file} has {len(keys)} keys this model does not have: {_shown(keys)}")
+    for key, shape in expected.items():
+        if entries[key].shape != shape:
+            entry = entries[key]
+            raise UserError(f"{entry.file}: {entry.source_key} has shape {list(entry.shape)}, the model expects {list(shape)}")
+
+
+def _tensors(entries: dict[str, _Entry], pth: dict[Path, dict[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+    """(official key, tensor) file by file, one tensor at a time."""
+    by_file: dict[Path, list[str]] = defaultdict(list)
+    for key, entry in entries.items():
+        by_file[entry.file].append(key)
+    for file, keys in by_file.items():
+        if file in pth:
+            yield from ((key, pth[file][entries[key].source_key]) for key in keys)
+            continue
+        with _open_safetensors(file) as handle:
+            for key in keys:
+                try:
+                    tensor = handle.get_tensor(entries[key].source_key)
+                except Exception as err:
+                    raise UserError(f"{file}: cannot read {entries[key].source_key} ({' '.join(str(err).split())})") from None
+                yield key, tensor
+
+
+def load_weights_into(
+    model: nn.Module, path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device | None = None
+) -> nn.Module:
+    """Fill `model` from a checkpoint folder or file; parameters on the meta device are materialised.
+
+    Without dtype/device each tensor takes the dtype and device of the parameter it replaces.
+    """
+    path = Path(path)
+    entries, pth = _index(weight_files(path))
+    _check(model, entries, path)
+    for key, tensor in _tensors(entries, pth):
+        module_name, _, attr = key.rpartition(".")
+        module = model.get_submodule(module_name)
+        current = module._parameters[attr]
+        target_device = device if device is not None else ("cpu" if current.is_meta else current.device)
+        value = tensor.to(device=target_device, dtype=dtype or current.dtype)
+        with torch.no_grad():
+            if current.is_meta:
+                module._parameters[attr] = nn.Parameter(value, requires_grad=current.requires_grad)
+            else:
+                current.copy_(value)
+        del tensor
+    return model
+
+
+def load_pretrained(
+    model_cls: type[ModelT],
+    path: str | Path,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    attention_backend: str = "sdpa",
+    arch: dict | None = None,
+) -> ModelT:
+    """Build `model_cls` from a checkpoint folder (config.json + weights) or a weights file plus `arch`."""
+    path = Path(path)
+    if path.is_dir():
+        if arch is not None:
+            raise UserError(f"{path} is a folder: its config.json gives the architecture, do not pass arch as well")
+        arch = read_checkpoint_config(path)
+    elif arch is None:
+        raise UserError(f"{path} is a single weights file: pass arch= with the official config.json fields")
+    missing = [field for field in ARCH_FIELDS if field not in arch]
+    if missing:
+        raise UserError(f"arch for {path} lacks {', '.join(missing)}")
+    with torch.device("meta"):
+        model = model_cls(**{k: arch[k] for k in ARCH_FIELDS}, attention_backend=attention_backend)
+    return load_weights_into(model, path, dtype=dtype, device=device)
