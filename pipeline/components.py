@@ -1,0 +1,89 @@
+"""Build the recipe's components (DiTs, VAE, text encoder) from resolved specs: the one place that picks classes.
+
+Training, inference, ODE-pair generation and verification all build through here, so a model is loaded
+the same way everywhere: weights from the checkpoint when one is named, a seeded random init otherwise
+(tiny recipes and benchmarks).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from utils.config import Config
+from utils.errors import UserError
+from utils.presets import ModelSpec, VaeSpec, load_text_encoder_preset
+
+# Seed offsets keep the random init of each role distinct but reproducible.
+ROLE_SEED = {"generator": 0, "real_score": 1, "fake_score": 2}
+
+
+def build_dit(
+    spec: ModelSpec,
+    *,
+    causal: bool,
+    attention_backend: str,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+) -> nn.Module:
+    """A WanModel (bidirectional), CausalWanModel (causal) or MoEWanModel (MoE teacher) for one role."""
+    from wan.modules.causal_model import CausalWanModel
+    from wan.modules.model import WanModel
+
+    cls = CausalWanModel if causal else WanModel
+    if spec.is_moe:
+        if causal:
+            raise UserError(f"{spec.role} '{spec.name}' is a mixture of experts: it can only be a (bidirectional) teacher")
+        from wan.moe import MoEWanModel
+
+        if not spec.checkpoint:
+            raise UserError(f"{spec.role} '{spec.name}' is a mixture of experts: set {spec.role}.checkpoint to its folder")
+        return MoEWanModel.from_pretrained(
+            spec.checkpoint, boundary=spec.moe_boundary, dtype=dtype, device=device, attention_backend=attention_backend
+        )
+    if spec.checkpoint:
+        return cls.from_pretrained(spec.checkpoint, dtype=dtype, device=device, attention_backend=attention_backend,
+                                   arch=spec.arch)
+    if str(device) == "meta":
+        with torch.device("meta"):
+            return cls(**spec.arch, attention_backend=attention_backend)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + ROLE_SEED.get(spec.role, 0))
+        model = cls(**spec.arch, attention_backend=attention_backend)
+    return model.to(device=device, dtype=dtype)
+
+
+def build_vae(vae: VaeSpec, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The recipe's VAE: a Wan VAE (weights or a tiny random preset) or the miniature VAE."""
+    if vae.kind == "miniature":
+        from miniature.vae import MiniatureVAE
+
+        return MiniatureVAE.from_preset(vae.preset).to(device)
+    from wan.vae import WanVAEWrapper
+
+    if vae.checkpoint:
+        return WanVAEWrapper.from_pretrained(vae.checkpoint, dtype=dtype, device=device, preset=vae.preset)
+    return WanVAEWrapper.from_preset(vae.preset, dtype=dtype, device=device)
+
+
+def text_encoder_device(config: Config, run_device: torch.device) -> torch.device:
+    choice = config.text_encoder.device
+    return run_device if choice == "auto" else torch.device(choice)
+
+
+def build_text_encoder(config: Config, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                       seed: int = 0) -> nn.Module:
+    """umT5-XXL from the official file, or a tiny encoder from its preset (and shipped weights when named)."""
+    from wan.text_encoder import WanTextEncoder
+
+    ref = config.text_encoder
+    preset = load_text_encoder_preset(ref.preset)
+    if preset["kind"] == "umt5":
+        if not ref.checkpoint or not ref.tokenizer:
+            raise UserError("text_encoder.checkpoint and text_encoder.tokenizer must name models_t5_umt5-xxl-enc-bf16.pth "
+                            "and the google/umt5-xxl folder")
+        return WanTextEncoder.from_pretrained(ref.checkpoint, ref.tokenizer, text_len=preset["text_len"], dtype=dtype,
+                                              device=device)
+    if ref.checkpoint:
+        return WanTextEncoder.from_preset(preset, weights=ref.checkpoint, dtype=dtype, device=device)
+    return WanTextEncoder.from_preset(preset, seed=seed, dtype=dtype, device=device)
