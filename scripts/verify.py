@@ -30,7 +30,45 @@ def check_geometry(args, config) -> int:
     return 0
 
 
-CHECKS = {"geometry": check_geometry}
+def meta_parameter_count(spec, attention_backend: str, causal: bool) -> int:
+    """Parameters of a role's DiT built on the meta device (no memory, no weights); MoE counts both experts."""
+    from dataclasses import replace
+
+    from pipeline.components import build_dit
+
+    arch_only = replace(spec, checkpoint=None, moe_boundary=None)
+    model = build_dit(arch_only, causal=causal, attention_backend=attention_backend, device="meta")
+    experts = 2 if spec.is_moe else 1
+    return experts * sum(p.numel() for p in model.parameters())
+
+
+def check_model(args, config) -> int:
+    from utils.geometry import resolve_recipe
+
+    resolved = resolve_recipe(config, need_scores=True, check_weights=False)
+    counts = {
+        "generator_params": meta_parameter_count(resolved.generator, config.attention_backend, causal=True),
+        "real_score_params": meta_parameter_count(resolved.real_score, config.attention_backend, causal=False),
+        "fake_score_params": meta_parameter_count(resolved.fake_score, config.attention_backend, causal=False),
+    }
+    data = {
+        "generator": resolved.generator.name, "real_score": resolved.real_score.name, "fake_score": resolved.fake_score.name,
+        "real_score_experts": 2 if resolved.real_score.is_moe else 1,
+        **counts,
+        "bf16_weights_bytes": {k.replace("_params", ""): 2 * v for k, v in counts.items()},
+        "bf16_weights_total_bytes": 2 * sum(counts.values()),
+    }
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return 0
+    rows = [(role, data[role], f"{counts[role + '_params']:,}", human_bytes(2 * counts[role + "_params"]))
+            for role in ("generator", "real_score", "fake_score")]
+    rows.append(("total", "", f"{sum(counts.values()):,}", human_bytes(data["bf16_weights_total_bytes"])))
+    print(format_table(rows, header=("role", "model", "parameters", "bf16 weights")))
+    return 0
+
+
+CHECKS = {"geometry": check_geometry, "model": check_model}
 
 
 @run_main

@@ -1,0 +1,29 @@
+"""verify.py model builds generator, real score and fake score on the meta device and counts their parameters."""
+import json
+
+import pytest
+
+from tests.helpers import run_script
+
+
+@pytest.mark.parametrize(
+    "recipe,generator,real,fake",
+    [
+        ("configs/self_forcing_dmd_5B.yaml", 4_999_787_712, 4_999_787_712, 4_999_787_712),
+        ("configs/self_forcing_dmd.yaml", 1_418_996_800, 14_288_491_584, 1_418_996_800),
+    ],
+)
+def test_parameter_counts(recipe, generator, real, fake):
+    proc = run_script(["scripts/verify.py", "model", "--config_path", recipe, "--json"])
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert (data["generator_params"], data["real_score_params"], data["fake_score_params"]) == (generator, real, fake)
+    assert data["bf16_weights_total_bytes"] == 2 * (generator + real + fake)
+
+
+def test_moe_teacher_counts_both_experts():
+    proc = run_script(["scripts/verify.py", "model", "--config_path", "configs/self_forcing_dmd.yaml",
+                       "real_score.preset=wan2.2-t2v-a14b", "real_score.checkpoint=null", "--json"])
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert data["real_score_experts"] == 2 and data["real_score_params"] == 2 * 14_288_491_584
