@@ -76,7 +76,8 @@ def test_sharded_official(tmp_path, reference):
 
 def test_single_safetensors_pth_and_bare_file(tmp_path, reference):
     model = reference[0]
-    assert_reproduces(WanModel.from_pretrained(write_single(tmp_path / "st", model.state_dict(), official_config(model))), reference)
+    single = write_single(tmp_path / "st", model.state_dict(), official_config(model))
+    assert_reproduces(WanModel.from_pretrained(single), reference)
     pth = write_single(tmp_path / "pth", model.state_dict(), official_config(model), name="model.pth")
     assert_reproduces(WanModel.from_pretrained(pth), reference)
     assert_reproduces(WanModel.from_pretrained(pth / "model.pth", arch=tiny_arch("tiny-t2v")), reference)
@@ -187,3 +188,25 @@ def test_truncated_pth_is_one_line(tmp_path, reference):
     with pytest.raises(UserError) as caught:
         WanModel.from_pretrained(folder)
     assert "\n" not in str(caught.value) and str(folder / "model.pth") in str(caught.value)
+
+
+def test_convert_script_round_trip(tmp_path, reference):
+    from tests.helpers import assert_one_line_error, run_script
+
+    model = reference[0]
+    source = write_sharded(tmp_path / "official", model.state_dict(), official_config(model))
+    to_diffusers = run_script(["scripts/convert_checkpoint.py", "--input", str(source), "--output", str(tmp_path / "d"),
+                               "--to", "diffusers", "--max_shard_gb", "0.0005"])  # fmt: skip
+    assert to_diffusers.returncode == 0, to_diffusers.stderr
+    index = json.loads((tmp_path / "d" / "diffusion_pytorch_model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1  # really sharded
+    assert set(index["weight_map"]) == {official_to_diffusers_key(k) for k in model.state_dict()}
+    assert json.loads((tmp_path / "d" / "config.json").read_text())["num_attention_heads"] == 2
+    back = run_script(["scripts/convert_checkpoint.py", "--input", str(tmp_path / "d"), "--output", str(tmp_path / "o"),
+                       "--to", "official"])  # fmt: skip
+    assert back.returncode == 0, back.stderr
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["config.json", "diffusion_pytorch_model.safetensors"]
+    assert_reproduces(WanModel.from_pretrained(tmp_path / "o"), reference)
+    again = run_script(["scripts/convert_checkpoint.py", "--input", str(tmp_path / "d"), "--output", str(tmp_path / "o"),
+                        "--to", "official"])  # fmt: skip
+    assert_one_line_error(again, "not empty")

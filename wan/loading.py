@@ -26,7 +26,7 @@ MAX_KEYS_SHOWN = 3
 
 
 @dataclass(frozen=True)
-class _Entry:
+class CheckpointEntry:
     file: Path
     source_key: str  # the name in the file
     shape: tuple[int, ...]
@@ -77,69 +77,72 @@ def _load_pth(file: Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:
-        raise UserError(f"{file} cannot be read as a torch checkpoint ({' '.join(str(err).split())}): truncated or corrupt?") from None
+        reason = " ".join(str(err).split())
+        raise UserError(f"{file} cannot be read as a torch checkpoint ({reason}): truncated or corrupt?") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"{file} is not a flat state_dict of tensors")
     return state
 
 
-def _index(files: list[Path]) -> tuple[dict[str, _Entry], dict[Path, dict[str, torch.Tensor]]]:
-    """Official key -> entry, from headers only (.pth files are memory-mapped and kept for the copy pass)."""
-    raw: list[tuple[str, _Entry]] = []
-    pth: dict[Path, dict[str, torch.Tensor]] = {}
-    for file in files:
-        if file.name.endswith(".safetensors"):
+class Checkpoint:
+    """A checkpoint's tensors by official key, known from the headers; `tensors()` reads them one at a time."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.entries: dict[str, CheckpointEntry] = {}
+        self._pth: dict[Path, dict[str, torch.Tensor]] = {}  # .pth files are memory-mapped, read once
+        raw: list[tuple[str, CheckpointEntry]] = []
+        for file in weight_files(self.path):
+            if file.name.endswith(".safetensors"):
+                with _open_safetensors(file) as handle:
+                    raw += [(key, CheckpointEntry(file, key, tuple(handle.get_slice(key).get_shape()))) for key in handle.keys()]
+            else:
+                self._pth[file] = _load_pth(file)
+                raw += [(key, CheckpointEntry(file, key, tuple(t.shape))) for key, t in self._pth[file].items()]
+        self.naming = detect_naming(key for key, _ in raw)
+        unknown: dict[Path, list[str]] = defaultdict(list)
+        for key, entry in raw:
+            official = to_official_key(key, self.naming)
+            if official is None:
+                unknown[entry.file].append(key)
+            else:
+                self.entries[official] = entry
+        for file, keys in unknown.items():
+            raise UserError(f"{file} has keys that are not Wan DiT ({self.naming} names) keys: {_shown(keys)}")
+
+    def check_against(self, expected: dict[str, tuple[int, ...]]) -> None:
+        """Missing, unexpected or mis-shaped keys against {official key: shape} -> one-line UserError."""
+        missing = expected.keys() - self.entries.keys()
+        if missing:
+            raise UserError(f"{self.path} lacks {len(missing)} keys the model needs: {_shown(missing)}")
+        unexpected = defaultdict(list)
+        for key in self.entries.keys() - expected.keys():
+            unexpected[self.entries[key].file].append(self.entries[key].source_key)
+        for file, keys in unexpected.items():
+            raise UserError(f"{file} has {len(keys)} keys this model does not have: {_shown(keys)}")
+        for key, shape in expected.items():
+            entry = self.entries[key]
+            if entry.shape != shape:
+                found = list(entry.shape)
+                raise UserError(f"{entry.file}: {entry.source_key} has shape {found}, the model expects {list(shape)}")
+
+    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """(official key, tensor) file by file, one tensor at a time."""
+        by_file: dict[Path, list[str]] = defaultdict(list)
+        for key, entry in self.entries.items():
+            by_file[entry.file].append(key)
+        for file, keys in by_file.items():
+            if file in self._pth:
+                yield from ((key, self._pth[file][self.entries[key].source_key]) for key in keys)
+                continue
             with _open_safetensors(file) as handle:
-                raw += [(key, _Entry(file, key, tuple(handle.get_slice(key).get_shape()))) for key in handle.keys()]
-        else:
-            pth[file] = _load_pth(file)
-            raw += [(key, _Entry(file, key, tuple(t.shape))) for key, t in pth[file].items()]
-    naming = detect_naming(key for key, _ in raw)
-    entries: dict[str, _Entry] = {}
-    unknown: dict[Path, list[str]] = defaultdict(list)
-    for key, entry in raw:
-        official = to_official_key(key, naming)
-        if official is None:
-            unknown[entry.file].append(key)
-        else:
-            entries[official] = entry
-    for file, keys in unknown.items():
-        raise UserError(f"{file} has keys that are not Wan DiT ({naming} names) keys: {_shown(keys)}")
-    return entries, pth
-
-
-def _check(model: nn.Module, entries: dict[str, _Entry], where: Path) -> None:
-    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-    missing = expected.keys() - entries.keys()
-    if missing:
-        raise UserError(f"{where} lacks {len(missing)} keys the model needs: {_shown(missing)}")
-    unexpected = defaultdict(list)
-    for key in entries.keys() - expected.keys():
-        unexpected[entries[key].file].append(entries[key].source_key)
-    for file, keys in unexpected.items():
-        raise UserError(f"{file} has {len(keys)} keys this model does not have: {_shown(keys)}")
-    for key, shape in expected.items():
-        if entries[key].shape != shape:
-            entry = entries[key]
-            raise UserError(f"{entry.file}: {entry.source_key} has shape {list(entry.shape)}, the model expects {list(shape)}")
-
-
-def _tensors(entries: dict[str, _Entry], pth: dict[Path, dict[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
-    """(official key, tensor) file by file, one tensor at a time."""
-    by_file: dict[Path, list[str]] = defaultdict(list)
-    for key, entry in entries.items():
-        by_file[entry.file].append(key)
-    for file, keys in by_file.items():
-        if file in pth:
-            yield from ((key, pth[file][entries[key].source_key]) for key in keys)
-            continue
-        with _open_safetensors(file) as handle:
-            for key in keys:
-                try:
-                    tensor = handle.get_tensor(entries[key].source_key)
-                except Exception as err:
-                    raise UserError(f"{file}: cannot read {entries[key].source_key} ({' '.join(str(err).split())})") from None
-                yield key, tensor
+                for key in keys:
+                    try:
+                        tensor = handle.get_tensor(self.entries[key].source_key)
+                    except Exception as err:
+                        reason = " ".join(str(err).split())
+                        raise UserError(f"{file}: cannot read {self.entries[key].source_key} ({reason})") from None
+                    yield key, tensor
 
 
 def load_weights_into(
@@ -149,10 +152,9 @@ def load_weights_into(
 
     Without dtype/device each tensor takes the dtype and device of the parameter it replaces.
     """
-    path = Path(path)
-    entries, pth = _index(weight_files(path))
-    _check(model, entries, path)
-    for key, tensor in _tensors(entries, pth):
+    checkpoint = Checkpoint(path)
+    checkpoint.check_against({name: tuple(t.shape) for name, t in model.state_dict().items()})
+    for key, tensor in checkpoint.tensors():
         module_name, _, attr = key.rpartition(".")
         module = model.get_submodule(module_name)
         current = module._parameters[attr]
