@@ -137,3 +137,12 @@ def test_cache_from_geometry_and_mismatch_errors():
         model.forward_cached(x[:1], timestep[:1], context[:1], cache, 0, commit=False)  # batch 1 vs cache batch 2
     with pytest.raises(UserError, match="timestep"):
         model.forward_block_causal(x, timestep[:, :1], context, num_frame_per_block=1)
+
+
+def test_benchmark_script_runs_a_recipe():
+    from tests.helpers import run_script
+
+    proc = run_script(["scripts/benchmark_dit.py", "--config_path", "configs/tiny/self_forcing_dmd.yaml", "--dtype", "fp32",
+                       "--device", "cpu", "--warmup", "0", "--repeats", "1"])  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "ms / forward, denoise (commit=False)" in proc.stdout and "ms / forward, context (commit=True)" in proc.stdout

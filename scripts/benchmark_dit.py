@@ -1,0 +1,146 @@
+"""Time one causal block forward at a given geometry, with random weights.
+
+The cache is pre-filled with every frame before the last block (random K/V), then the last block
+runs forward_cached: the denoising pass (commit=False) and the context pass (commit=True).
+
+    python scripts/benchmark_dit.py --config_path configs/self_forcing_dmd_5B.yaml --device cuda --dtype bf16
+    python scripts/benchmark_dit.py --preset wan2.1-t2v-1.3b --latent_height 60 --latent_width 104 --num_frames 21
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+import torch  # noqa: E402
+
+from utils.errors import UserError, run_main  # noqa: E402
+from utils.presets import ARCH_FIELDS, load_model_preset  # noqa: E402
+from wan.modules.attention import describe_backend  # noqa: E402
+from wan.modules.causal_model import CausalWanModel  # noqa: E402
+from wan.modules.kv_cache import KVCache  # noqa: E402
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+ARCH_OVERRIDES = ("dim", "ffn_dim", "num_heads", "num_layers", "in_dim")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config_path", help="a recipe: model, latent size, block size and cache window from it")
+    parser.add_argument("--preset", default="tiny-t2v", help="model preset under configs/models (without --config_path)")
+    for field in ARCH_OVERRIDES:
+        parser.add_argument(f"--{field}", type=int, help=f"override the preset's {field}")
+    parser.add_argument("--latent_height", type=int, default=4)
+    parser.add_argument("--latent_width", type=int, default=6)
+    parser.add_argument("--num_frames", type=int, default=6, help="latent frames of the video (last block included)")
+    parser.add_argument("--block_frames", type=int, default=3, help="latent frames per block")
+    parser.add_argument("--batch_size", type=int, default=1)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    parser.add_argument("--backend", default="sdpa", choices=("sdpa", "flash", "flex"))
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    return parser.parse_args(argv)
+
+
+def resolve_geometry(args: argparse.Namespace) -> tuple[dict, int, int, int, int, int, int]:
+    """(arch, latent_height, latent_width, cache_frames, sink_frames, block_frames, cached_frames)."""
+    if args.config_path:
+        from utils.config import load_config
+        from utils.geometry import resolve_recipe
+
+        recipe = resolve_recipe(load_config(args.config_path), check_weights=False)
+        geometry = recipe.geometry
+        block = geometry.block_sizes[-1]
+        cached = geometry.num_latent_frames - block
+        return (recipe.generator.arch, geometry.latent_height, geometry.latent_width, geometry.cache_frames,
+                geometry.sink_frames, block, cached)  # fmt: skip
+    preset = load_model_preset(args.preset)
+    arch = {k: preset[k] for k in ARCH_FIELDS}
+    arch.update({k: getattr(args, k) for k in ARCH_OVERRIDES if getattr(args, k) is not None})
+    if args.block_frames > args.num_frames:
+        raise UserError(f"--block_frames {args.block_frames} exceeds --num_frames {args.num_frames}")
+    return (arch, args.latent_height, args.latent_width, args.num_frames, 0, args.block_frames,
+            args.num_frames - args.block_frames)  # fmt: skip
+
+
+def random_model(arch: dict, dtype: torch.dtype, device: str, backend: str) -> CausalWanModel:
+    with torch.device("meta"):
+        model = CausalWanModel(**{k: arch[k] for k in ARCH_FIELDS}, attention_backend=backend)
+    model = model.to_empty(device=device).to(dtype)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(0.0, 0.02)
+    return model.eval()
+
+
+def time_call(call, device: torch.device, warmup: int, repeats: int) -> float:
+    """Milliseconds per call (median of `repeats`)."""
+    times = []
+    for i in range(warmup + repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        call()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if i >= warmup:
+            times.append((time.perf_counter() - start) * 1000)
+    return sorted(times)[len(times) // 2]
+
+
+@run_main
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    arch, height, width, cache_frames, sink_frames, block, cached = resolve_geometry(args)
+    model = random_model(arch, dtype, args.device, args.backend)
+    patch_h, patch_w = arch["patch_size"][1:]
+    frame_seq_length = (height // patch_h) * (width // patch_w)
+    cache = KVCache(arch["num_layers"], args.batch_size, cache_frames, frame_seq_length, arch["num_heads"],
+                    model.head_dim, dtype, device, sink_frames=sink_frames)  # fmt: skip
+    # Pre-fill the cache with the earlier frames (random keys: the timing does not depend on their values).
+    cache.keys.normal_()
+    cache.values.normal_()
+    cache.commit(cache.plan(0, min(cached, cache_frames - block)))
+    cache.next_frame = cached  # absolute position of the last block (the window may have rolled)
+
+    x = torch.randn(args.batch_size, block, arch["in_dim"], height, width, device=device, dtype=dtype)
+    timestep = torch.full((args.batch_size, block), 500.0, device=device)
+    context = torch.randn(args.batch_size, arch["text_len"], arch["text_dim"], device=device, dtype=dtype)
+
+    def denoise():
+        model.forward_cached(x, timestep, context, cache, cached, commit=False)
+
+    with torch.no_grad():
+        denoise_ms = time_call(denoise, device, args.warmup, args.repeats)
+        # The commit pass writes the block; reset the bookkeeping each time so every call sees the same window.
+        frames, next_frame = list(cache.slot_frames), cache.next_frame
+
+        def context_pass():
+            cache.slot_frames, cache.next_frame = list(frames), next_frame
+            model.forward_cached(x, timestep, context, cache, cached, commit=True)
+
+        commit_ms = time_call(context_pass, device, args.warmup, args.repeats)
+
+    params = sum(p.numel() for p in model.parameters())
+    rows = [
+        ("device", torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"),
+        ("dtype / attention", f"{args.dtype} / {describe_backend(args.backend, device)}"),
+        ("model", f"dim {arch['dim']}, {arch['num_heads']} heads, {arch['num_layers']} layers, {params / 1e9:.3f} B params"),
+        ("latent / tokens per frame", f"{arch['in_dim']}x{height}x{width} / {frame_seq_length}"),
+        ("block / cached frames (window)", f"{block} / {cached} ({cache_frames} frames, sink {sink_frames})"),
+        ("ms / forward, denoise (commit=False)", f"{denoise_ms:.2f}"),
+        ("ms / forward, context (commit=True)", f"{commit_ms:.2f}"),
+    ]
+    width_col = max(len(name) for name, _ in rows)
+    for name, value in rows:
+        print(f"{name:<{width_col}}  {value}")
+
+
+if __name__ == "__main__":
+    main()
