@@ -259,3 +259,22 @@ def test_shipped_tiny_presets_build_and_round_trip(name):
     with torch.no_grad():
         pixels = vae.decode_to_pixel(vae.encode_to_latent(torch.zeros(1, 3, 5, sh, sw)))
     assert pixels.shape == (1, 5, 3, sh, sw)
+
+
+def test_verify_check_vae_with_tiny_weights(tmp_path):
+    """verify.py vae on the tiny recipe: real computation with a weights file, all checks pass."""
+    import importlib.util
+
+    from utils.config import load_config
+    from utils.presets import load_vae_preset
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("verify_vae_text", root / "scripts" / "verify_vae_text.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    torch.manual_seed(0)
+    write_official(AutoencoderKLWan(**load_vae_preset("tiny-wan2.1")["arch"]), tmp_path / "Wan2.1_VAE.pth")
+    config = load_config(root / "configs" / "tiny" / "self_forcing_dmd.yaml", ["video.num_frames=9"])
+    checks = module.check_vae(config, str(tmp_path))
+    assert checks[0][0] == "vae.weights" and "Wan2.1_VAE.pth" in checks[0][2]
+    assert all(passed for _, passed, _ in checks), checks
