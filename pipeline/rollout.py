@@ -1,0 +1,255 @@
+"""The one block-wise KV-cache rollout of a causal student: Self-Forcing training and causal inference both run it.
+
+Frames are produced block by block (geometry.block_sizes). For one block:
+  1. steps before the block's exit step, without gradient: predict x0 from the flow, re-noise it to
+     the next timestep with fresh noise;
+  2. the exit step: its x0 is the block's output (with gradient in training);
+  3. the context pass: the output, re-noised to `context_noise`, is run once more with commit=True
+     under no_grad, which writes the block's keys and values (detached) into the cache.
+Inference is the same routine with every block exiting at the last step and no gradient anywhere.
+
+TI2V: the given first latent frame is held clean at timestep 0. With an independent first frame
+(a one-frame first block) the block is just a context pass on that frame; otherwise frame 0 rides
+along inside the first block at t = 0 and is re-imposed after every step, as the teacher does.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable, Optional, Protocol, Sequence
+
+import torch
+from torch import Tensor
+
+from utils.config import FlowConfig
+from utils.dist import broadcast_int_list, rank
+from utils.errors import UserError
+from utils.geometry import Geometry
+from wan.modules.kv_cache import KVCache
+
+BlockCallback = Callable[[int, Tensor], None]
+
+
+class CausalGenerator(Protocol):
+    def forward_cached(
+        self, x: Tensor, timestep: Tensor, context: Tensor, kv_cache: KVCache, start_frame: int, commit: bool
+    ) -> Tensor:
+        """Flow v for one block x [B, f, C, H, W] (timestep [B, f]) against the cached frames."""
+        ...
+
+
+@dataclass
+class RolloutOutput:
+    latents: Tensor  # [B, F, C, H, W]; in training, differentiable through the exit steps
+    exit_timesteps: Tensor  # [B, F] float32: the timestep each frame exited at (0 for a given first frame)
+    nfe: int  # generator forwards, context passes included
+
+
+# --------------------------------------------------------------------------------------------- flow helpers
+def predict_x0(x_t: Tensor, flow: Tensor, timestep: Tensor, num_train_timesteps: int) -> Tensor:
+    """x0 = x_t - sigma * v with sigma = timestep / T; timestep [B, F] broadcast over C, H, W."""
+    sigma = (timestep.to(torch.float32) / num_train_timesteps)[..., None, None, None]
+    return (x_t.to(torch.float32) - sigma * flow.to(torch.float32)).to(x_t.dtype)
+
+
+def add_noise(x0: Tensor, noise: Tensor, timestep: Tensor, num_train_timesteps: int) -> Tensor:
+    """x_t = (1 - sigma) * x0 + sigma * noise with sigma = timestep / T; timestep [B, F]."""
+    sigma = (timestep.to(torch.float32) / num_train_timesteps)[..., None, None, None]
+    return ((1 - sigma) * x0.to(torch.float32) + sigma * noise.to(torch.float32)).to(x0.dtype)
+
+
+# --------------------------------------------------------------------------------------------- exit steps
+def draw_exit_steps(
+    num_blocks: int,
+    num_steps: int,
+    same_step_across_blocks: bool,
+    last_step_only: bool,
+    generator: Optional[torch.Generator] = None,
+) -> list[int]:
+    """One exit step index per block, drawn on rank 0 and broadcast so every rank rolls out alike."""
+    if last_step_only:
+        return [num_steps - 1] * num_blocks
+    steps = [0] * num_blocks
+    if rank() == 0:
+        drawn = torch.randint(0, num_steps, (num_blocks,), generator=generator).tolist()
+        steps = [drawn[0]] * num_blocks if same_step_across_blocks else drawn
+    return broadcast_int_list(steps)
+
+
+def rollout_block_sizes(geometry: Geometry, num_frames: int) -> tuple[int, ...]:
+    """Block sizes for `num_frames` latent frames: the geometry's layout, extended in whole blocks for long videos."""
+    if num_frames == geometry.num_latent_frames:
+        return tuple(geometry.block_sizes)
+    # A one-frame head block that is not the regular block size is the independent first frame.
+    has_head = geometry.block_sizes[0] != geometry.num_frame_per_block
+    head = tuple(geometry.block_sizes[:1]) if has_head else ()
+    rest = num_frames - sum(head)
+    if rest <= 0 or rest % geometry.num_frame_per_block:
+        raise UserError(
+            f"{num_frames} latent frames are not {'one first frame plus ' if head else ''}whole blocks of "
+            f"{geometry.num_frame_per_block} frames: pick a frame count that fits video.num_frame_per_block"
+        )
+    return head + (geometry.num_frame_per_block,) * (rest // geometry.num_frame_per_block)
+
+
+# --------------------------------------------------------------------------------------------- the rollout
+class BlockRollout:
+    """Block-wise few-step rollout with a KV cache. `timesteps` [S] are the student's (already warped) steps."""
+
+    def __init__(
+        self,
+        geometry: Geometry,
+        timesteps: Tensor,
+        context_noise: int,
+        *,
+        num_train_timesteps: int = FlowConfig.num_train_timesteps,
+    ):
+        if timesteps.ndim != 1 or timesteps.numel() == 0:
+            raise UserError(f"student timesteps must be a non-empty 1-D list, got shape {list(timesteps.shape)}")
+        if not 0 <= context_noise < num_train_timesteps:
+            raise UserError(f"rollout.context_noise is {context_noise}: expected 0..{num_train_timesteps - 1}")
+        self.geometry = geometry
+        self.timesteps = timesteps.to(torch.float32).cpu()
+        self.context_noise = context_noise
+        self.num_train_timesteps = num_train_timesteps
+
+    @classmethod
+    def from_config(cls, config, geometry: Geometry) -> "BlockRollout":
+        """The recipe's student rollout (config: utils.config.Config)."""
+        from pipeline.schedule import few_step_timesteps
+
+        timesteps = few_step_timesteps(
+            config.rollout.denoising_step_list,
+            config.rollout.warp_denoising_step,
+            config.flow.timestep_shift,
+            config.flow.num_train_timesteps,
+        )
+        return cls(geometry, timesteps, config.rollout.context_noise, num_train_timesteps=config.flow.num_train_timesteps)
+
+    @property
+    def num_steps(self) -> int:
+        return int(self.timesteps.numel())
+
+    def block_sizes(self, num_frames: int) -> tuple[int, ...]:
+        return rollout_block_sizes(self.geometry, num_frames)
+
+    def _check(self, noise: Tensor, context: Tensor, blocks: Sequence[int], exit_steps: list[int],
+               first_frame: Optional[Tensor]) -> None:
+        g = self.geometry
+        expected = (g.latent_channels, g.latent_height, g.latent_width)
+        if noise.ndim != 5 or tuple(noise.shape[2:]) != expected:
+            raise UserError(f"rollout noise must be [B, F, {', '.join(map(str, expected))}], got {list(noise.shape)}")
+        if context.ndim != 3 or context.shape[0] != noise.shape[0]:
+            raise UserError(f"rollout text context must be [B={noise.shape[0]}, L, D], got {list(context.shape)}")
+        if len(exit_steps) != len(blocks) or not all(0 <= s < self.num_steps for s in exit_steps):
+            raise UserError(
+                f"exit_steps {exit_steps} must hold one step index in 0..{self.num_steps - 1} per block ({len(blocks)})"
+            )
+        if first_frame is not None and tuple(first_frame.shape) != (noise.shape[0], 1, *noise.shape[2:]):
+            raise UserError(f"first_frame must be [B, 1, C, H, W] = {[noise.shape[0], 1, *noise.shape[2:]]}, "
+                            f"got {list(first_frame.shape)}")
+
+    def run(
+        self,
+        generator: CausalGenerator,
+        noise: Tensor,
+        context: Tensor,
+        *,
+        exit_steps: Optional[list[int]] = None,
+        grad_last_frames: Optional[int] = None,
+        first_frame: Optional[Tensor] = None,
+        kv_cache: Optional[KVCache] = None,
+        on_block: Optional[BlockCallback] = None,
+        noise_generator: Optional[torch.Generator] = None,
+    ) -> RolloutOutput:
+        """Roll out noise [B, F, C, H, W] into clean latents, block by block.
+
+        exit_steps: one step index per block (training); None is inference (every step, no gradient).
+        grad_last_frames: only blocks starting in the last N frames keep gradient (long rollouts).
+        first_frame [B, 1, C, H, W]: TI2V's clean first latent, written into the cache at t = 0.
+        kv_cache: storage to reuse (reset here); a new one sized by the geometry otherwise.
+        on_block(index, latents [B, f, C, H, W]) is called as soon as a block is final (streaming decode).
+        noise_generator: RNG of the fresh re-noising noise (default: the global one).
+        """
+        # 1. Validate and plan the blocks; inference exits every block at the last step, without gradient.
+        if noise.ndim != 5:
+            raise UserError(f"rollout noise must be [B, F, C, H, W], got {list(noise.shape)}")
+        num_frames = noise.shape[1]
+        blocks = self.block_sizes(num_frames)
+        inference = exit_steps is None
+        if exit_steps is None:
+            exit_steps = [self.num_steps - 1] * len(blocks)
+        self._check(noise, context, blocks, exit_steps, first_frame)
+        grad_from_frame = 0 if grad_last_frames is None else max(num_frames - grad_last_frames, 0)
+        with torch.no_grad() if inference else contextlib.nullcontext():
+            return self._run(generator, noise, context, blocks, exit_steps, grad_from_frame=grad_from_frame,
+                             first_frame=first_frame, kv_cache=kv_cache, on_block=on_block,
+                             noise_generator=noise_generator)
+
+    def _run(self, generator: CausalGenerator, noise: Tensor, context: Tensor, blocks: Sequence[int],
+             exit_steps: list[int], *, grad_from_frame: int, first_frame: Optional[Tensor], kv_cache: Optional[KVCache],
+             on_block: Optional[BlockCallback], noise_generator: Optional[torch.Generator]) -> RolloutOutput:
+        # 2. An empty cache (reused storage when the caller passes one).
+        batch, num_frames = noise.shape[:2]
+        if kv_cache is None:
+            kv_cache = KVCache.from_geometry(self.geometry, batch, dtype=noise.dtype, device=noise.device)
+        kv_cache.reset()
+        grad_allowed = torch.is_grad_enabled()  # an outer no_grad (e.g. the critic's rollout) wins
+        timesteps = self.timesteps.to(noise.device)
+        outputs: list[Tensor] = []
+        exit_timesteps = torch.zeros(batch, num_frames, dtype=torch.float32, device=noise.device)
+        nfe = 0
+
+        start = 0
+        for index, size in enumerate(blocks):
+            frames = slice(start, start + size)
+            # 3. Frames held clean at t = 0 (the TI2V first frame): mask 0 there, 1 elsewhere.
+            holds_first_frame = first_frame is not None and start == 0
+            mask = torch.ones(batch, size, dtype=torch.float32, device=noise.device)
+            if holds_first_frame:
+                mask[:, 0] = 0.0
+            if holds_first_frame and size == 1:
+                block = first_frame.to(noise.dtype)  # independent first frame: nothing to denoise
+            else:
+                block = self._denoise_block(generator, noise[:, frames], context, kv_cache, start, mask,
+                                            exit_steps[index], grad_allowed and start >= grad_from_frame,
+                                            first_frame if holds_first_frame else None, noise_generator)
+                nfe += exit_steps[index] + 1
+                exit_timesteps[:, frames] = timesteps[exit_steps[index]] * mask
+            outputs.append(block)
+            if on_block is not None:
+                on_block(index, block)
+            # 4. Context pass: write the finished block's K/V into the cache (no gradient, detached).
+            with torch.no_grad():
+                context_t = self.context_noise * mask
+                block_in = block.detach()
+                if self.context_noise > 0:
+                    block_in = add_noise(block_in, self._fresh_noise(block_in, noise_generator), context_t,
+                                         self.num_train_timesteps)
+                generator.forward_cached(block_in, context_t, context, kv_cache, start, commit=True)
+            nfe += 1
+            start += size
+        return RolloutOutput(latents=torch.cat(outputs, dim=1), exit_timesteps=exit_timesteps, nfe=nfe)
+
+    def _denoise_block(self, generator: CausalGenerator, block_noise: Tensor, context: Tensor, kv_cache: KVCache,
+                       start: int, mask: Tensor, exit_step: int, keep_grad: bool, clean_head: Optional[Tensor],
+                       noise_generator: Optional[torch.Generator]) -> Tensor:
+        """Steps 0..exit_step of one block; only the exit step may keep gradient. Returns the block's x0."""
+        x = block_noise if clean_head is None else torch.cat([clean_head.to(block_noise.dtype), block_noise[:, 1:]], dim=1)
+        for step in range(exit_step + 1):
+            step_t = self.timesteps[step].item() * mask
+            with torch.set_grad_enabled(keep_grad and step == exit_step):
+                flow = generator.forward_cached(x, step_t, context, kv_cache, start, commit=False)
+                x0 = predict_x0(x, flow, step_t, self.num_train_timesteps)
+                if clean_head is not None:
+                    x0 = torch.cat([clean_head.to(x0.dtype), x0[:, 1:]], dim=1)
+            if step == exit_step:
+                return x0
+            # Re-noise to the next step's timestep with fresh noise (the held frame stays clean: mask 0).
+            next_t = self.timesteps[step + 1].item() * mask
+            x = add_noise(x0, self._fresh_noise(x0, noise_generator), next_t, self.num_train_timesteps)
+        raise AssertionError("unreachable: the loop returns at the exit step")
+
+    @staticmethod
+    def _fresh_noise(like: Tensor, noise_generator: Optional[torch.Generator]) -> Tensor:
+        return torch.randn(like.shape, generator=noise_generator, dtype=like.dtype, device=like.device)
