@@ -61,7 +61,7 @@ def resolve_geometry(args: argparse.Namespace) -> tuple[dict, int, int, int, int
                 geometry.sink_frames, block, cached)  # fmt: skip
     preset = load_model_preset(args.preset)
     arch = {k: preset[k] for k in ARCH_FIELDS}
-    arch.update({k: getattr(args, k) for k in ARCH_OVERRIDES if getattr(args, k) is not None})
+    arch.update({k: vars(args)[k] for k in ARCH_OVERRIDES if vars(args)[k] is not None})
     if args.block_frames > args.num_frames:
         raise UserError(f"--block_frames {args.block_frames} exceeds --num_frames {args.num_frames}")
     return (arch, args.latent_height, args.latent_width, args.num_frames, 0, args.block_frames,

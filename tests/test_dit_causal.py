@@ -146,3 +146,21 @@ def test_benchmark_script_runs_a_recipe():
                        "--device", "cpu", "--warmup", "0", "--repeats", "1"])  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert "ms / forward, denoise (commit=False)" in proc.stdout and "ms / forward, context (commit=True)" in proc.stdout
+
+
+def test_flex_backend_matches_sdpa_and_flash_needs_the_package():
+    import importlib.util
+    import warnings
+
+    sdpa = tiny_model(CausalWanModel, seed=12)
+    flex = tiny_model(CausalWanModel, seed=12, attention_backend="flex")
+    x, timestep, context = inputs(sdpa, frames=4)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # eager flex_attention on CPU warns that it is unfused
+        expected = sdpa.forward_block_causal(x, timestep, context, num_frame_per_block=2)
+        assert relative_error(flex.forward_block_causal(x, timestep, context, num_frame_per_block=2), expected) < TOLERANCE
+    if importlib.util.find_spec("flash_attn") is None and importlib.util.find_spec("flash_attn_interface") is None:
+        with pytest.raises(UserError, match="flash-attn"):
+            tiny_model(CausalWanModel, attention_backend="flash")
+    with pytest.raises(UserError, match="attention_backend"):
+        tiny_model(CausalWanModel, attention_backend="xformers")
