@@ -181,25 +181,31 @@ class BlockRollout:
             exit_steps = [self.num_steps - 1] * len(blocks)
         self._check(noise, context, blocks, exit_steps, first_frame)
         grad_from_frame = 0 if grad_last_frames is None else max(num_frames - grad_last_frames, 0)
-        with torch.no_grad() if inference else contextlib.nullcontext():
-            return self._run(generator, noise, context, blocks, exit_steps, grad_from_frame=grad_from_frame,
-                             first_frame=first_frame, kv_cache=kv_cache, on_block=on_block,
-                             noise_generator=noise_generator)
-
-    def _run(self, generator: CausalGenerator, noise: Tensor, context: Tensor, blocks: Sequence[int],
-             exit_steps: list[int], *, grad_from_frame: int, first_frame: Optional[Tensor], kv_cache: Optional[KVCache],
-             on_block: Optional[BlockCallback], noise_generator: Optional[torch.Generator]) -> RolloutOutput:
-        # 2. An empty cache (reused storage when the caller passes one).
-        batch, num_frames = noise.shape[:2]
         if kv_cache is None:
-            kv_cache = KVCache.from_geometry(self.geometry, batch, dtype=noise.dtype, device=noise.device)
+            kv_cache = KVCache.from_geometry(self.geometry, noise.shape[0], dtype=noise.dtype, device=noise.device)
         kv_cache.reset()
+        shared = _Forward(generator, context, kv_cache, noise_generator)
+        with torch.no_grad() if inference else contextlib.nullcontext():
+            return self._roll(shared, noise, blocks, exit_steps, grad_from_frame, first_frame, on_block)
+
+    def _roll(
+        self,
+        shared: "_Forward",
+        noise: Tensor,
+        blocks: Sequence[int],
+        exit_steps: list[int],
+        grad_from_frame: int,
+        first_frame: Optional[Tensor],
+        on_block: Optional[BlockCallback],
+    ) -> RolloutOutput:
+        batch, num_frames = noise.shape[:2]
         grad_allowed = torch.is_grad_enabled()  # an outer no_grad (e.g. the critic's rollout) wins
         timesteps = self.timesteps.to(noise.device)
         outputs: list[Tensor] = []
         exit_timesteps = torch.zeros(batch, num_frames, dtype=torch.float32, device=noise.device)
         nfe = 0
 
+        # 2. Block by block, each attending to the cached frames before it.
         start = 0
         for index, size in enumerate(blocks):
             frames = slice(start, start + size)
@@ -211,9 +217,9 @@ class BlockRollout:
             if holds_first_frame and size == 1:
                 block = first_frame.to(noise.dtype)  # independent first frame: nothing to denoise
             else:
-                block = self._denoise_block(generator, noise[:, frames], context, kv_cache, start, mask,
-                                            exit_steps[index], grad_allowed and start >= grad_from_frame,
-                                            first_frame if holds_first_frame else None, noise_generator)
+                keep_grad = grad_allowed and start >= grad_from_frame
+                held = first_frame if holds_first_frame else None
+                block = self._denoise_block(shared, noise[:, frames], start, mask, exit_steps[index], keep_grad, held)
                 nfe += exit_steps[index] + 1
                 exit_timesteps[:, frames] = timesteps[exit_steps[index]] * mask
             outputs.append(block)
@@ -224,22 +230,28 @@ class BlockRollout:
                 context_t = self.context_noise * mask
                 block_in = block.detach()
                 if self.context_noise > 0:
-                    block_in = add_noise(block_in, self._fresh_noise(block_in, noise_generator), context_t,
-                                         self.num_train_timesteps)
-                generator.forward_cached(block_in, context_t, context, kv_cache, start, commit=True)
+                    block_in = add_noise(block_in, shared.fresh_noise(block_in), context_t, self.num_train_timesteps)
+                shared.flow(block_in, context_t, start, commit=True)
             nfe += 1
             start += size
         return RolloutOutput(latents=torch.cat(outputs, dim=1), exit_timesteps=exit_timesteps, nfe=nfe)
 
-    def _denoise_block(self, generator: CausalGenerator, block_noise: Tensor, context: Tensor, kv_cache: KVCache,
-                       start: int, mask: Tensor, exit_step: int, keep_grad: bool, clean_head: Optional[Tensor],
-                       noise_generator: Optional[torch.Generator]) -> Tensor:
+    def _denoise_block(
+        self,
+        shared: "_Forward",
+        block_noise: Tensor,
+        start: int,
+        mask: Tensor,
+        exit_step: int,
+        keep_grad: bool,
+        clean_head: Optional[Tensor],
+    ) -> Tensor:
         """Steps 0..exit_step of one block; only the exit step may keep gradient. Returns the block's x0."""
         x = block_noise if clean_head is None else torch.cat([clean_head.to(block_noise.dtype), block_noise[:, 1:]], dim=1)
         for step in range(exit_step + 1):
             step_t = self.timesteps[step].item() * mask
             with torch.set_grad_enabled(keep_grad and step == exit_step):
-                flow = generator.forward_cached(x, step_t, context, kv_cache, start, commit=False)
+                flow = shared.flow(x, step_t, start, commit=False)
                 x0 = predict_x0(x, flow, step_t, self.num_train_timesteps)
                 if clean_head is not None:
                     x0 = torch.cat([clean_head.to(x0.dtype), x0[:, 1:]], dim=1)
@@ -247,9 +259,21 @@ class BlockRollout:
                 return x0
             # Re-noise to the next step's timestep with fresh noise (the held frame stays clean: mask 0).
             next_t = self.timesteps[step + 1].item() * mask
-            x = add_noise(x0, self._fresh_noise(x0, noise_generator), next_t, self.num_train_timesteps)
+            x = add_noise(x0, shared.fresh_noise(x0), next_t, self.num_train_timesteps)
         raise AssertionError("unreachable: the loop returns at the exit step")
 
-    @staticmethod
-    def _fresh_noise(like: Tensor, noise_generator: Optional[torch.Generator]) -> Tensor:
-        return torch.randn(like.shape, generator=noise_generator, dtype=like.dtype, device=like.device)
+
+@dataclass
+class _Forward:
+    """What every generator forward of one rollout shares: the model, the text, the cache and the noise RNG."""
+
+    generator: CausalGenerator
+    context: Tensor
+    kv_cache: KVCache
+    noise_generator: Optional[torch.Generator]
+
+    def flow(self, x: Tensor, timestep: Tensor, start_frame: int, commit: bool) -> Tensor:
+        return self.generator.forward_cached(x, timestep, self.context, self.kv_cache, start_frame, commit=commit)
+
+    def fresh_noise(self, like: Tensor) -> Tensor:
+        return torch.randn(like.shape, generator=self.noise_generator, dtype=like.dtype, device=like.device)
