@@ -171,7 +171,7 @@ class WanModel(nn.Module):
         num_tokens = (frames // pt) * (height // ph) * (width // pw)
         if num_tokens > seq_len:
             raise UserError(f"the latent has {num_tokens} tokens, more than seq_len {seq_len}")
-        # [B] -> one group (all tokens); [B, seq_len] -> per token, padding positions dropped.
+        # [B] -> the same t for every frame; [B, seq_len] -> per token, padding positions dropped.
         timestep = t[:, None].expand(-1, frames // pt) if t.ndim == 1 else t[:, :num_tokens]
         padded = torch.stack([pad_context(c[None], self.text_len)[0] for c in context])
         flow = self.predict_flow(latents, timestep, padded)
