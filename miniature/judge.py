@@ -125,7 +125,9 @@ def score_clip(video: torch.Tensor, caption: Caption, spec: WorldSpec = DEFAULT_
     }
 
 
-def adherence(videos: Sequence[torch.Tensor] | torch.Tensor, captions: Sequence[Caption], spec: WorldSpec = DEFAULT_WORLD) -> float:
+def adherence(
+    videos: Sequence[torch.Tensor] | torch.Tensor, captions: Sequence[Caption], spec: WorldSpec = DEFAULT_WORLD
+) -> float:
     """Mean total score of clips [N, T, 3, H, W] against their captions."""
     if len(videos) != len(captions):
         raise ValueError(f"adherence got {len(videos)} videos for {len(captions)} captions")

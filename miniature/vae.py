@@ -2,17 +2,17 @@
 
 Encoding is an exact space-to-depth of each (4 frames x 4 x 4 pixels x 3 colours) cell followed by a
 fixed linear map to 6 channels: the 4x4 spatial mean of every frame, then the two lowest terms of an
-orthonormal DCT across the cell's 4 frames (channel = colour * 2 + temporal frequency: the cell's mean
-and its linear trend). Decoding is that map's pseudo-inverse: block means repeated over their 4x4
-pixels. It keeps the colour at 4x4-pixel resolution, the shape's position and its sub-block motion
+orthonormal polynomial basis across the cell's 4 frames (channel = colour * 2 + degree: the cell's
+mean and its linear trend). Decoding is that map's pseudo-inverse: block means repeated over their
+4x4 pixels. It keeps the colour at 4x4-pixel resolution, the shape's position and its sub-block motion
 (through partial coverage and the trend term); it loses detail inside a block (the circle/square
-outline) and curvature within a 4-frame cell (the two dropped DCT terms carry < 1% of the energy). Like Wan's causal VAE, latent frame 0 holds pixel frame 0 alone
+outline) and curvature within a 4-frame cell (the dropped terms carry < 1% of the energy).
+Like Wan's causal VAE, latent frame 0 holds pixel frame 0 alone
 (as four copies) and latent frame k >= 1 holds pixel frames 4k-3 .. 4k; latents are normalised with
 a per-channel mean/std measured on world clips (configs/miniature/vae.yaml).
 """
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import torch
@@ -24,27 +24,27 @@ from utils.errors import UserError
 VERSION = "miniature"
 
 
-def temporal_dct_basis(length: int) -> torch.Tensor:
-    """Orthonormal DCT-II matrix [frequency, time]; its transpose is its inverse."""
-    time = torch.arange(length, dtype=torch.float64)
-    frequency = time.view(-1, 1)
-    basis = torch.cos(math.pi * (time + 0.5) * frequency / length) * math.sqrt(2.0 / length)
-    basis[0] /= math.sqrt(2.0)
-    return basis.float()
+def temporal_polynomial_basis(length: int) -> torch.Tensor:
+    """Orthonormal discrete polynomial basis [degree, time] (mean, linear trend, ...); transpose = inverse."""
+    time = torch.linspace(-1.0, 1.0, length, dtype=torch.float64)
+    vandermonde = torch.stack([time**degree for degree in range(length)], dim=1)  # [time, degree]
+    q, r = torch.linalg.qr(vandermonde)
+    q = q * torch.sign(torch.diagonal(r))  # each basis vector points along +t^degree
+    return q.T.float()
 
 
 class MiniatureVAE(nn.Module):
-    """Pixels `[B, 3, T, H, W]` <-> normalised latents `[B, F, C, h, w]`, with C = 3 * temporal_frequencies."""
+    """Pixels `[B, 3, T, H, W]` <-> normalised latents `[B, F, C, h, w]`, with C = 3 * temporal_terms."""
 
-    def __init__(self, stride: Sequence[int], temporal_frequencies: int, latents_mean: Sequence[float],
+    def __init__(self, stride: Sequence[int], temporal_terms: int, latents_mean: Sequence[float],
                  latents_std: Sequence[float]) -> None:
         super().__init__()
         self._stride = tuple(int(s) for s in stride)
         if len(self._stride) != 3 or min(self._stride) < 1:
             raise UserError(f"miniature VAE stride {tuple(stride)}: expected three positive integers (t, h, w)")
-        if not 1 <= temporal_frequencies <= self._stride[0]:
-            raise UserError(f"miniature VAE temporal_frequencies {temporal_frequencies}: expected 1 .. {self._stride[0]} (the time stride)")
-        self._frequencies = int(temporal_frequencies)
+        if not 1 <= temporal_terms <= self._stride[0]:
+            raise UserError(f"miniature VAE temporal_terms {temporal_terms}: expected 1 .. {self._stride[0]} (the time stride)")
+        self._terms = int(temporal_terms)
         z_dim = self.z_dim
         mean = torch.tensor(list(latents_mean), dtype=torch.float32)
         std = torch.tensor(list(latents_std), dtype=torch.float32)
@@ -55,8 +55,8 @@ class MiniatureVAE(nn.Module):
             )
         self.register_buffer("latents_mean", mean, persistent=False)
         self.register_buffer("latents_std", std, persistent=False)
-        # The fixed linear map's temporal part: the lowest DCT rows [frequency, time].
-        self.register_buffer("dct", temporal_dct_basis(self._stride[0])[: self._frequencies], persistent=False)
+        # The fixed linear map's temporal part: the lowest-degree rows [degree, time].
+        self.register_buffer("temporal_basis", temporal_polynomial_basis(self._stride[0])[: self._terms], persistent=False)
 
     @classmethod
     def from_preset(cls, name_or_dict: str | dict) -> "MiniatureVAE":
@@ -64,7 +64,7 @@ class MiniatureVAE(nn.Module):
         preset = _load_preset(name_or_dict)
         if preset.get("kind") != VERSION:
             raise UserError(f"VAE preset kind '{preset.get('kind')}' is not a miniature VAE: expected kind: {VERSION}")
-        vae = cls(preset["stride"], preset["temporal_frequencies"], preset["latents_mean"], preset["latents_std"])
+        vae = cls(preset["stride"], preset["temporal_terms"], preset["latents_mean"], preset["latents_std"])
         if int(preset["z_dim"]) != vae.z_dim:
             raise UserError(f"miniature VAE preset says z_dim {preset['z_dim']} but stride {vae.stride} gives {vae.z_dim}")
         return vae
@@ -76,7 +76,7 @@ class MiniatureVAE(nn.Module):
 
     @property
     def z_dim(self) -> int:
-        return 3 * self._frequencies
+        return 3 * self._terms
 
     @property
     def stride(self) -> tuple[int, int, int]:
@@ -109,7 +109,7 @@ class MiniatureVAE(nn.Module):
         batch, _, frames, height, width = video.shape
         block_means = F.avg_pool3d(video, kernel_size=(1, sh, sw))  # [B, 3, T', h, w]
         cells = block_means.view(batch, 3, frames // st, st, height // sh, width // sw)
-        coefficients = torch.einsum("kt,bcfthw->bfckhw", self.dct, cells)
+        coefficients = torch.einsum("kt,bcfthw->bfckhw", self.temporal_basis, cells)
         return coefficients.reshape(batch, frames // st, self.z_dim, height // sh, width // sw)
 
     def decode_raw(self, raw: torch.Tensor, first_frame_alone: bool) -> torch.Tensor:
@@ -119,8 +119,8 @@ class MiniatureVAE(nn.Module):
         """
         st, sh, sw = self._stride
         batch, frames, _, h, w = raw.shape
-        coefficients = raw.float().view(batch, frames, 3, self._frequencies, h, w)
-        cells = torch.einsum("kt,bfckhw->bftchw", self.dct, coefficients)  # [B, F, st, 3, h, w]
+        coefficients = raw.float().view(batch, frames, 3, self._terms, h, w)
+        cells = torch.einsum("kt,bfckhw->bftchw", self.temporal_basis, coefficients)  # [B, F, st, 3, h, w]
         if first_frame_alone:
             first = cells[:, :1].mean(dim=2)
             cells = cells[:, 1:].reshape(batch, (frames - 1) * st, 3, h, w)

@@ -154,7 +154,9 @@ def start_position(caption: Caption, seed: int, spec: WorldSpec = DEFAULT_WORLD)
         elif step < 0:
             low += travel
         if high < low:
-            raise UserError(f"world canvas {spec.width}x{spec.height} is too small for {caption.speed} motion over {spec.num_frames} frames")
+            raise UserError(
+                f"world canvas {spec.width}x{spec.height} is too small for {caption.speed} motion over {spec.num_frames} frames"
+            )
         centre.append(low + (high - low) * torch.rand((), generator=generator).item())
     return centre[0], centre[1]
 

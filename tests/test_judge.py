@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from miniature.judge import adherence, eval_prompts, score_clip
-from miniature.world import DIRECTIONS, SHAPES, SHAPE_COLOURS, BACKGROUND_COLOURS, SPEED_ADVERBS, parse_caption, render
+from miniature.world import BACKGROUND_COLOURS, DIRECTIONS, SHAPE_COLOURS, SHAPES, SPEED_ADVERBS, parse_caption, render
 
 KEYS = {"background", "shape_colour", "direction", "steadiness", "total"}
 
