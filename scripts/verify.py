@@ -68,7 +68,31 @@ def check_model(args, config) -> int:
     return 0
 
 
-CHECKS = {"geometry": check_geometry, "model": check_model}
+def print_checklist(items, as_json: bool) -> int:
+    """PASS/FAIL per item; exit status 1 when any item fails."""
+    if as_json:
+        print(json.dumps([{"check": n, "passed": ok, "detail": d} for n, ok, d in items], indent=2))
+    else:
+        print(format_table([("PASS" if ok else "FAIL", n, d) for n, ok, d in items], header=("result", "check", "detail")))
+    return 0 if all(ok for _, ok, _ in items) else 1
+
+
+def checklist(module: str, function: str):
+    """A check implemented as `function(config, ckpt_dir) -> [(name, passed, detail)]` in scripts/<module>.py."""
+
+    def run(args, config) -> int:
+        check = getattr(__import__(module), function)
+        return print_checklist(check(config, args.ckpt_dir), args.json)
+
+    return run
+
+
+CHECKS = {
+    "geometry": check_geometry,
+    "model": check_model,
+    "vae": checklist("verify_vae_text", "check_vae"),
+    "text": checklist("verify_vae_text", "check_text"),
+}
 
 
 @run_main

@@ -27,3 +27,12 @@ def test_moe_teacher_counts_both_experts():
     assert proc.returncode == 0, proc.stderr
     data = json.loads(proc.stdout)
     assert data["real_score_experts"] == 2 and data["real_score_params"] == 2 * 14_288_491_584
+
+
+def test_verify_vae_and_text_checklists():
+    for check, recipe, expected in (("vae", "configs/self_forcing_dmd_5B.yaml", "(1, 21, 48, 44, 80)"),
+                                    ("vae", "configs/self_forcing_dmd.yaml", "(1, 21, 16, 60, 104)"),
+                                    ("text", "configs/tiny/self_forcing_dmd.yaml", "(2, 16, 32)")):
+        proc = run_script(["scripts/verify.py", check, "--config_path", recipe])
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert "FAIL" not in proc.stdout and expected in proc.stdout, proc.stdout
