@@ -112,3 +112,8 @@ def test_checkpoint_folder_gives_geometry(tmp_path):
     g = derive_geometry(load_config(None, [f"generator.checkpoint={diff}", "vae.preset=wan2.2",
                                            "video.height=704", "video.width=1280"]))
     assert g.dim == 3072 and g.seq_len == 18480
+    from utils.presets import read_checkpoint_config
+
+    assert read_checkpoint_config(diff)["model_type"] == "t2v"
+    (tmp_path / "model_index.json").write_text(json.dumps({"expand_timesteps": True}))
+    assert read_checkpoint_config(diff)["model_type"] == "ti2v"  # diffusers marks TI2V in the pipeline index

@@ -59,12 +59,20 @@ def load_text_encoder_preset(name: str) -> dict:
 
 
 # --------------------------------------------------------------------------------------------- config.json
-def _from_diffusers_config(raw: dict) -> dict:
+def _expands_timesteps(folder: Path) -> bool:
+    """diffusers marks Wan2.2-TI2V by `expand_timesteps` in the pipeline's model_index.json (one folder up)."""
+    for index in (folder / "model_index.json", folder.parent / "model_index.json"):
+        if index.is_file():
+            return bool(json.loads(index.read_text()).get("expand_timesteps"))
+    return False
+
+
+def _from_diffusers_config(raw: dict, folder: Path) -> dict:
     """Translate a diffusers WanTransformer3DModel config.json into the official fields."""
     heads, head_dim = raw["num_attention_heads"], raw["attention_head_dim"]
     in_dim = raw["in_channels"]
-    # diffusers has no model_type; the 48-channel Wan2.2 latent space is the TI2V model's.
-    model_type = "ti2v" if in_dim == 48 or raw.get("expand_timesteps") else "t2v"
+    # diffusers' transformer config has no model_type: TI2V is the pipeline's expand_timesteps flag.
+    model_type = raw.get("model_type") or ("ti2v" if raw.get("expand_timesteps") or _expands_timesteps(folder) else "t2v")
     if raw.get("image_dim"):
         raise UserError("diffusers config.json describes an image-embedding (i2v) model: only t2v and ti2v are supported")
     return {
@@ -97,7 +105,7 @@ def read_checkpoint_config(folder: str | Path) -> dict:
     except json.JSONDecodeError as err:
         raise UserError(f"{path} is not valid JSON: {err.msg} at line {err.lineno}") from None
     if "num_attention_heads" in raw:
-        return _from_diffusers_config(raw)
+        return _from_diffusers_config(raw, folder)
     missing = [k for k in ARCH_FIELDS if k not in raw]
     if missing:
         raise UserError(f"{path} lacks official fields {', '.join(missing[:4])}: expected an official Wan or diffusers config.json")
