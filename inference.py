@@ -1,0 +1,105 @@
+"""Causal streaming inference with a distilled generator.
+
+    python inference.py --config_path configs/self_forcing_dmd.yaml --checkpoint logs/run/latest [--use_ema] \
+        (--prompt "a cat walks in the park" | --data_path prompts.txt) [--image first.png] \
+        [--num_output_frames 81] [--seed 0] [--output_folder outputs] [--profile_memory] [key=value ...]
+
+Each prompt gives <output_folder>/<task>_<W>x<H>_<YYYYmmdd_HHMMSS>_<slug>/ with video.mp4, frames.png and
+inference_record.json (prompt, parameters, checkpoint, seed, timings, memory). --num_output_frames counts
+pixel frames (4k+1); longer than the recipe's video, the KV cache rolls (rollout.local_attn_size, sink_size).
+Everything that can be wrong is checked before a model is loaded, and a failed run writes nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from pipeline.causal_inference import (
+    CausalInferencePipeline,
+    check_image,
+    inference_geometry,
+    resolve_generator_weights,
+)
+from utils.config import load_config, split_cli
+from utils.datasets import TextPromptDataset
+from utils.errors import UserError, run_main
+from utils.geometry import resolve_recipe
+from utils.memory import MemoryProfiler, torch_trace
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+MEMORY_EVENTS_FILE = "memory_events.json"
+
+
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config_path", required=True, help="the recipe the generator was trained with")
+    parser.add_argument("--checkpoint", required=True, help="trainer export folder (<logdir>/latest) or a weights file")
+    parser.add_argument("--use_ema", action="store_true", help="use generator_ema.safetensors from the export folder")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", help="one prompt")
+    source.add_argument("--data_path", help="a text file with one prompt per line")
+    parser.add_argument("--image", default=None, help="first frame (TI2V): resized to cover, centre-cropped")
+    parser.add_argument("--num_output_frames", type=int, default=None, help="pixel frames (default: video.num_frames)")
+    parser.add_argument("--seed", type=int, default=0, help="noise seed; the same seed gives the same video")
+    parser.add_argument("--output_folder", default="outputs", help="where the per-video folders go")
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bf16 on cuda, fp32 on cpu")
+    parser.add_argument("--profile_memory", action="store_true", help="write memory_events.json beside each video")
+    parser.add_argument("--trace_path", default=None, help="write a torch.profiler trace (Chrome JSON) of the first video")
+    known, rest = parser.parse_known_args(argv)
+    overrides, unknown = split_cli(rest)
+    if unknown:
+        parser.error(f"unrecognised arguments: {' '.join(unknown)}")
+    return known, overrides
+
+
+@run_main
+def main(argv: list[str] | None = None) -> int:
+    from pipeline.inference_outputs import save_result
+
+    args, overrides = parse_args(argv)
+    # 1. Check every input before loading anything.
+    config = load_config(args.config_path, overrides)
+    resolved = resolve_recipe(config, need_scores=False, check_weights=False)  # --checkpoint replaces the generator's
+    prompts = [args.prompt] if args.prompt is not None else TextPromptDataset(args.data_path).prompts
+    if args.prompt is not None and not args.prompt.strip():
+        raise UserError("--prompt is empty: expected a text prompt")
+    geometry = inference_geometry(config, resolved, args.num_output_frames)
+    check_image(args.image, config.video.task, geometry)
+    resolve_generator_weights(args.checkpoint, args.use_ema, resolved.generator.arch)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+
+    # 2. Load once.
+    profiler = MemoryProfiler(enabled=args.profile_memory, device=device)
+    pipe = CausalInferencePipeline(config, resolved, device, dtype, checkpoint=args.checkpoint, use_ema=args.use_ema,
+                                   profiler=profiler)
+    parameters = {
+        "config_path": args.config_path, "overrides": overrides, "checkpoint": args.checkpoint, "use_ema": args.use_ema,
+        "image": args.image, "seed": args.seed, "num_output_frames": geometry.num_pixel_frames,
+        "device": str(device), "dtype": str(dtype).removeprefix("torch."), "attention_backend": config.attention_backend,
+        "denoising_timesteps": [round(float(t), 4) for t in pipe.timesteps], "context_noise": config.rollout.context_noise,
+        "cache_frames": geometry.cache_frames, "sink_frames": geometry.sink_frames, "fps": config.video.fps,
+        "config": OmegaConf.to_container(OmegaConf.structured(config)),
+    }
+
+    # 3. Generate and save each video.
+    for index, prompt in enumerate(prompts):
+        with torch_trace(args.trace_path if index == 0 else None, device):
+            result = pipe.generate(prompt, image=args.image, num_output_frames=args.num_output_frames, seed=args.seed)
+        folder = save_result(result, args.output_folder, parameters, fps=config.video.fps)
+        if args.profile_memory:
+            profiler.save(Path(folder) / MEMORY_EVENTS_FILE)
+        timings = result.timings
+        print(f"{folder}: {result.video.shape[0]} frames, {timings['fps']:.2f} fps, "
+              f"first block {timings['first_block_latency_s']:.3f} s", flush=True)
+    profiler.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

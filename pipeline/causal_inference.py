@@ -1,0 +1,342 @@
+"""Causal streaming inference: the training rollout run for a prompt, decoded block by block.
+
+`CausalInferencePipeline` loads the text encoder, VAE and causal generator once; `generate` is then
+called per prompt (what the CLI, a notebook or a server calls). Each call:
+  1. encodes the prompt (and, for TI2V, the first-frame image into a clean latent);
+  2. runs `pipeline.rollout.BlockRollout` (the same block-wise few-step KV-cache routine training
+     uses), all steps, no gradient;
+  3. decodes each finished block with the VAE's streaming decoder inside the rollout's `on_block`
+     callback, so the first pixels exist after the first block.
+
+Frame counts: `num_output_frames` counts pixel frames (like `video.num_frames`), 4k+1 for Wan VAEs, and
+its latent frames must fill whole blocks. Past the training length the KV cache rolls: a local window
+of `rollout.local_attn_size` frames (or the training video's latent frames when that is -1, the
+window the model was trained on) with `rollout.sink_size` sink frames kept at the start.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+from pipeline.components import build_dit, build_text_encoder, build_vae, text_encoder_device
+from pipeline.schedule import few_step_timesteps
+from utils.config import Config
+from utils.errors import UserError
+from utils.geometry import Geometry, ResolvedRecipe, geometry_for
+from utils.memory import MemoryProfiler, current_bytes, lifetime_peak_bytes
+from utils.presets import ARCH_FIELDS, read_checkpoint_config
+
+GENERATOR_FILE = "generator.safetensors"  # the trainer's export names
+GENERATOR_EMA_FILE = "generator_ema.safetensors"
+ARCH_KEYS_CHECKED = ("dim", "num_heads", "num_layers", "in_dim", "out_dim", "ffn_dim", "patch_size", "text_dim")
+
+PixelCallback = Callable[[int, Tensor], None]  # (block index, pixels [1, t, 3, H, W] in [-1, 1])
+
+
+# --------------------------------------------------------------------------------------------- inputs
+@dataclass(frozen=True)
+class GeneratorWeights:
+    """Where the generator's weights come from: a weights file or an official folder, and its architecture."""
+
+    path: Optional[Path]  # None: the recipe's generator (its checkpoint, or a seeded random init)
+    arch: dict
+
+
+def resolve_generator_weights(checkpoint: str | Path | None, use_ema: bool, recipe_arch: dict) -> GeneratorWeights:
+    """Pick the weights file of a checkpoint (the trainer's <logdir>/latest/ folder or a file); checks only paths.
+
+    A folder with generator(.ema).safetensors is a trainer export; any other folder is an official
+    one (config.json + weights). A config.json beside the weights must agree with the recipe's generator.
+    """
+    if checkpoint is None:
+        if use_ema:
+            raise UserError("--use_ema needs --checkpoint: a trainer export folder holding generator_ema.safetensors")
+        return GeneratorWeights(None, recipe_arch)
+    path = Path(checkpoint)
+    if not path.exists():
+        raise UserError(f"checkpoint {path} does not exist: expected a trainer export folder or a weights file")
+    if path.is_dir():
+        wanted = path / (GENERATOR_EMA_FILE if use_ema else GENERATOR_FILE)
+        if use_ema and not wanted.is_file():
+            raise UserError(f"--use_ema: {wanted} not found (the run kept no EMA weights)")
+        folder, file = path, (wanted if wanted.is_file() else path)
+    else:
+        if use_ema:
+            raise UserError(f"--use_ema picks {GENERATOR_EMA_FILE} inside a folder, but checkpoint {path} is a file")
+        folder, file = path.parent, path
+    if (folder / "config.json").is_file():
+        found = read_checkpoint_config(folder)
+        mismatched = [k for k in ARCH_KEYS_CHECKED if list_like(found[k]) != list_like(recipe_arch[k])]
+        if mismatched:
+            key = mismatched[0]
+            raise UserError(
+                f"checkpoint {folder}/config.json has {key}={found[key]} but the recipe's generator has {recipe_arch[key]}: "
+                "use the recipe the checkpoint was trained with"
+            )
+    arch = {k: recipe_arch[k] for k in ARCH_FIELDS}
+    # A folder without a trainer file is an official folder: load_pretrained reads its own config.json.
+    return GeneratorWeights(file, arch)
+
+
+def list_like(value: object) -> object:
+    return list(value) if isinstance(value, (list, tuple)) else value
+
+
+def inference_geometry(config: Config, resolved: ResolvedRecipe, num_output_frames: Optional[int]) -> Geometry:
+    """Geometry of an output video of `num_output_frames` pixel frames (None: the recipe's), cache window included.
+
+    Raises UserError when the frames do not fit the VAE stride or the blocks: call it before loading anything.
+    """
+    frames = num_output_frames or config.video.num_frames
+    rollout = config.rollout
+    if rollout.local_attn_size == -1 and frames > config.video.num_frames:
+        # Global attention means "everything the model was trained to see"; beyond that the cache rolls.
+        trained = resolved.geometry.num_latent_frames
+        if rollout.sink_size >= trained:
+            raise UserError(f"rollout.sink_size={rollout.sink_size} leaves no room in the {trained}-frame cache window")
+        rollout = dataclasses.replace(rollout, local_attn_size=trained)
+        config = dataclasses.replace(config, rollout=rollout)
+    try:
+        return geometry_for(config, resolved.generator, resolved.vae, num_frames=frames)
+    except UserError as err:
+        raise UserError(f"--num_output_frames {frames}: {err}") from None
+
+
+def check_image(image: str | Path | None, task: str, geometry: Geometry) -> None:
+    """TI2V needs a readable first-frame image; T2V recipes take one optionally (then the run is TI2V)."""
+    from utils.datasets import load_image
+
+    if image is None:
+        if task == "ti2v":
+            raise UserError("video.task is ti2v: give the first frame with --image")
+        return
+    load_image(image, geometry.height, geometry.width)  # opening it is cheap; a bad file fails here, before work
+
+
+# --------------------------------------------------------------------------------------------- result
+@dataclass
+class InferenceResult:
+    prompt: str
+    task: str  # t2v or ti2v
+    seed: int
+    image: Optional[str]
+    video: Tensor  # [T, 3, H, W] float32 in [-1, 1], on the CPU
+    latents: Tensor  # [1, F, C, h, w] the rollout's clean latents
+    geometry: Geometry
+    nfe: int  # generator forwards (denoising steps + context passes)
+    timings: dict = field(default_factory=dict)
+    memory: dict = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------------- pipeline
+class CausalInferencePipeline:
+    """Loads once, generates many times."""
+
+    def __init__(
+        self,
+        config: Config,
+        resolved: ResolvedRecipe,
+        device: torch.device | str,
+        dtype: torch.dtype,
+        checkpoint: str | Path | None = None,
+        use_ema: bool = False,
+        profiler: Optional[MemoryProfiler] = None,
+    ):
+        from pipeline.rollout import BlockRollout  # noqa: F401  (fail before loading if the rollout is missing)
+
+        self.config, self.resolved = config, resolved
+        self.device, self.dtype = torch.device(device), dtype
+        self.profiler = profiler or MemoryProfiler(enabled=False, device=self.device)
+        self.weights = resolve_generator_weights(checkpoint, use_ema, resolved.generator.arch)
+        self.timesteps = few_step_timesteps(
+            config.rollout.denoising_step_list, config.rollout.warp_denoising_step, config.flow.timestep_shift,
+            config.flow.num_train_timesteps,
+        )
+        # 1. Components, each measured: text encoder, VAE, generator.
+        start = self._clock()
+        with self.profiler.component("text_encoder"):
+            self.text_encoder = build_text_encoder(
+                config, device=text_encoder_device(config, self.device), dtype=dtype, seed=config.train.seed)
+        with self.profiler.component("vae"):
+            self.vae = build_vae(resolved.vae, device=self.device, dtype=dtype)
+        with self.profiler.component("generator"):
+            self.generator = self._load_generator().eval().requires_grad_(False)
+        self.load_s = self._clock() - start
+        self.base_memory_bytes = current_bytes(self.device)
+
+    def _load_generator(self) -> torch.nn.Module:
+        from wan.modules.causal_model import CausalWanModel
+
+        backend = self.config.attention_backend
+        if self.weights.path is None:
+            return build_dit(self.resolved.generator, causal=True, attention_backend=backend, device=self.device,
+                             dtype=self.dtype, seed=self.config.train.seed)
+        arch = None if self.weights.path.is_dir() else self.weights.arch
+        return CausalWanModel.from_pretrained(str(self.weights.path), dtype=self.dtype, device=self.device,
+                                              attention_backend=backend, arch=arch)
+
+    def _clock(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    # ----------------------------------------------------------------------------------------- per request
+    def task_for(self, image: str | Path | None) -> str:
+        return "ti2v" if image is not None else self.config.video.task
+
+    def check_request(self, image: str | Path | None = None, num_output_frames: Optional[int] = None) -> Geometry:
+        """Everything about a request that can be wrong, checked before any work."""
+        geometry = inference_geometry(self.config, self.resolved, num_output_frames)
+        check_image(image, self.config.video.task, geometry)
+        return geometry
+
+    def encode_first_frame(self, image: Path, geometry: Geometry) -> Tensor:
+        """The image resized to cover the output size, centre-cropped, encoded: a clean latent [1, 1, C, h, w]."""
+        from utils.datasets import load_image
+
+        pixels = load_image(str(image), geometry.height, geometry.width)  # [3, H, W] in [-1, 1]
+        video = pixels[None, :, None].to(self.device, self.vae.dtype)  # [1, 3, T=1, H, W]
+        return self.vae.encode_to_latent(video).float()
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompt: str,
+        *,
+        image: str | Path | None = None,
+        num_output_frames: Optional[int] = None,
+        seed: int = 0,
+        on_block: Optional[PixelCallback] = None,
+    ) -> InferenceResult:
+        """One video for `prompt`; `on_block(index, pixels)` sees each block's pixels as soon as they exist."""
+        from pipeline.rollout import BlockRollout
+        from wan.modules.kv_cache import KVCache
+
+        geometry = self.check_request(image, num_output_frames)
+        task = self.task_for(image)
+        profiler = self.profiler
+        if self.device.type == "cuda" and not profiler.enabled:
+            torch.cuda.reset_peak_memory_stats(self.device)
+        timings: dict = {"load_s": self.load_s}
+        start = self._clock()
+        with profiler.phase("generate"):
+            # 1. Text (and first frame).
+            with profiler.phase("text_encode"):
+                context = self.text_encoder.encode([prompt]).to(self.device, self.dtype)
+                first_frame = self.encode_first_frame(Path(image), geometry) if image is not None else None
+            timings["text_encode_s"] = self._clock() - start
+
+            # 2. Noise from a CPU generator (the same seed gives the same start on any device); the rollout's
+            #    fresh re-noising draws from its own seeded generator, so the caller's RNG is left alone.
+            noise = torch.randn(
+                (1, *geometry.latent_shape[1:]), generator=torch.Generator().manual_seed(seed), dtype=torch.float32
+            ).to(self.device)
+            renoise = torch.Generator(self.device).manual_seed(seed)
+            kv_cache = KVCache.from_geometry(geometry, batch_size=1, dtype=self.dtype, device=self.device)
+            rollout = BlockRollout(geometry, self.timesteps.to(self.device), self.config.rollout.context_noise)
+
+            # 3. Rollout with streaming decode of each finished block.
+            stream = _StreamingDecode(self, profiler, start, on_block)
+            with profiler.phase("rollout"):
+                output = rollout.run(
+                    stream.wrap(self.generator), noise, context, first_frame=first_frame, kv_cache=kv_cache,
+                    on_block=stream.on_block, noise_generator=renoise,
+                )
+            video = torch.cat(stream.pixels, dim=1)[0].float().cpu()
+        total_s = self._clock() - start
+
+        # 4. Timings and memory.
+        timings.update(stream.timings())
+        timings.update(total_s=total_s, fps=video.shape[0] / total_s)
+        generate_events = [e for e in profiler.events if e["name"] == "generate"]
+        peak = generate_events[-1]["peak_bytes"] if generate_events else lifetime_peak_bytes(self.device)
+        memory = {"backend": profiler.backend, "base_bytes": self.base_memory_bytes, "peak_bytes": peak}
+        return InferenceResult(
+            prompt=prompt, task=task, seed=seed, image=None if image is None else str(image), video=video,
+            latents=output.latents.float().cpu(), geometry=geometry, nfe=output.nfe, timings=timings, memory=memory,
+        )
+
+
+class _StreamingDecode:
+    """The rollout's hooks: decode each finished block, time denoising and decoding apart, name memory phases.
+
+    The rollout emits a block (on_block) before its context pass, so each block's context pass is
+    measured on its own (the generator proxy below) and booked to that block, not to the next one.
+    """
+
+    def __init__(self, pipe: CausalInferencePipeline, profiler: MemoryProfiler, start: float,
+                 on_pixels: Optional[PixelCallback]):
+        self.pipe, self.profiler, self.start, self.on_pixels = pipe, profiler, start, on_pixels
+        self.decoder = pipe.vae.stream_decoder()
+        self.pixels: list[Tensor] = []
+        self.until_block_s: list[float] = []  # from the previous decode's end to this block's emission
+        self.context_pass_s: list[float] = []  # the context pass of each emitted block
+        self.decode_s = 0.0
+        self.first_block_latency_s: Optional[float] = None
+        self._mark = pipe._clock()
+        self._step = 0
+
+    def on_block(self, block_index: int, latents: Tensor) -> None:
+        # 1. The block's denoising ends here; its decode is timed apart.
+        clock = self.pipe._clock
+        now = clock()
+        self.until_block_s.append(now - self._mark)
+        # 2. Decode it; the first decoded pixels mark the first-block latency.
+        with self.profiler.phase(f"block_{block_index}/decode"):
+            pixels = self.decoder.decode(latents)
+        done = clock()
+        self.decode_s += done - now
+        if self.first_block_latency_s is None:
+            self.first_block_latency_s = done - self.start
+        self.pixels.append(pixels.float().cpu())
+        if self.on_pixels is not None:
+            self.on_pixels(block_index, pixels)
+        self._mark, self._step = clock(), 0
+
+    def forward(self, generator: torch.nn.Module, commit: bool, *args, **kwargs) -> Tensor:
+        """One generator forward as a named memory phase; context passes (commit=True) are timed."""
+        if commit:  # the context pass of the block emitted last
+            name = f"block_{len(self.pixels) - 1}/context_pass"
+        else:
+            name, self._step = f"block_{len(self.pixels)}/step_{self._step}", self._step + 1
+        start = self.pipe._clock() if commit else 0.0
+        with self.profiler.phase(name):
+            flow = generator.forward_cached(*args, commit=commit, **kwargs)
+        if commit:
+            self.context_pass_s.append(self.pipe._clock() - start)
+        return flow
+
+    def timings(self) -> dict:
+        # until_block[i] holds block i's steps plus block i-1's context pass: move that one back.
+        per_block = [
+            until - (self.context_pass_s[i - 1] if i > 0 else 0.0) + self.context_pass_s[i]
+            for i, until in enumerate(self.until_block_s)
+        ]
+        return {
+            "per_block_denoise_s": per_block,
+            "denoise_s": sum(per_block),
+            "vae_decode_s": self.decode_s,
+            "first_block_latency_s": self.first_block_latency_s,
+        }
+
+    def wrap(self, generator: torch.nn.Module) -> "_ObservedGenerator":
+        return _ObservedGenerator(generator, self)
+
+
+class _ObservedGenerator:
+    """Delegates to the generator; routes forward_cached through the stream's timing and memory phases."""
+
+    def __init__(self, generator: torch.nn.Module, stream: _StreamingDecode):
+        self._generator, self._stream = generator, stream
+
+    def __getattr__(self, name: str):
+        return getattr(self._generator, name)
+
+    def forward_cached(self, *args, commit: bool, **kwargs) -> Tensor:
+        return self._stream.forward(self._generator, commit, *args, **kwargs)

@@ -1,0 +1,84 @@
+"""Where inference results go: one folder per video with video.mp4, frames.png and inference_record.json.
+
+    <output_folder>/<task>_<W>x<H>_<YYYYmmdd_HHMMSS>_<prompt-slug>/
+
+Folders are never reused: a second video in the same second with the same prompt gets a -2, -3 suffix.
+A folder is created only once its video has been generated, and removed again if writing fails, so a
+failed run leaves nothing behind.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import re
+import shutil
+from pathlib import Path
+from typing import Optional
+
+from pipeline.causal_inference import InferenceResult
+from utils.io import atomic_write_json
+from utils.video_io import write_frame_strip, write_mp4
+
+SLUG_MAX_CHARS = 40
+VIDEO_FILE = "video.mp4"
+RECORD_FILE = "inference_record.json"
+STRIP_FILE = "frames.png"
+RECORD_TIMINGS = ("load_s", "text_encode_s", "per_block_denoise_s", "denoise_s", "vae_decode_s", "total_s",
+                  "first_block_latency_s", "fps")
+
+
+def slugify(prompt: str, max_chars: int = SLUG_MAX_CHARS) -> str:
+    """Lowercase letters, digits and dashes, at most `max_chars`; 'video' when nothing is left."""
+    slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")
+    return slug[:max_chars].rstrip("-") or "video"
+
+
+def new_output_dir(root: str | Path, task: str, width: int, height: int, prompt: str,
+                   now: Optional[dt.datetime] = None) -> Path:
+    """Create and return a fresh folder for one video (never an existing one)."""
+    stamp = (now or dt.datetime.now()).strftime("%Y%m%d_%H%M%S")
+    base = f"{task}_{width}x{height}_{stamp}_{slugify(prompt)}"
+    Path(root).mkdir(parents=True, exist_ok=True)
+    for attempt in range(1, 10_000):
+        folder = Path(root) / (base if attempt == 1 else f"{base}-{attempt}")
+        try:
+            folder.mkdir()  # atomic: two writers racing for a name cannot both get it
+            return folder
+        except FileExistsError:
+            continue
+    raise RuntimeError(f"no free output folder name for {base} in {root}")
+
+
+def build_record(result: InferenceResult, parameters: dict) -> dict:
+    """The inference record: prompt, every parameter, checkpoint, seed, frame counts, timings, memory."""
+    geometry = result.geometry
+    return {
+        "prompt": result.prompt,
+        "task": result.task,
+        "seed": result.seed,
+        "image": result.image,
+        "checkpoint": parameters.get("checkpoint"),
+        "num_pixel_frames": int(result.video.shape[0]),
+        "num_latent_frames": geometry.num_latent_frames,
+        "height": geometry.height,
+        "width": geometry.width,
+        "nfe": result.nfe,
+        "parameters": parameters,
+        "geometry": geometry.to_dict(),
+        "timings": {key: result.timings[key] for key in RECORD_TIMINGS},
+        "memory": result.memory,
+    }
+
+
+def save_result(result: InferenceResult, output_root: str | Path, parameters: dict, fps: int) -> Path:
+    """Write one result's folder; returns it."""
+    geometry = result.geometry
+    record = build_record(result, parameters)
+    folder = new_output_dir(output_root, result.task, geometry.width, geometry.height, result.prompt)
+    try:
+        write_mp4(folder / VIDEO_FILE, result.video, fps)
+        write_frame_strip(folder / STRIP_FILE, result.video)
+        atomic_write_json(folder / RECORD_FILE, record)
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    return folder
