@@ -1,0 +1,97 @@
+"""Pack a folder of ODE pairs (from generate_ode_pairs.py) into one LMDB for ODE regression.
+
+    python scripts/create_lmdb.py --data_path DIR --lmdb_path data/ode_pairs.lmdb
+
+Pairs are ordered by prompt text (then index), not by file order, and a prompt that occurs more than once
+keeps its lowest index; pairs of different geometries are refused. The header (count, shape, dtype,
+trajectory timesteps, keep_indices, geometry fingerprint) is built from all pairs. The database is written
+to <lmdb_path>.tmp and renamed, so running twice gives the same records and a crash leaves no half file.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from utils import lmdb_store  # noqa: E402
+from utils.errors import UserError, run_main  # noqa: E402
+from utils.lmdb_store import PairInfo  # noqa: E402
+
+
+def select_pairs(pairs: list[PairInfo]) -> list[PairInfo]:
+    """One pair per prompt (the lowest index), ordered by prompt text: the same list whatever the file order."""
+    chosen: dict[str, PairInfo] = {}
+    for pair in sorted(pairs, key=lambda p: (p.prompt, p.index)):
+        chosen.setdefault(pair.prompt, pair)
+    return [chosen[prompt] for prompt in sorted(chosen)]
+
+
+def check_one_geometry(pairs: list[PairInfo]) -> None:
+    first = pairs[0]
+    for pair in pairs[1:]:
+        if pair.fingerprint != first.fingerprint:
+            raise UserError(
+                f"pairs of different geometries: {first.path.name} has fingerprint {first.fingerprint}, "
+                f"{pair.path.name} has {pair.fingerprint}: keep one recipe's pairs per folder"
+            )
+
+
+def build_header(pairs: list[PairInfo]) -> dict:
+    """The header from the first selected pair (every row is checked against it while writing)."""
+    first = pairs[0]
+    tensors = lmdb_store.read_pair_tensors(first.path)
+    latents, timesteps = tensors["ode_latents"], tensors["ode_timesteps"].tolist()
+    if lmdb_store.fingerprint_of(first.geometry, timesteps) != first.fingerprint:
+        raise UserError(f"{first.path} has fingerprint {first.fingerprint} that does not match its own metadata: "
+                        "the file is damaged, delete it and generate it again")
+    return lmdb_store.make_header(count=len(pairs), shape=list(latents.shape), dtype=str(latents.numpy().dtype),
+                       trajectory_timesteps=timesteps, keep_indices=first.keep_indices, geometry_fields=first.geometry,
+                       fingerprint=first.fingerprint)
+
+
+def rows(pairs: list[PairInfo], header: dict, progress: bool) -> Iterator[tuple[str, np.ndarray]]:
+    for pair in tqdm(pairs, desc="lmdb", disable=not progress):
+        tensors = lmdb_store.read_pair_tensors(pair.path)
+        latents, timesteps = tensors["ode_latents"].numpy(), tensors["ode_timesteps"].tolist()
+        if list(latents.shape) != header["shape"] or str(latents.dtype) != header["dtype"]:
+            raise UserError(f"{pair.path} holds latents {list(latents.shape)} {latents.dtype}: expected "
+                            f"{header['shape']} {header['dtype']} like {pairs[0].path.name}")
+        if timesteps != header["trajectory_timesteps"]:
+            raise UserError(f"{pair.path} has trajectory timesteps {timesteps}: expected {header['trajectory_timesteps']}")
+        yield pair.prompt, latents
+
+
+@run_main
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data_path", required=True, help="folder of <index>.safetensors pairs")
+    parser.add_argument("--lmdb_path", required=True, help="the LMDB file to write")
+    args = parser.parse_args(argv)
+
+    # 1. Read every pair's metadata and choose the rows.
+    data = Path(args.data_path)
+    if not data.is_dir():
+        raise UserError(f"--data_path {data} is not a folder: expected the output folder of generate_ode_pairs.py")
+    pairs = lmdb_store.scan_pair_folder(data)
+    if not pairs:
+        raise UserError(f"--data_path {data} holds no .safetensors pairs: run scripts/generate_ode_pairs.py first")
+    check_one_geometry(pairs)
+    selected = select_pairs(pairs)
+
+    # 2. Write the database (temp file, then rename).
+    header = build_header(selected)
+    lmdb_store.write_ode_lmdb(args.lmdb_path, header, rows(selected, header, progress=True))
+    print(f"lmdb: {len(selected)} pairs ({len(pairs) - len(selected)} duplicate prompts dropped) of shape "
+          f"{header['shape']} {header['dtype']}, fingerprint {header['fingerprint']} -> {args.lmdb_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
