@@ -1,0 +1,60 @@
+"""What every objective shares: the models it is handed, the batch, and the two hooks the loop calls.
+
+The training loop is the same for ODE regression, DMD and SiD; they differ only by
+`generator_loss` and `critic_loss`. Objectives never build models or optimizers.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Optional
+
+from torch import Tensor, nn
+
+from utils.errors import UserError
+
+Logs = dict[str, float]
+
+
+@dataclass
+class Models:
+    """The networks of a run (possibly FSDP-wrapped; objectives call predict_flow / forward_* directly)."""
+
+    generator: nn.Module  # the causal student (CausalWanModel)
+    real_score: Optional[nn.Module] = None  # the frozen bidirectional teacher (WanModel or MoEWanModel)
+    fake_score: Optional[nn.Module] = None  # the critic (WanModel), trained by critic_loss
+
+
+@dataclass
+class Batch:
+    """One micro-batch, already on the device. Latents are [B, F, C, H, W]."""
+
+    prompts: list[str]
+    context: Tensor  # [B, L, D] text embeddings of the prompts
+    negative_context: Optional[Tensor] = None  # [B, L, D] embeddings of the negative prompt (the real score's CFG)
+    ode_latents: Optional[Tensor] = None  # [B, P, F, C, H, W] kept teacher trajectory points, the last one clean
+    ode_timesteps: Optional[Tensor] = None  # [P] timestep of each kept point (the last is 0)
+    first_frame: Optional[Tensor] = None  # [B, 1, C, H, W] TI2V: the given clean first latent frame
+
+    @property
+    def batch_size(self) -> int:
+        return self.context.shape[0]
+
+    @property
+    def generated_frames(self) -> slice:
+        """Frames the losses see: all of them, or all but a given first frame."""
+        return slice(1, None) if self.first_frame is not None else slice(None)
+
+
+class Objective(ABC):
+    """A training objective: a generator loss, and a critic loss when it trains a fake score."""
+
+    has_critic: bool = False
+
+    @abstractmethod
+    def generator_loss(self, models: Models, batch: Batch) -> tuple[Tensor, Logs]:
+        """Scalar loss to backpropagate into the generator, and float logs."""
+
+    def critic_loss(self, models: Models, batch: Batch) -> tuple[Tensor, Logs]:
+        """Scalar loss to backpropagate into the fake score (objectives with a critic only)."""
+        raise UserError(f"{type(self).__name__} trains no critic: the loop must not ask for its critic loss")

@@ -1,0 +1,80 @@
+"""ODE regression ("ode_init"): the causal generator regresses the teacher's clean latent from a kept trajectory point.
+
+Per block, one kept point with t != 0 is drawn (the same for the whole batch); the block's frames take
+that point's latents and its stored timestep. One block-causal forward predicts the flow, x0 = x_t -
+sigma * v, and the loss is the MSE to the clean (last) point on frames whose timestep is not 0.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from model.objective import Batch, Logs, Models, Objective
+from pipeline.rollout import predict_x0
+from utils.errors import UserError
+from utils.geometry import Geometry
+
+
+class OdeRegression(Objective):
+    has_critic = False
+    name = "ode"
+
+    def __init__(self, geometry: Geometry, num_train_timesteps: int):
+        if len(set(geometry.block_sizes)) != 1:
+            raise UserError(
+                "ODE regression runs the block-causal forward, which needs equal blocks: "
+                "rollout.independent_first_frame must be false for train.trainer=ode"
+            )
+        self.geometry = geometry
+        self.num_train_timesteps = num_train_timesteps
+
+    def _check(self, batch: Batch) -> tuple[Tensor, Tensor]:
+        latents, timesteps = batch.ode_latents, batch.ode_timesteps
+        if latents is None or timesteps is None:
+            raise UserError("ODE regression needs ODE pairs in the batch (ode_latents, ode_timesteps): use an ODE LMDB")
+        g = self.geometry
+        expected = (g.num_latent_frames, g.latent_channels, g.latent_height, g.latent_width)
+        if latents.ndim != 6 or tuple(latents.shape[2:]) != expected or latents.shape[1] != timesteps.numel():
+            shape = ", ".join(map(str, expected))
+            raise UserError(
+                f"ODE latents {list(latents.shape)} with {timesteps.numel()} timesteps: expected [B, P, {shape}] "
+                "with one timestep per point"
+            )
+        if float(timesteps[-1]) != 0.0:
+            raise UserError(f"the last ODE trajectory point must be the clean latent (t = 0), got t = {float(timesteps[-1])}")
+        return latents, timesteps.to(latents.device, torch.float32)
+
+    def draw_points(self, timesteps: Tensor, generator: Optional[torch.Generator] = None) -> list[int]:
+        """One noisy (t != 0) kept point per block."""
+        noisy = torch.nonzero(timesteps.cpu() != 0).flatten()
+        if noisy.numel() == 0:
+            raise UserError("the ODE pairs keep no noisy trajectory point (every timestep is 0)")
+        picks = torch.randint(0, noisy.numel(), (self.geometry.num_blocks,), generator=generator)
+        return noisy[picks].tolist()
+
+    def generator_loss(self, models: Models, batch: Batch) -> tuple[Tensor, Logs]:
+        # 1. Noisy input: each block's frames from its drawn point, at that point's timestep.
+        latents, timesteps = self._check(batch)
+        points = self.draw_points(timesteps)
+        frame_points = torch.tensor(
+            [point for point, size in zip(points, self.geometry.block_sizes) for _ in range(size)], device=latents.device
+        )
+        frames = torch.arange(frame_points.numel(), device=latents.device)
+        x_t = latents[:, frame_points, frames]  # [B, F, C, H, W]
+        per_frame = timesteps[frame_points].expand(latents.shape[0], -1).clone()
+        clean = latents[:, -1]
+        if batch.first_frame is not None:  # TI2V: the given frame is clean and seen at t = 0
+            x_t = torch.cat([batch.first_frame.to(x_t.dtype), x_t[:, 1:]], dim=1)
+            per_frame[:, 0] = 0.0
+        # 2. One block-causal forward; x0 from the flow.
+        flow = models.generator.forward_block_causal(x_t, per_frame, batch.context, self.geometry.num_frame_per_block)
+        x0 = predict_x0(x_t, flow, per_frame, self.num_train_timesteps)
+        # 3. MSE to the clean latent on frames that were noisy.
+        noisy = per_frame != 0  # [B, F]
+        if not bool(noisy.any()):
+            raise UserError("every frame of the ODE batch is at t = 0: nothing to regress")
+        squared = (x0.float() - clean.float()).pow(2).mean(dim=(2, 3, 4))  # [B, F]
+        loss = squared[noisy].mean()
+        return loss, {"ode_loss": float(loss.detach()), "ode_timestep": float(per_frame[noisy].mean())}

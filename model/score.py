@@ -1,0 +1,127 @@
+"""Score distillation's shared parts: score timesteps, the real and fake x0 predictions, the critic's loss.
+
+DMD and SiD differ only by how the real and fake predictions turn into a generator loss
+(`distribution_loss`); the self-forcing sample, the noise level and the critic are the same.
+"""
+from __future__ import annotations
+
+from abc import abstractmethod
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from model.objective import Batch, Logs, Models, Objective
+from pipeline.guidance import combine_cfg, guidance_is_identity
+from pipeline.rollout import add_noise, predict_x0
+from pipeline.schedule import shift_sigmas
+from pipeline.self_forcing_training import SelfForcingRollout, SelfForcingSample
+from utils.config import Config
+from utils.errors import UserError
+
+
+@dataclass(frozen=True)
+class ScoreTimesteps:
+    """One timestep per sample: U[0, 1) shifted by the flow shift, clamped to [min, max] * T."""
+
+    shift: float
+    min_ratio: float
+    max_ratio: float
+    num_train_timesteps: int
+
+    @classmethod
+    def from_config(cls, config: Config) -> "ScoreTimesteps":
+        distill = config.distill
+        if not 0.0 <= distill.min_score_timestep_ratio < distill.max_score_timestep_ratio <= 1.0:
+            raise UserError(
+                f"distill.min_score_timestep_ratio={distill.min_score_timestep_ratio} and max_score_timestep_ratio="
+                f"{distill.max_score_timestep_ratio}: expected 0 <= min < max <= 1"
+            )
+        return cls(config.flow.timestep_shift, distill.min_score_timestep_ratio, distill.max_score_timestep_ratio,
+                   config.flow.num_train_timesteps)
+
+    def sample(self, batch_size: int, device: torch.device, generator: Optional[torch.Generator] = None) -> Tensor:
+        """[B] float32 timesteps."""
+        sigma = torch.rand(batch_size, dtype=torch.float64, generator=generator).to(device)
+        timestep = shift_sigmas(sigma, self.shift) * self.num_train_timesteps
+        low, high = self.min_ratio * self.num_train_timesteps, self.max_ratio * self.num_train_timesteps
+        return timestep.clamp(low, high).to(torch.float32)
+
+
+def frame_timesteps(timestep: Tensor, num_frames: int, held_first_frame: bool) -> Tensor:
+    """[B] -> [B, F]: every frame at the sample's timestep, a held (given) first frame at 0."""
+    per_frame = timestep[:, None].expand(-1, num_frames).clone()
+    if held_first_frame:
+        per_frame[:, 0] = 0.0
+    return per_frame
+
+
+def real_score_x0(real_score: nn.Module, x_t: Tensor, timestep: Tensor, batch: Batch, scale: float, form: str,
+                  num_train_timesteps: int) -> Tensor:
+    """The frozen teacher's guided x0 (a MoE teacher picks its expert from the timestep itself)."""
+    flow = real_score.predict_flow(x_t, timestep, batch.context)
+    if not guidance_is_identity(scale, form):
+        if batch.negative_context is None:
+            raise UserError("the real score's CFG needs the negative prompt's context (batch.negative_context)")
+        flow = combine_cfg(flow, real_score.predict_flow(x_t, timestep, batch.negative_context), scale, form)
+    return predict_x0(x_t, flow, timestep, num_train_timesteps)
+
+
+class ScoreDistillation(Objective):
+    """Self-forcing sample -> real/fake scores at a random noise level -> `distribution_loss`; flow-matching critic."""
+
+    has_critic = True
+    name = "score"
+
+    def __init__(self, rollout: SelfForcingRollout, score_timesteps: ScoreTimesteps, guidance_scale: float,
+                 guidance_form: str):
+        self.rollout = rollout
+        self.score_timesteps = score_timesteps
+        self.guidance_scale = guidance_scale
+        self.guidance_form = guidance_form
+
+    @abstractmethod
+    def distribution_loss(self, x: Tensor, real_x0: Tensor, fake_x0: Tensor) -> tuple[Tensor, Logs]:
+        """The generator loss from its output x (with gradient) and the scores' x0 (without), generated frames only."""
+
+    def _sample(self, models: Models, batch: Batch) -> SelfForcingSample:
+        noise = self.rollout.noise(batch.batch_size, batch.context.device)
+        return self.rollout.generate(models.generator, noise, batch.context, first_frame=batch.first_frame)
+
+    def _noisy(self, x: Tensor, batch: Batch) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """x_t at a fresh score timestep: (x_t, per-frame timesteps [B, F], noise, timestep [B])."""
+        timestep = self.score_timesteps.sample(x.shape[0], x.device)
+        per_frame = frame_timesteps(timestep, x.shape[1], batch.first_frame is not None)
+        noise = torch.randn_like(x)
+        return add_noise(x, noise, per_frame, self.score_timesteps.num_train_timesteps), per_frame, noise, timestep
+
+    def generator_loss(self, models: Models, batch: Batch) -> tuple[Tensor, Logs]:
+        # 1. The generator's self-forcing sample, with gradient at the exit steps.
+        sample = self._sample(models, batch)
+        x = sample.latents
+        # 2. Real (guided) and fake (conditional) x0 at a random noise level; no gradient into either score.
+        num_train_timesteps = self.score_timesteps.num_train_timesteps
+        with torch.no_grad():
+            x_t, per_frame, _, timestep = self._noisy(x.detach(), batch)
+            real_x0 = real_score_x0(models.real_score, x_t, per_frame, batch, self.guidance_scale, self.guidance_form,
+                                    num_train_timesteps)
+            fake_flow = models.fake_score.predict_flow(x_t, per_frame, batch.context)
+            fake_x0 = predict_x0(x_t, fake_flow, per_frame, num_train_timesteps)
+        # 3. The objective's loss on the generated frames.
+        frames = batch.generated_frames
+        loss, logs = self.distribution_loss(x[:, frames], real_x0[:, frames], fake_x0[:, frames])
+        logs.update(score_timestep=float(timestep.mean()), exit_step=sum(sample.exit_steps) / len(sample.exit_steps))
+        return loss, logs
+
+    def critic_loss(self, models: Models, batch: Batch) -> tuple[Tensor, Logs]:
+        # 1. A detached self-forcing sample (no gradient into the generator).
+        with torch.no_grad():
+            x = self._sample(models, batch).latents
+            x_t, per_frame, noise, timestep = self._noisy(x, batch)
+        # 2. Flow matching: the fake score regresses v = noise - x at the fresh timestep.
+        flow = models.fake_score.predict_flow(x_t, per_frame, batch.context)
+        frames = batch.generated_frames
+        target = noise[:, frames] - x[:, frames]
+        loss = (flow[:, frames].float() - target.float()).pow(2).mean()
+        return loss, {"critic_loss": float(loss.detach()), "critic_timestep": float(timestep.mean())}
