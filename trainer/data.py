@@ -1,0 +1,62 @@
+"""From dataset items to an objective's Batch: the rank's next items, text embeddings, TI2V first frames."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from trainer.data_position import ShardedSampler
+from utils.config import Config
+from utils.datasets import ImageTextDataset, OdeLmdbDataset, TextPromptDataset, collate
+from utils.errors import UserError
+from utils.geometry import Geometry
+
+
+def build_dataset(config: Config, geometry: Geometry) -> Dataset:
+    """ODE regression reads the pair LMDB; score distillation a prompt file (image<TAB>prompt lines for TI2V)."""
+    train = config.train
+    if train.trainer == "ode":
+        return OdeLmdbDataset(train.data_path, geometry)
+    if config.video.task == "ti2v":
+        if train.image_root is None:
+            raise UserError("video.task is ti2v: set train.image_root to the folder of first-frame images")
+        return ImageTextDataset(train.data_path, train.image_root, config.video.height, config.video.width)
+    return TextPromptDataset(train.data_path)
+
+
+class BatchSource:
+    """Hands out the next Batch for this rank; its position is the sampler's (saved in checkpoints)."""
+
+    def __init__(self, dataset: Dataset, sampler: ShardedSampler, text_encoder: nn.Module, negative_prompt: str,
+                 device: torch.device, *, ti2v: bool, vae: Optional[nn.Module] = None) -> None:
+        self.dataset, self.sampler, self.ti2v = dataset, sampler, ti2v
+        self.text_encoder, self.negative_prompt = text_encoder, negative_prompt
+        self.device, self.vae = device, vae
+
+    @torch.no_grad()
+    def next(self):
+        from model.objective import Batch
+
+        items = collate([self.dataset[i] for i in self.sampler.next_indices()])
+        prompts = items["prompts"]
+        context = self.text_encoder.encode(prompts).to(self.device)
+        negative = self.text_encoder.encode_cached(self.negative_prompt).to(self.device)
+        ode_latents = ode_timesteps = first_frame = None
+        if "ode_latents" in items:
+            ode_latents = items["ode_latents"].to(self.device)
+            ode_timesteps = items["ode_timesteps"][0].to(self.device)  # the same trajectory points for every row
+            if self.ti2v:  # the given image is the clean end of the trajectory's first frame
+                first_frame = ode_latents[:, -1, :1]
+        if "image" in items:
+            # [B, 3, H, W] -> a one-frame video [B, 3, 1, H, W] -> the clean first latent frame [B, 1, C, h, w]
+            first_frame = self.vae.encode_to_latent(items["image"].to(self.device)[:, :, None])
+        return Batch(
+            prompts=prompts,
+            context=context,
+            negative_context=negative.expand(len(prompts), -1, -1),
+            ode_latents=ode_latents,
+            ode_timesteps=ode_timesteps,
+            first_frame=first_frame,
+        )

@@ -1,0 +1,153 @@
+"""Build everything a run needs, once, before the first step: models (placed, wrapped, sharded), optimizers,
+EMA, text encoder, data and the objective. Every recipe check happens here, so a bad config fails before work.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+from pipeline.components import build_dit, build_text_encoder, build_vae, text_encoder_device
+from trainer.data import BatchSource, build_dataset
+from trainer.data_position import ShardedSampler
+from trainer.ema import ParameterEMA
+from trainer.lora import apply_lora
+from trainer.parallel import CpuOffloaded, build_mesh, parallelize
+from utils.config import Config
+from utils.dist import DistInfo
+from utils.errors import UserError
+from utils.geometry import Geometry, ResolvedRecipe, resolve_recipe
+from utils.memory import MemoryProfiler
+
+ObjectiveFactory = Callable[[Config, Geometry], Any]
+
+
+@dataclass
+class TrainingSetup:
+    info: DistInfo
+    recipe: ResolvedRecipe
+    generator: nn.Module
+    real_score: Optional[nn.Module]
+    critic: Optional[nn.Module]
+    generator_optimizer: torch.optim.Optimizer
+    critic_optimizer: Optional[torch.optim.Optimizer]
+    ema: Optional[ParameterEMA]
+    batches: BatchSource
+    objective: Any
+    micro_steps: int  # gradient-accumulation micro-steps per optimizer step
+
+    @property
+    def geometry(self) -> Geometry:
+        return self.recipe.geometry
+
+
+def accumulation_steps(config: Config, world_size: int) -> int:
+    """total_batch_size / (batch_size * world), which must be whole; no total means no accumulation."""
+    per_step = config.train.batch_size * world_size
+    total = config.train.total_batch_size
+    if total is None:
+        return 1
+    if total < per_step or total % per_step:
+        raise UserError(
+            f"train.total_batch_size={total} is not a whole multiple of batch_size x ranks = "
+            f"{config.train.batch_size} x {world_size} = {per_step}"
+        )
+    return total // per_step
+
+
+def check_recipe(config: Config, world_size: int) -> ResolvedRecipe:
+    """Everything that can be checked without building a model (fails in one line, before work)."""
+    recipe = resolve_recipe(config)
+    accumulation_steps(config, world_size)
+    if config.train.data_path is None:
+        what = "an ODE-pair LMDB" if config.train.trainer == "ode" else "a prompt file"
+        raise UserError(f"train.data_path is empty: expected {what}")
+    if config.train.lora_rank < 0:
+        raise UserError(f"train.lora_rank={config.train.lora_rank}: expected 0 (full fine-tuning) or a positive rank")
+    if not 0.0 <= config.train.ema_weight < 1.0:
+        raise UserError(f"train.ema_weight={config.train.ema_weight}: expected a decay in [0, 1) (0 disables EMA)")
+    return recipe
+
+
+def _adamw(params: list[nn.Parameter], lr: float, betas: tuple[float, float], weight_decay: float) -> torch.optim.Optimizer:
+    if not params:
+        raise UserError("a trained model has no trainable parameters")
+    return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay)
+
+
+def _trainable(model: nn.Module, config: Config) -> nn.Module:
+    if config.train.lora_rank:
+        return apply_lora(model, config.train.lora_rank, config.train.lora_alpha)
+    return model.requires_grad_(True)
+
+
+def build_training(
+    config: Config, info: DistInfo, build_objective: ObjectiveFactory, profiler: MemoryProfiler
+) -> TrainingSetup:
+    recipe = check_recipe(config, info.world_size)
+    device, seed = info.device, config.train.seed
+    mesh = build_mesh(info, config.train.sharding_strategy)
+    wrap = dict(mixed_precision=config.train.mixed_precision, gradient_checkpointing=config.train.gradient_checkpointing)
+    backend = config.attention_backend
+    score_distillation = config.train.trainer == "score_distillation"
+
+    # 1. Generator: causal, trainable (whole or LoRA), then checkpointing and sharding.
+    with profiler.component("generator"):
+        generator = build_dit(recipe.generator, causal=True, attention_backend=backend, device=device, seed=seed)
+        generator = parallelize(_trainable(generator, config), mesh, **wrap)
+
+    # 2. Scores: the frozen teacher (optionally kept on the CPU) and the trainable critic, initialised from the teacher.
+    real_score = critic = None
+    if score_distillation:
+        with profiler.component("real_score"):
+            real_score = build_dit(recipe.real_score, causal=False, attention_backend=backend, device="cpu", seed=seed)
+            real_score.requires_grad_(False).eval()
+        with profiler.component("fake_score"):
+            critic = build_dit(recipe.fake_score, causal=False, attention_backend=backend, device="cpu", seed=seed)
+            if not recipe.fake_score.checkpoint and recipe.fake_score.arch == recipe.real_score.arch:
+                critic.load_state_dict(real_score.state_dict())  # no critic weights named: start from the teacher
+            critic = parallelize(_trainable(critic.to(device), config), mesh, **wrap)
+        if config.train.real_score_cpu:
+            real_score = CpuOffloaded(real_score, device)
+        else:
+            real_score = parallelize(real_score.to(device), mesh, mixed_precision=config.train.mixed_precision,
+                                     gradient_checkpointing=False)
+
+    # 3. Optimizers and the generator's EMA.
+    optim = config.optim
+    generator_optimizer = _adamw([p for p in generator.parameters() if p.requires_grad], optim.lr,
+                                 (optim.beta1, optim.beta2), optim.weight_decay)
+    critic_optimizer = None
+    if critic is not None:
+        critic_optimizer = _adamw([p for p in critic.parameters() if p.requires_grad], optim.lr_critic,
+                                  (optim.beta1_critic, optim.beta2_critic), optim.weight_decay)
+    ema = ParameterEMA(generator, config.train.ema_weight, config.train.ema_start_step) if config.train.ema_weight > 0 else None
+
+    # 4. Text encoder (frozen, possibly on the CPU), the VAE for TI2V first frames, and the data.
+    with profiler.component("text_encoder"):
+        text_encoder = build_text_encoder(config, device=text_encoder_device(config, device), seed=seed)
+        text_encoder.requires_grad_(False).eval()
+    vae = None
+    if config.video.task == "ti2v" and score_distillation:
+        with profiler.component("vae"):
+            vae = build_vae(recipe.vae, device=device)
+    dataset = build_dataset(config, recipe.geometry)
+    sampler = ShardedSampler(len(dataset), config.train.batch_size, info.rank, info.world_size, seed)
+    batches = BatchSource(dataset, sampler, text_encoder, config.text_encoder.negative_prompt, device,
+                          ti2v=config.video.task == "ti2v", vae=vae)
+
+    return TrainingSetup(
+        info=info,
+        recipe=recipe,
+        generator=generator,
+        real_score=real_score,
+        critic=critic,
+        generator_optimizer=generator_optimizer,
+        critic_optimizer=critic_optimizer,
+        ema=ema,
+        batches=batches,
+        objective=build_objective(config, recipe.geometry),
+        micro_steps=accumulation_steps(config, info.world_size),
+    )
