@@ -1,0 +1,220 @@
+"""The block-wise KV-cache rollout: equals a hand-written loop, gradient only at the exit step, exit steps
+shared across ranks, TI2V first frame, rolling cache for long videos."""
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from pipeline.components import build_dit
+from pipeline.rollout import BlockRollout, draw_exit_steps, rollout_block_sizes
+from pipeline.self_forcing_training import SelfForcingRollout
+from utils.config import load_config
+from utils.errors import UserError
+from utils.geometry import resolve_recipe
+from wan.modules.kv_cache import KVCache
+
+RECIPE = "configs/tiny/self_forcing_dmd.yaml"
+
+
+def setup(*overrides: str):
+    config = load_config(RECIPE, list(overrides))
+    recipe = resolve_recipe(config)
+    generator = build_dit(recipe.generator, causal=True, attention_backend="sdpa").eval()
+    return config, recipe.geometry, generator
+
+
+def inputs(geometry, batch=1, num_frames=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    _, frames, channels, height, width = geometry.latent_shape
+    noise = torch.randn(batch, num_frames or frames, channels, height, width, generator=g)
+    context = torch.randn(batch, 5, geometry.text_dim, generator=g)
+    return noise, context
+
+
+class Spy:
+    """Records every forward_cached call of a generator: grad mode, commit, timesteps, input and output."""
+
+    def __init__(self, model):
+        self.model, self.calls = model, []
+
+    def forward_cached(self, x, timestep, context, kv_cache, start_frame, commit):
+        out = self.model.forward_cached(x, timestep, context, kv_cache, start_frame, commit)
+        self.calls.append(dict(grad=torch.is_grad_enabled(), commit=commit, start=start_frame, timestep=timestep.clone(),
+                               x_grad_fn=x.grad_fn, out_grad_fn=out.grad_fn))  # fmt: skip
+        return out
+
+
+def hand_written_loop(model, rollout: BlockRollout, noise, context, num_train_timesteps=1000):
+    """The rollout spelled out with forward_cached: every step, re-noise with randn, context pass at t = 0."""
+    cache = KVCache.from_geometry(rollout.geometry, noise.shape[0], torch.float32, "cpu")
+    outputs, start = [], 0
+    for size in rollout.geometry.block_sizes:
+        x = noise[:, start : start + size]
+        for step, t in enumerate(rollout.timesteps.tolist()):
+            timestep = torch.full((noise.shape[0], size), t)
+            v = model.forward_cached(x, timestep, context, cache, start, commit=False)
+            x0 = x - t / num_train_timesteps * v
+            if step + 1 < rollout.num_steps:
+                s = rollout.timesteps[step + 1].item() / num_train_timesteps
+                x = (1 - s) * x0 + s * torch.randn(x0.shape)
+        model.forward_cached(x0, torch.zeros(noise.shape[0], size), context, cache, start, commit=True)
+        outputs.append(x0)
+        start += size
+    return torch.cat(outputs, dim=1)
+
+
+def test_inference_rollout_equals_hand_written_loop():
+    config, geometry, model = setup()
+    rollout = BlockRollout.from_config(config, geometry)
+    noise, context = inputs(geometry, batch=2)
+    torch.manual_seed(7)
+    output = rollout.run(model, noise, context)
+    torch.manual_seed(7)
+    with torch.no_grad():
+        expected = hand_written_loop(model, rollout, noise, context)
+    assert torch.allclose(output.latents, expected, atol=1e-5)
+    assert output.nfe == geometry.num_blocks * (rollout.num_steps + 1)  # 4 steps + the context pass per block
+    assert not output.latents.requires_grad
+    assert torch.equal(output.exit_timesteps, torch.full((2, geometry.num_latent_frames), rollout.timesteps[-1].item()))
+    # Training mode exiting every block at the last step, under no_grad, is the same computation.
+    torch.manual_seed(7)
+    with torch.no_grad():
+        exits = rollout.run(model, noise, context, exit_steps=[rollout.num_steps - 1] * geometry.num_blocks)
+    assert torch.allclose(exits.latents, expected, atol=1e-5)
+
+
+def test_gradient_only_through_the_exit_step_and_cache_is_detached():
+    config, geometry, model = setup()
+    rollout = BlockRollout.from_config(config, geometry)
+    noise, context = inputs(geometry)
+    spy, cache = Spy(model), KVCache.from_geometry(geometry, 1, torch.float32, "cpu")
+    exit_steps = [2, 1]
+    output = rollout.run(spy, noise, context, exit_steps=exit_steps, kv_cache=cache)
+    # Per block: exit+1 denoising forwards then one context pass; only the exit forward records a graph.
+    assert output.nfe == sum(e + 2 for e in exit_steps) == len(spy.calls)
+    grad_calls = [c for c in spy.calls if c["grad"]]
+    assert [c["start"] for c in grad_calls] == [0, 3]
+    assert all(c["out_grad_fn"] is None for c in spy.calls if not c["grad"])
+    assert all(c["x_grad_fn"] is None for c in spy.calls)  # no step's input carries a graph from earlier steps
+    assert all(not c["grad"] for c in spy.calls if c["commit"])
+    assert not cache.keys.requires_grad and not cache.values.requires_grad
+    output.latents.square().mean().backward()
+    grads = [p.grad for p in model.parameters()]
+    assert all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
+    assert torch.allclose(output.exit_timesteps[0, :3], rollout.timesteps[2]) and torch.allclose(
+        output.exit_timesteps[0, 3:], rollout.timesteps[1])
+    # An outer no_grad (the critic's sample) wins over the exit step.
+    with torch.no_grad():
+        assert not rollout.run(model, noise, context, exit_steps=exit_steps).latents.requires_grad
+
+
+def test_different_exit_steps_change_the_output():
+    config, geometry, model = setup()
+    rollout = BlockRollout.from_config(config, geometry)
+    noise, context = inputs(geometry)
+    results = []
+    for exit_step in (0, 3):
+        torch.manual_seed(0)
+        with torch.no_grad():
+            results.append(rollout.run(model, noise, context, exit_steps=[exit_step] * geometry.num_blocks).latents)
+    assert (results[0] - results[1]).abs().max() > 1e-3
+
+
+def test_draw_exit_steps_options():
+    torch.manual_seed(0)
+    same = draw_exit_steps(7, 4, same_step_across_blocks=True, last_step_only=False)
+    assert len(set(same)) == 1 and 0 <= same[0] < 4
+    assert draw_exit_steps(7, 4, same_step_across_blocks=False, last_step_only=True) == [3] * 7
+    draws = {tuple(draw_exit_steps(7, 4, same_step_across_blocks=False, last_step_only=False)) for _ in range(5)}
+    assert len(draws) > 1 and all(0 <= s < 4 for d in draws for s in d)
+
+
+def _rank_draws(rank: int, world: int, port: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    torch.manual_seed(100 + rank)  # different RNG on each rank: only the broadcast makes them agree
+    draws = [draw_exit_steps(5, 4, same_step_across_blocks=False, last_step_only=False) for _ in range(6)]
+    torch.save(draws, os.path.join(out_dir, f"rank{rank}.pt"))
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_exit_steps_identical_across_two_ranks(tmp_path):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_rank_draws, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
+    assert rank0 == rank1
+    assert len({tuple(d) for d in rank0}) > 1  # they are drawn, not constant
+
+
+@pytest.mark.parametrize("independent_first_frame", [False, True])
+def test_ti2v_keeps_the_given_first_frame(independent_first_frame):
+    overrides = ["video.num_frames=25", "rollout.independent_first_frame=true"] if independent_first_frame else []
+    config, geometry, model = setup(*overrides)
+    rollout = BlockRollout.from_config(config, geometry)
+    noise, context = inputs(geometry)
+    first = torch.randn(1, 1, *noise.shape[2:])
+    spy = Spy(model)
+    output = rollout.run(spy, noise, context, first_frame=first)
+    assert torch.equal(output.latents[:, :1], first)
+    assert float(output.exit_timesteps[0, 0]) == 0.0 and bool((output.exit_timesteps[0, 1:] > 0).all())
+    # The model always sees the given frame at t = 0; it is written into the cache first.
+    assert all(float(c["timestep"][0, 0]) == 0.0 for c in spy.calls if c["start"] == 0)
+    if independent_first_frame:
+        assert geometry.block_sizes == (1, 3, 3)
+        assert spy.calls[0]["commit"] and spy.calls[0]["timestep"].shape == (1, 1)
+        assert output.nfe == 1 + 2 * (rollout.num_steps + 1)
+    # Later frames depend on the given frame through the cache.
+    other = rollout.run(model, noise, context, first_frame=first + 1.0)
+    assert (other.latents[:, -1] - output.latents[:, -1]).abs().max() > 1e-4
+
+
+def test_long_rollout_rolls_a_sink_window_cache():
+    config, geometry, model = setup("rollout.local_attn_size=4", "rollout.sink_size=1")
+    rollout = BlockRollout.from_config(config, geometry)
+    noise, context = inputs(geometry, num_frames=15)  # 5 blocks through a 4-frame cache
+    cache = KVCache.from_geometry(geometry, 1, torch.float32, "cpu")
+    output = rollout.run(model, noise, context, kv_cache=cache)
+    assert output.latents.shape == noise.shape and torch.isfinite(output.latents).all()
+    assert output.nfe == 5 * (rollout.num_steps + 1)
+    assert cache.max_frames == geometry.cache_frames == 4
+    assert sorted(cache.slot_frames) == [0, 12, 13, 14]  # the sink frame, then the latest block
+    # Training on a long rollout: only the last training-length frames keep gradient.
+    spy = Spy(model)
+    rollout.run(spy, noise, context, exit_steps=[0] * 5, grad_last_frames=geometry.num_latent_frames)
+    assert sorted({c["start"] for c in spy.calls if c["grad"]}) == [9, 12]
+
+
+def test_block_sizes_and_input_errors():
+    config, geometry, model = setup()
+    assert rollout_block_sizes(geometry, 6) == (3, 3) and rollout_block_sizes(geometry, 12) == (3, 3, 3, 3)
+    with pytest.raises(UserError, match="whole blocks"):
+        rollout_block_sizes(geometry, 7)
+    rollout = BlockRollout.from_config(config, geometry)
+    noise, context = inputs(geometry)
+    with pytest.raises(UserError, match="exit_steps"):
+        rollout.run(model, noise, context, exit_steps=[0])
+    with pytest.raises(UserError, match="rollout noise"):
+        rollout.run(model, noise[:, :, :8], context)
+
+
+def test_self_forcing_rollout_sample_and_timestep_range():
+    config, geometry, model = setup("rollout.same_step_across_blocks=false")
+    trainer_rollout = SelfForcingRollout.from_config(config, geometry)
+    noise = trainer_rollout.noise(2, torch.device("cpu"))
+    assert tuple(noise.shape) == (2, *geometry.latent_shape[1:])
+    _, context = inputs(geometry, batch=2)
+    torch.manual_seed(3)
+    sample = trainer_rollout.generate(model, noise, context)
+    assert sample.latents.requires_grad and len(sample.exit_steps) == geometry.num_blocks
+    steps = trainer_rollout.rollout.timesteps.tolist() + [0.0]
+    for block, exit_step in enumerate(sample.exit_steps):
+        frames = slice(3 * block, 3 * block + 3)
+        assert torch.allclose(sample.exit_timesteps[:, frames], torch.tensor(steps[exit_step]))
+        assert torch.allclose(sample.next_timesteps[:, frames], torch.tensor(steps[exit_step + 1]))
