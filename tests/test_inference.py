@@ -1,0 +1,191 @@
+"""Causal inference on the tiny recipe: the CLI's outputs and errors, TI2V, long videos, determinism."""
+import datetime as dt
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from tests.helpers import assert_one_line_error, run_script
+
+RECIPE = "configs/tiny/self_forcing_dmd.yaml"
+PROMPT = "a red circle moving left on a blue background"
+RECORD_FIELDS = ("prompt", "task", "seed", "image", "checkpoint", "num_pixel_frames", "num_latent_frames", "height", "width",
+                 "nfe", "parameters", "geometry", "timings", "memory")
+TIMING_FIELDS = ("load_s", "text_encode_s", "per_block_denoise_s", "denoise_s", "vae_decode_s", "total_s",
+                 "first_block_latency_s", "fps")
+
+
+@pytest.fixture(scope="module")
+def recipe():
+    from utils.config import load_config
+    from utils.geometry import resolve_recipe
+
+    config = load_config(RECIPE)
+    return config, resolve_recipe(config, need_scores=False)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, recipe):
+    """A trainer-style export folder: generator.safetensors (+ EMA with other weights) and config.json."""
+    from pipeline.components import build_dit
+    from utils.io import atomic_save_safetensors, atomic_write_json
+    from utils.presets import arch_to_config_json
+
+    _, resolved = recipe
+    folder = tmp_path_factory.mktemp("export")
+    for name, seed in (("generator", 11), ("generator_ema", 12)):
+        model = build_dit(resolved.generator, causal=True, attention_backend="sdpa", seed=seed)
+        atomic_save_safetensors(folder / f"{name}.safetensors", model.state_dict())
+    atomic_write_json(folder / "config.json", arch_to_config_json(resolved.generator.arch))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def image_path(tmp_path_factory):
+    import imageio.v3 as iio
+
+    rng = np.random.default_rng(0)
+    path = tmp_path_factory.mktemp("images") / "first.png"
+    iio.imwrite(path, rng.integers(0, 256, size=(40, 60, 3), dtype=np.uint8))  # not the output size: resized + cropped
+    return path
+
+
+@pytest.fixture(scope="module")
+def pipe(recipe, checkpoint):
+    from pipeline.causal_inference import CausalInferencePipeline
+
+    config, resolved = recipe
+    return CausalInferencePipeline(config, resolved, "cpu", torch.float32, checkpoint=checkpoint)
+
+
+# --------------------------------------------------------------------------------------------- CLI
+def test_cli_writes_mp4_with_expected_frames_size_and_full_record(tmp_path, checkpoint, recipe):
+    from utils.video_io import read_mp4
+
+    config, _ = recipe
+    out = tmp_path / "out"
+    proc = run_script(["inference.py", "--config_path", RECIPE, "--checkpoint", str(checkpoint), "--prompt", PROMPT,
+                       "--output_folder", str(out), "--seed", "3", "--profile_memory"])
+    assert proc.returncode == 0, proc.stderr
+    (folder,) = list(out.iterdir())
+    assert folder.name.startswith(f"t2v_{config.video.width}x{config.video.height}_")
+    assert folder.name.endswith("_a-red-circle-moving-left-on-a-blue-backg")  # slug cut at 40 characters
+    frames = read_mp4(folder / "video.mp4")
+    assert frames.shape == (config.video.num_frames, config.video.height, config.video.width, 3)
+    record = json.loads((folder / "inference_record.json").read_text())
+    assert set(RECORD_FIELDS) <= set(record)
+    assert set(TIMING_FIELDS) == set(record["timings"])
+    assert all(v is not None for v in record["timings"].values())
+    assert len(record["timings"]["per_block_denoise_s"]) == 2  # 6 latent frames = 2 blocks of 3
+    assert record["timings"]["first_block_latency_s"] < record["timings"]["total_s"]
+    assert record["prompt"] == PROMPT and record["seed"] == 3 and record["num_pixel_frames"] == config.video.num_frames
+    assert record["checkpoint"] == str(checkpoint)
+    assert record["memory"]["backend"] == "cpu-rss" and record["memory"]["peak_bytes"] >= record["memory"]["base_bytes"] > 0
+    assert record["nfe"] == 2 * (len(config.rollout.denoising_step_list) + 1)  # steps + context pass per block
+    events = json.loads((folder / "memory_events.json").read_text())
+    names = {e["name"] for e in events["events"]}
+    assert {"text_encoder", "vae", "generator", "block_0/step_0", "block_1/context_pass", "block_0/decode"} <= names
+
+
+@pytest.mark.parametrize("case", ["missing_image", "unreadable_checkpoint", "frames_not_in_blocks", "missing_ema"])
+def test_cli_bad_input_gives_one_line_and_writes_nothing(tmp_path, checkpoint, case):
+    ckpt = checkpoint
+    extra = []
+    if case == "missing_image":
+        extra, fragment = ["--image", str(tmp_path / "nope.png")], "nope.png"
+    elif case == "unreadable_checkpoint":
+        ckpt = tmp_path / "broken"
+        ckpt.mkdir()
+        (ckpt / "generator.safetensors").write_bytes(b"this is not a safetensors file")
+        fragment = "generator.safetensors"
+    elif case == "frames_not_in_blocks":
+        extra, fragment = ["--num_output_frames", "25"], "num_frame_per_block=3"  # 7 latent frames: not whole blocks of 3
+    else:
+        ckpt = tmp_path / "no_ema"
+        ckpt.mkdir()
+        (ckpt / "generator.safetensors").write_bytes((checkpoint / "generator.safetensors").read_bytes())
+        extra, fragment = ["--use_ema"], "generator_ema.safetensors"
+    out = tmp_path / "out"
+    proc = run_script(["inference.py", "--config_path", RECIPE, "--checkpoint", str(ckpt), "--prompt", PROMPT,
+                       "--output_folder", str(out), *extra])
+    assert_one_line_error(proc, fragment)
+    assert not out.exists()
+
+
+# --------------------------------------------------------------------------------------------- Python API
+def test_same_seed_same_video_other_seed_other_video(pipe):
+    first = pipe.generate(PROMPT, seed=5)
+    again = pipe.generate(PROMPT, seed=5)
+    other = pipe.generate(PROMPT, seed=6)
+    assert torch.equal(first.video, again.video) and torch.equal(first.latents, again.latents)
+    assert not torch.allclose(first.latents, other.latents)
+
+
+def test_streamed_blocks_match_the_video_and_a_full_decode(pipe):
+    seen = []
+    result = pipe.generate(PROMPT, seed=1, on_block=lambda index, pixels: seen.append((index, pixels.shape[1])))
+    stride = pipe.resolved.vae.stride[0]
+    assert seen == [(0, stride * 3 - (stride - 1)), (1, stride * 3)]  # causal VAE: first block 4f-3 frames, then 4f
+    full = pipe.vae.decode_to_pixel(result.latents).clamp(-1, 1)[0]
+    assert torch.allclose(result.video, full, atol=1e-4)
+
+
+def test_ema_weights_are_used_when_asked(recipe, checkpoint, pipe):
+    from pipeline.causal_inference import CausalInferencePipeline
+
+    config, resolved = recipe
+    ema = CausalInferencePipeline(config, resolved, "cpu", torch.float32, checkpoint=checkpoint, use_ema=True)
+    assert not torch.allclose(ema.generate(PROMPT, seed=0).latents, pipe.generate(PROMPT, seed=0).latents)
+
+
+def test_ti2v_keeps_the_encoded_first_frame(pipe, image_path):
+    result = pipe.generate(PROMPT, image=image_path, seed=2)
+    encoded = pipe.encode_first_frame(image_path, result.geometry)
+    assert result.task == "ti2v"
+    assert torch.equal(result.latents[:, :1], encoded)
+    assert not torch.allclose(result.latents[:, 1:2], encoded)
+
+
+def test_longer_than_cache_rolls_and_starts_like_the_short_video(pipe, recipe):
+    config, resolved = recipe
+    short = pipe.generate(PROMPT, seed=4)
+    frames = config.video.num_frames + 2 * 3 * resolved.vae.stride[0]  # two more blocks of pixel frames
+    long = pipe.generate(PROMPT, seed=4, num_output_frames=frames)
+    trained = resolved.geometry.num_latent_frames
+    assert long.video.shape[0] == frames and long.geometry.num_latent_frames == trained + 6
+    assert long.geometry.cache_frames == trained  # the window the model was trained on, not the whole video
+    # Until the cache is full nothing rolls: the first blocks equal the short video's.
+    assert torch.allclose(long.latents[:, :trained], short.latents, atol=1e-5)
+    assert torch.isfinite(long.latents).all()
+
+
+def test_rolling_window_with_sink_changes_later_blocks_only(recipe, checkpoint, pipe):
+    import dataclasses
+
+    from pipeline.causal_inference import CausalInferencePipeline
+
+    config, resolved = recipe
+    frames = config.video.num_frames + 2 * 3 * resolved.vae.stride[0]
+    with_sink = dataclasses.replace(config, rollout=dataclasses.replace(config.rollout, sink_size=1))
+    results = {
+        0: pipe.generate(PROMPT, seed=4, num_output_frames=frames),
+        1: CausalInferencePipeline(with_sink, resolved, "cpu", torch.float32, checkpoint=checkpoint).generate(
+            PROMPT, seed=4, num_output_frames=frames),
+    }
+    trained = resolved.geometry.num_latent_frames
+    assert results[1].geometry.sink_frames == 1
+    assert torch.allclose(results[0].latents[:, :trained], results[1].latents[:, :trained], atol=1e-5)
+    assert not torch.allclose(results[0].latents[:, trained:], results[1].latents[:, trained:], atol=1e-4)
+
+
+# --------------------------------------------------------------------------------------------- outputs
+def test_output_folders_are_slugged_and_never_reused(tmp_path):
+    from pipeline.inference_outputs import new_output_dir, slugify
+
+    assert slugify("A Cat, walks -- in the PARK!") == "a-cat-walks-in-the-park"
+    assert slugify("???") == "video" and len(slugify("x" * 100)) == 40
+    now = dt.datetime(2025, 1, 2, 3, 4, 5)
+    first = new_output_dir(tmp_path, "t2v", 48, 32, "a cat", now=now)
+    second = new_output_dir(tmp_path, "t2v", 48, 32, "a cat", now=now)
+    assert first.name == "t2v_48x32_20250102_030405_a-cat" and second.name == first.name + "-2"
