@@ -1,0 +1,221 @@
+"""Objectives: DMD and SiD formulas against direct float64 computations, score timesteps inside the clamp,
+ODE regression on a stand-in that knows the answer, and the hooks end to end on tiny models."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model import Batch, Models, build_objective
+from model.dmd import DMD, dmd_gradient, dmd_loss
+from model.ode import OdeRegression
+from model.score import ScoreTimesteps
+from model.sid import SiD, sid_loss
+from pipeline.components import build_dit
+from utils.config import load_config
+from utils.errors import UserError
+from utils.geometry import resolve_recipe
+
+RECIPE = "configs/tiny/self_forcing_dmd.yaml"
+
+
+def recipe(*overrides: str, path: str = RECIPE):
+    config = load_config(path, list(overrides))
+    return config, resolve_recipe(config)
+
+
+def stand_in_scores(seed=0, shape=(2, 6, 16, 4, 6)):
+    g = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(shape, generator=g, dtype=torch.float64) for _ in range(3))
+
+
+# --------------------------------------------------------------------------------------------- formulas
+def test_dmd_gradient_and_loss_match_a_direct_float64_computation():
+    x, real, fake = stand_in_scores()
+    x32 = x.float().requires_grad_()
+    grad = dmd_gradient(x32, real.float(), fake.float())
+    expected = torch.stack([(fake[b] - real[b]) / (x[b] - real[b]).abs().mean() for b in range(2)])
+    assert grad.dtype == torch.float64 and torch.allclose(grad, expected, atol=1e-6)
+    loss, _ = dmd_loss(x32, real.float(), fake.float())
+    assert loss.dtype == torch.float64
+    assert torch.allclose(loss, 0.5 * expected.square().mean(), atol=1e-8)
+    loss.backward()  # d/dx 0.5 * mean((x - target)^2) = grad / numel
+    assert torch.allclose(x32.grad.double(), expected / x.numel(), atol=1e-9)
+
+
+def test_dmd_with_equal_real_and_fake_scores_gives_zero_gradient():
+    x, real, _ = stand_in_scores(1)
+    x32 = x.float().requires_grad_()
+    loss, grad = dmd_loss(x32, real.float(), real.float())
+    loss.backward()
+    assert float(grad.abs().max()) == 0.0 and float(x32.grad.abs().max()) == 0.0 and float(loss.detach()) == 0.0
+
+
+def test_dmd_gradient_zeroes_non_finite_values():
+    x, real, fake = stand_in_scores(2)
+    grad = dmd_gradient(real.clone(), real, fake)  # x == real: normaliser 0 -> inf, nan_to_num keeps it finite
+    assert torch.isfinite(grad).all()
+
+
+def test_sid_loss_matches_a_direct_float64_computation():
+    x, real, fake = stand_in_scores(3)
+    alpha = 1.2
+    x32 = x.float().requires_grad_()
+    loss = sid_loss(x32, real.float(), fake.float(), alpha)
+    real32, fake32, xr = real.float().double(), fake.float().double(), x32.detach().double()
+    norm = (xr - real32).abs().mean(dim=(1, 2, 3, 4), keepdim=True)
+    expected = ((real32 - fake32) * ((real32 - xr) - alpha * (real32 - fake32)) / norm).mean()
+    assert loss.dtype == torch.float64 and torch.allclose(loss, expected, atol=1e-10)
+    loss.backward()  # the normaliser carries no gradient: d/dx = -(real - fake) / norm / numel
+    assert torch.allclose(x32.grad.double(), -(real32 - fake32) / norm / x.numel(), atol=1e-9)
+
+
+def test_score_timesteps_are_shifted_and_lie_inside_the_clamp():
+    config, _ = recipe()
+    sampler = ScoreTimesteps.from_config(config)
+    t = sampler.sample(20000, torch.device("cpu"), generator=torch.Generator().manual_seed(0))
+    assert t.shape == (20000,) and t.dtype == torch.float32
+    assert float(t.min()) >= 20.0 and float(t.max()) <= 980.0
+    assert float((t == 980.0).float().mean()) > 0.05  # the shift of 5 piles mass at high noise, clamped
+    assert 600 < float(t.mean()) < 900  # unshifted U[0, 1000) would average 500
+    with pytest.raises(UserError, match="min_score_timestep_ratio"):
+        ScoreTimesteps.from_config(load_config(RECIPE, ["distill.min_score_timestep_ratio=0.9",
+                                                        "distill.max_score_timestep_ratio=0.5"]))
+
+
+# --------------------------------------------------------------------------------------------- ODE regression
+class KnowsTheAnswer:
+    """A stand-in causal generator whose flow gives exactly the clean latent (or a fixed error)."""
+
+    def __init__(self, clean, error=0.0):
+        self.clean, self.error, self.timesteps = clean, error, []
+
+    def forward_block_causal(self, x, timestep, context, num_frame_per_block):
+        self.timesteps.append(timestep.clone())
+        sigma = (timestep / 1000.0)[..., None, None, None]
+        flow = torch.where(sigma > 0, (x - self.clean) / sigma.clamp_min(1e-12), torch.zeros_like(x))
+        return flow + self.error
+
+
+def ode_batch(geometry, first_frame=False):
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(2, 5, *geometry.latent_shape[1:], generator=g)
+    batch = Batch(prompts=["a", "b"], context=torch.randn(2, 4, geometry.text_dim), ode_latents=latents,
+                  ode_timesteps=torch.tensor([1000.0, 900.0, 700.0, 400.0, 0.0]))  # fmt: skip
+    if first_frame:
+        batch.first_frame = latents[:, -1, :1]
+    return batch
+
+
+@pytest.mark.parametrize("first_frame", [False, True])
+def test_ode_loss_is_zero_for_the_exact_clean_prediction_and_positive_otherwise(first_frame):
+    config, resolved = recipe(path="configs/tiny/ode.yaml")
+    objective = build_objective(config, resolved.geometry)
+    assert isinstance(objective, OdeRegression) and not objective.has_critic
+    batch = ode_batch(resolved.geometry, first_frame)
+    clean = batch.ode_latents[:, -1]
+    exact = KnowsTheAnswer(clean)
+    loss, logs = objective.generator_loss(Models(generator=exact), batch)
+    assert float(loss) < 1e-10 and logs["ode_loss"] < 1e-10
+    # Each block sits at one stored noisy timestep; a given first frame is at t = 0.
+    timesteps = exact.timesteps[0]
+    for block in range(resolved.geometry.num_blocks):
+        frames = timesteps[:, 3 * block : 3 * block + 3]
+        frames = frames[:, 1:] if (first_frame and block == 0) else frames
+        assert len(set(frames.flatten().tolist())) == 1 and float(frames[0, 0]) in (1000.0, 900.0, 700.0, 400.0)
+    if first_frame:
+        assert bool((timesteps[:, 0] == 0).all())
+    wrong, _ = objective.generator_loss(Models(generator=KnowsTheAnswer(clean, error=0.1)), batch)
+    assert float(wrong) > 1e-6
+    with pytest.raises(UserError, match="ODE pairs"):
+        objective.generator_loss(Models(generator=exact), Batch(["a"], torch.zeros(1, 4, 32)))
+
+
+def test_ode_regression_trains_the_real_causal_model():
+    config, resolved = recipe(path="configs/tiny/ode.yaml")
+    generator = build_dit(resolved.generator, causal=True, attention_backend="sdpa")
+    loss, _ = build_objective(config, resolved.geometry).generator_loss(Models(generator=generator), ode_batch(resolved.geometry))
+    loss.backward()
+    assert torch.isfinite(loss) and all(p.grad is not None for p in generator.parameters())
+
+
+def test_ode_refuses_an_independent_first_frame():
+    config, resolved = recipe("video.num_frames=25", "rollout.independent_first_frame=true", path="configs/tiny/ode.yaml")
+    with pytest.raises(UserError, match="independent_first_frame"):
+        build_objective(config, resolved.geometry)
+
+
+# --------------------------------------------------------------------------------------------- score distillation
+class FixedFlow(torch.nn.Module):
+    """A stand-in score whose flow is a fixed function of the input, optionally different on frame 0."""
+
+    def __init__(self, frame0_offset=0.0):
+        super().__init__()
+        self.frame0_offset = frame0_offset
+
+    def predict_flow(self, x, timestep, context):
+        flow = 0.5 * x
+        flow[:, 0] += self.frame0_offset
+        return flow
+
+
+def tiny_models(resolved, real=None, fake=None):
+    generator = build_dit(resolved.generator, causal=True, attention_backend="sdpa")
+    real = real or build_dit(resolved.real_score, causal=False, attention_backend="sdpa").requires_grad_(False)
+    fake = fake or build_dit(resolved.fake_score, causal=False, attention_backend="sdpa")
+    return Models(generator, real, fake)
+
+
+def score_batch(geometry, first_frame=None):
+    g = torch.Generator().manual_seed(1)
+    return Batch(prompts=["a"], context=torch.randn(1, 4, geometry.text_dim, generator=g),
+                 negative_context=torch.randn(1, 4, geometry.text_dim, generator=g), first_frame=first_frame)  # fmt: skip
+
+
+@pytest.mark.parametrize("path, cls", [(RECIPE, DMD), ("configs/tiny/self_forcing_sid.yaml", SiD)])
+def test_score_objectives_train_generator_and_critic_separately(path, cls):
+    config, resolved = recipe(path=path)
+    objective = build_objective(config, resolved.geometry)
+    assert isinstance(objective, cls) and objective.has_critic
+    models = tiny_models(resolved)
+    batch = score_batch(resolved.geometry)
+    torch.manual_seed(0)
+    loss, logs = objective.generator_loss(models, batch)
+    loss.backward()
+    assert loss.dtype == torch.float64 and torch.isfinite(loss)
+    assert 20.0 <= logs["score_timestep"] <= 980.0
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in models.generator.parameters())
+    assert all(p.grad is None for p in models.fake_score.parameters())  # the scores are not trained by this loss
+    models.generator.zero_grad(set_to_none=True)
+    critic, critic_logs = objective.critic_loss(models, batch)
+    critic.backward()
+    assert float(critic) > 0 and critic_logs["critic_loss"] == pytest.approx(float(critic))
+    assert all(p.grad is None for p in models.generator.parameters())  # the critic's sample is detached
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in models.fake_score.parameters())
+
+
+def test_dmd_end_to_end_zero_when_real_equals_fake():
+    # One network as both scores, with guidance that reduces to the conditional prediction (dmd form, g = 0).
+    config, resolved = recipe("distill.guidance_scale=0.0")
+    same = build_dit(resolved.real_score, causal=False, attention_backend="sdpa").requires_grad_(False)
+    models = tiny_models(resolved, real=same, fake=same)
+    loss, _ = build_objective(config, resolved.geometry).generator_loss(models, score_batch(resolved.geometry))
+    loss.backward()
+    assert float(loss) == 0.0
+    assert all(p.grad is None or float(p.grad.abs().max()) == 0.0 for p in models.generator.parameters())
+
+
+def test_ti2v_frame_zero_is_excluded_from_the_distribution_loss():
+    # Real and fake scores differ only on frame 0: with a given first frame the loss sees no difference.
+    config, resolved = recipe("distill.guidance_scale=0.0")
+    models = tiny_models(resolved, real=FixedFlow(0.0), fake=FixedFlow(1.0))
+    objective = build_objective(config, resolved.geometry)
+    first = torch.randn(1, 1, *resolved.geometry.latent_shape[2:])
+    loss_ti2v, _ = objective.generator_loss(models, score_batch(resolved.geometry, first_frame=first))
+    loss_t2v, _ = objective.generator_loss(models, score_batch(resolved.geometry))
+    assert float(loss_ti2v) == 0.0 and float(loss_t2v) > 0.0
+
+
+def test_objective_without_critic_refuses_a_critic_step():
+    config, resolved = recipe(path="configs/tiny/ode.yaml")
+    with pytest.raises(UserError, match="no critic"):
+        build_objective(config, resolved.geometry).critic_loss(Models(generator=None), ode_batch(resolved.geometry))
