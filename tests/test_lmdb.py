@@ -49,11 +49,17 @@ def all_records(path):
         reader.close()
 
 
-def run_in_process(script, argv, capsys):
-    """Call a script's main(argv) here (no interpreter start-up); returns a CompletedProcess-like result."""
+def load_script(script):
+    """A script under scripts/ as a module (scripts are entry points, not a package)."""
     spec = importlib.util.spec_from_file_location(f"script_{os.path.basename(script)[:-3]}", os.path.join(REPO_ROOT, script))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def run_in_process(script, argv, capsys):
+    """Call a script's main(argv) here (no interpreter start-up); returns a CompletedProcess-like result."""
+    module = load_script(script)
     capsys.readouterr()
     try:
         returncode = module.main([str(a) for a in argv]) or 0
