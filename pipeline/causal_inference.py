@@ -135,6 +135,15 @@ class InferenceResult:
 
 
 # --------------------------------------------------------------------------------------------- pipeline
+@dataclass
+class InferenceComponents:
+    """Prebuilt models: anything with `encode(prompts) -> [B, L, D]`, the VAE wrapper, the causal generator."""
+
+    text_encoder: object
+    vae: torch.nn.Module
+    generator: torch.nn.Module
+
+
 class CausalInferencePipeline:
     """Loads once, generates many times."""
 
@@ -147,8 +156,9 @@ class CausalInferencePipeline:
         checkpoint: str | Path | None = None,
         use_ema: bool = False,
         profiler: Optional[MemoryProfiler] = None,
+        components: Optional[InferenceComponents] = None,
     ):
-        from pipeline.rollout import BlockRollout  # noqa: F401  (fail before loading if the rollout is missing)
+        """`components`: models already built (a server holding them, benchmarks); then nothing is loaded."""
 
         self.config, self.resolved = config, resolved
         self.device, self.dtype = torch.device(device), dtype
@@ -160,6 +170,10 @@ class CausalInferencePipeline:
         )
         # 1. Components, each measured: text encoder, VAE, generator.
         start = self._clock()
+        if components is not None:
+            self.text_encoder, self.vae, self.generator = components.text_encoder, components.vae, components.generator
+            self.load_s, self.base_memory_bytes = 0.0, current_bytes(self.device)
+            return
         with self.profiler.component("text_encoder"):
             self.text_encoder = build_text_encoder(
                 config, device=text_encoder_device(config, self.device), dtype=dtype, seed=config.train.seed)
