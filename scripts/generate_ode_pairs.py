@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # 2. Share out the unfinished prompts; rank 0 decides so every rank sees the same list.
     info = dist.init_distributed()
-    done = {pair.index for pair in finished}
+    done = {pair.index for pair in finished if pair.index < num_prompts}
     remaining = dist.broadcast_int_list([i for i in range(num_prompts) if i not in done])
     mine = remaining[info.rank::info.world_size]
     if info.is_main:
