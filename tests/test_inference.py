@@ -189,3 +189,21 @@ def test_output_folders_are_slugged_and_never_reused(tmp_path):
     first = new_output_dir(tmp_path, "t2v", 48, 32, "a cat", now=now)
     second = new_output_dir(tmp_path, "t2v", 48, 32, "a cat", now=now)
     assert first.name == "t2v_48x32_20250102_030405_a-cat" and second.name == first.name + "-2"
+
+
+# --------------------------------------------------------------------------------------------- verify all
+def test_verify_all_checklist_passes_and_reports_a_bad_checkpoint(recipe, checkpoint, tmp_path):
+    from scripts.verify_all import check_all
+
+    config, _ = recipe
+    results = check_all(config, str(checkpoint), device=torch.device("cpu"))
+    names = [name for name, _, _ in results]
+    assert names == ["config", "model build", "kv cache shapes", "frame_seq_length", "vae round trip", "one forward",
+                     "one training step"]
+    assert all(ok for _, ok, _ in results), results
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"not weights")
+    outcome = {name: (ok, detail) for name, ok, detail in check_all(config, str(broken), device=torch.device("cpu"))}
+    assert outcome["model build"][0] is False and "broken.safetensors" in outcome["model build"][1]
+    assert outcome["one forward"] == (False, "skipped: needs generator")
+    assert outcome["kv cache shapes"][0] and outcome["vae round trip"][0]  # the rest still runs
