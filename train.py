@@ -51,7 +51,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         Trainer(config, info, options, build_objective).train()
     except TrainingDiverged as err:
-        print(f"training stopped: {err}", file=sys.stderr, flush=True)
+        if info.is_main:
+            print(f"training stopped: {err}", file=sys.stderr, flush=True)
         sys.exit(1)
     cleanup()
 

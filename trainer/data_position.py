@@ -17,7 +17,9 @@ class ShardedSampler:
         # every rank takes the same number of items per epoch, so ranks never fall out of step
         self.items_per_rank = num_items // world_size
         if self.items_per_rank == 0:
-            raise UserError(f"the dataset has {num_items} items, fewer than the {world_size} ranks: expected at least one per rank")
+            raise UserError(
+                f"the dataset has {num_items} items, fewer than the {world_size} ranks: expected at least one per rank"
+            )
         self.num_items = num_items
         self.batch_size = batch_size
         self.rank = rank

@@ -17,8 +17,8 @@ from typing import Any, Callable
 import torch
 
 from trainer.checkpoint import CheckpointManager, ModelAndOptimizer, full_state_dict, write_export
-from trainer.lora import merge_lora_state_dict
 from trainer.logger import TrainLogger
+from trainer.lora import merge_lora_state_dict
 from trainer.setup import ObjectiveFactory, TrainingSetup, build_training
 from trainer.steps import StepResult, injected_nan_steps, optimizer_step
 from utils.config import Config, to_yaml
@@ -184,12 +184,8 @@ class Trainer:
                 self.state.step = done = step + 1
                 window.append(seconds)
                 self.log.advance(done, {k: v for k, v in metrics.items() if k.endswith("_loss") and "/" not in k})
-                if self.state.consecutive_nonfinite >= limit:
-                    raise TrainingDiverged(
-                        f"{limit} iterations in a row had a NaN/Inf loss or gradient (last at step {step}); "
-                        f"stopped, the last good checkpoint is in {self.options.logdir / 'checkpoints'}"
-                    )
-                if done % config.train.log_iters == 0 or done == config.train.max_steps:
+                diverged = self.state.consecutive_nonfinite >= limit
+                if diverged or done % config.train.log_iters == 0 or done == config.train.max_steps:
                     mean_seconds = sum(window) / len(window)
                     window.clear()
                     self.log.log(done, {
@@ -203,6 +199,11 @@ class Trainer:
                         "critic_updates": self.state.critic_updates,
                         "nonfinite_skipped": self.state.nonfinite_skipped,
                     })  # fmt: skip
+                if diverged:  # the run stops before saving: the last checkpoint holds the last good weights
+                    raise TrainingDiverged(
+                        f"{limit} iterations in a row had a NaN/Inf loss or gradient (last at step {step}); "
+                        f"stopped, the last good checkpoint is in {self.options.logdir / 'checkpoints'}"
+                    )
                 if done % config.train.save_iters == 0 or done == config.train.max_steps:
                     self.save()
         finally:

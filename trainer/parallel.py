@@ -50,7 +50,9 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
 
 def shard_model(model: nn.Module, mesh: DeviceMesh, mixed_precision: bool) -> nn.Module:
     """FSDP2 per transformer block, then the root; bf16 compute with fp32 gradient reduction when asked."""
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision else MixedPrecisionPolicy()
+    policy = MixedPrecisionPolicy()
+    if mixed_precision:
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     for block in model.blocks:
         # The model computes each block's cross-attention keys/values (cached per prompt) outside the
         # block's forward, so cross_attn is its own unit with `key_value` hooked like a forward.

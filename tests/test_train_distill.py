@@ -1,0 +1,37 @@
+"""Score distillation under torchrun (2 CPU ranks): update ratio for DMD and SiD, NaN/Inf skipped and counted."""
+import os
+
+import pytest
+
+from tests.train_helpers import PROMPTS, TINY, assert_ok, metrics, torchrun_train
+
+DMD = os.path.join(TINY, "self_forcing_dmd.yaml")
+SID = os.path.join(TINY, "self_forcing_sid.yaml")
+
+
+@pytest.mark.distributed
+def test_dmd_updates_generator_and_critic_in_ratio(tmp_path):
+    proc = torchrun_train(DMD, tmp_path, f"train.data_path={PROMPTS}", "train.max_steps=4",
+                          "distill.dfake_gen_update_ratio=2")
+    assert_ok(proc)
+    records = metrics(tmp_path)
+    # iterations 0 and 2 train the generator, every iteration the critic
+    assert [("generator_loss" in r) for r in records] == [True, False, True, False]
+    assert (records[-1]["generator_updates"], records[-1]["critic_updates"]) == (2, 4)
+    assert all(r["critic_grad_norm"] > 0 for r in records)
+    assert {"seconds_per_step", "tokens_per_s", "peak_memory_gb", "lr", "lr_critic"} <= set(records[-1])
+    assert (tmp_path / "latest" / "generator_ema.safetensors").exists()
+
+
+@pytest.mark.distributed
+def test_sid_ratio_and_injected_nan_is_skipped_and_counted(tmp_path):
+    proc = torchrun_train(SID, tmp_path, f"train.data_path={PROMPTS}", "train.max_steps=4",
+                          "distill.dfake_gen_update_ratio=3", env={"SF_TEST_INJECT_NAN_STEPS": "1"})
+    assert_ok(proc)
+    records = metrics(tmp_path)
+    assert [("generator_loss" in r) for r in records] == [True, False, False, True]
+    assert records[1]["nonfinite_skipped"] == 1 and records[-1]["nonfinite_skipped"] == 1
+    # iteration 1's critic update was dropped: 3 of 4 critic steps applied, both generator steps
+    assert (records[-1]["generator_updates"], records[-1]["critic_updates"]) == (2, 3)
+    assert "sid" in "".join(records[0])
+
