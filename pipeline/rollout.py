@@ -21,7 +21,7 @@ from typing import Callable, Optional, Protocol, Sequence
 import torch
 from torch import Tensor
 
-from utils.config import FlowConfig
+from utils.config import Config, FlowConfig
 from utils.dist import broadcast_int_list, rank
 from utils.errors import UserError
 from utils.geometry import Geometry
@@ -114,8 +114,8 @@ class BlockRollout:
         self.num_train_timesteps = num_train_timesteps
 
     @classmethod
-    def from_config(cls, config, geometry: Geometry) -> "BlockRollout":
-        """The recipe's student rollout (config: utils.config.Config)."""
+    def from_config(cls, config: Config, geometry: Geometry) -> "BlockRollout":
+        """The recipe's student rollout: its warped few-step list and context noise."""
         from pipeline.schedule import few_step_timesteps
 
         timesteps = few_step_timesteps(
