@@ -67,7 +67,7 @@ def score_clip(video: torch.Tensor, caption: Caption, spec: WorldSpec = DEFAULT_
     candidates = pixels[off_background > MATCH_RADIUS]
     names = list(PALETTE)
     distances = torch.stack([_colour_distance(candidates, PALETTE[n]) for n in names], dim=-1)  # [N, palette]
-    nearest_distance, nearest = distances.min(dim=-1) if len(candidates) else (distances[:, 0], distances[:, 0].long())
+    nearest_distance, nearest = distances.min(dim=-1)
     votes = nearest[nearest_distance < MATCH_RADIUS]
     total_votes = votes.numel()
     correct_votes = int((votes == names.index(caption.colour)).sum())
