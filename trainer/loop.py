@@ -120,7 +120,7 @@ class Trainer:
         barrier()
 
     # ------------------------------------------------------------------------------------- steps
-    def _step(self, name: str, step: int) -> StepResult:
+    def train_step(self, name: str, step: int) -> StepResult:
         setup, objective = self.setup, self.setup.objective
         is_generator = name == "generator"
         model = setup.generator if is_generator else setup.critic
@@ -142,14 +142,14 @@ class Trainer:
         ode = self.config.train.trainer == "ode"
         # 1. Generator step on its turn (always for ODE regression); EMA follows an applied update.
         if ode or step % self.config.distill.dfake_gen_update_ratio == 0:
-            results["generator"] = self._step("generator", step)
+            results["generator"] = self.train_step("generator", step)
             if results["generator"].applied:
                 state.generator_updates += 1
                 if setup.ema is not None:
                     setup.ema.update(step)
         # 2. Critic step every iteration of score distillation.
         if setup.critic is not None:
-            results["critic"] = self._step("critic", step)
+            results["critic"] = self.train_step("critic", step)
             state.critic_updates += int(results["critic"].applied)
         # 3. The NaN/Inf guard: a skipped iteration is counted; too many in a row stop the run.
         if all(r.applied for r in results.values()):

@@ -1,0 +1,102 @@
+"""Seconds per generator step and per critic step, and peak memory, for a recipe with random weights.
+
+    [torchrun --nproc_per_node G] scripts/benchmark_train.py --config_path <recipe> [--steps N] [--warmup W] [key=value ...]
+
+The recipe's models are built at their real size from presets (checkpoints are ignored: random weights), with the
+recipe's precision, sharding and checkpointing; prompts are synthetic. Not a test: GPU figures are recorded by hand.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from utils.errors import UserError, run_main  # noqa: E402
+
+GIB = float(1 << 30)
+
+
+def _random_weights(config):
+    from utils.config import ModelRef
+
+    def strip(ref: ModelRef) -> ModelRef:
+        if ref.checkpoint and not ref.preset:
+            raise UserError(f"{ref.checkpoint} has no preset: set a preset so the benchmark can build random weights")
+        return replace(ref, checkpoint=None)
+
+    return replace(config, generator=strip(config.generator), real_score=strip(config.real_score),
+                   fake_score=strip(config.fake_score) if config.fake_score.preset else config.fake_score)
+
+
+def _timed(step, synchronize) -> float:
+    synchronize()
+    started = time.perf_counter()
+    result = step()
+    synchronize()
+    if not result.applied:
+        raise RuntimeError("a benchmark step produced a non-finite loss or gradient")
+    return time.perf_counter() - started
+
+
+@run_main
+def main(argv: list[str] | None = None) -> None:
+    from utils.config import load_config, split_cli
+
+    overrides, rest = split_cli(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config_path", required=True)
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per model")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps per model first")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(rest)
+
+    import torch
+
+    from model import build_objective
+    from trainer.loop import RunOptions, Trainer
+    from utils.dist import cleanup, init_distributed
+    from utils.memory import lifetime_peak_bytes
+
+    config = _random_weights(load_config(args.config_path, overrides))
+    prompts = tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False)
+    prompts.write("a red circle moving left on a blue background\n" * 64)
+    prompts.close()
+    if config.train.trainer == "ode":
+        raise UserError("the benchmark times score distillation (generator + critic): pick a DMD or SiD recipe")
+    config = replace(config, train=replace(config.train, data_path=prompts.name))
+    info = init_distributed()
+    logdir = tempfile.TemporaryDirectory()  # nothing is saved; the trainer only needs a place
+    trainer = Trainer(config, info, RunOptions(logdir=Path(logdir.name)), build_objective)
+    synchronize = torch.cuda.synchronize if info.device.type == "cuda" else (lambda: None)
+    seconds: dict[str, list[float]] = {"generator": [], "critic": []}
+    for index in range(args.warmup + args.steps):
+        for name in seconds:
+            elapsed = _timed(lambda: trainer.train_step(name, step=index), synchronize)
+            if index >= args.warmup:
+                seconds[name].append(elapsed)
+    report = {
+        "recipe": args.config_path,
+        "device": str(info.device),
+        "world_size": info.world_size,
+        "geometry": list(trainer.setup.geometry.latent_shape),
+        "seconds_per_generator_step": statistics.median(seconds["generator"]),
+        "seconds_per_critic_step": statistics.median(seconds["critic"]),
+        "peak_memory_gb": lifetime_peak_bytes(info.device) / GIB,
+    }
+    if info.is_main:
+        print(json.dumps(report, indent=2) if args.json else "\n".join(f"{k}: {v}" for k, v in report.items()))
+    os.unlink(prompts.name)
+    logdir.cleanup()
+    cleanup()
+
+
+if __name__ == "__main__":
+    main()
