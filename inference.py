@@ -44,7 +44,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     source.add_argument("--data_path", help="a text file with one prompt per line")
     parser.add_argument("--image", default=None, help="first frame (TI2V): resized to cover, centre-cropped")
     parser.add_argument("--num_output_frames", type=int, default=None, help="pixel frames (default: video.num_frames)")
-    parser.add_argument("--seed", type=int, default=0, help="noise seed; the same seed gives the same video")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="noise seed; the same seed gives the same video (with --data_path, line i uses seed + i)")
     parser.add_argument("--output_folder", default="outputs", help="where the per-video folders go")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bf16 on cuda, fp32 on cpu")
@@ -90,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     # 3. Generate and save each video.
     for index, prompt in enumerate(prompts):
         with torch_trace(args.trace_path if index == 0 else None, device):
-            result = pipe.generate(prompt, image=args.image, num_output_frames=args.num_output_frames, seed=args.seed)
+            # prompt i of a prompt file uses seed + i: distinct noise per video, reproducible per line
+            result = pipe.generate(prompt, image=args.image, num_output_frames=args.num_output_frames, seed=args.seed + index)
         folder = save_result(result, args.output_folder, parameters, fps=config.video.fps)
         if args.profile_memory:
             profiler.save(Path(folder) / MEMORY_EVENTS_FILE)

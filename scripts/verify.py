@@ -82,7 +82,7 @@ def checklist(module: str, function: str):
 
     def run(args, config) -> int:
         check = getattr(__import__(module), function)
-        return print_checklist(check(config, args.ckpt_dir), args.json)
+        return print_checklist([tuple(item) for item in check(config, args.ckpt_dir)], args.json)
 
     return run
 
@@ -92,6 +92,8 @@ CHECKS = {
     "model": check_model,
     "vae": checklist("verify_vae_text", "check_vae"),
     "text": checklist("verify_vae_text", "check_text"),
+    "train": checklist("verify_train", "check_train"),
+    "all": checklist("verify_all", "check_all"),
 }
 
 

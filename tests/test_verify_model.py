@@ -36,3 +36,19 @@ def test_verify_vae_and_text_checklists():
         proc = run_script(["scripts/verify.py", check, "--config_path", recipe])
         assert proc.returncode == 0, proc.stdout + proc.stderr
         assert "FAIL" not in proc.stdout and expected in proc.stdout, proc.stdout
+
+
+def test_verify_all_and_train_on_the_tiny_recipe():
+    for check in ("all", "train"):
+        proc = run_script(["scripts/verify.py", check, "--config_path", "configs/tiny/self_forcing_dmd.yaml"])
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert "FAIL" not in proc.stdout and proc.stdout.count("PASS") >= 7, proc.stdout
+
+
+def test_verify_all_fails_on_a_broken_checkpoint(tmp_path):
+    folder = tmp_path / "broken"
+    folder.mkdir()
+    (folder / "config.json").write_text("{not json")
+    proc = run_script(["scripts/verify.py", "all", "--config_path", "configs/tiny/self_forcing_dmd.yaml",
+                       f"generator.checkpoint={folder}"])
+    assert proc.returncode != 0 and "FAIL" in proc.stdout + proc.stderr
