@@ -6,6 +6,8 @@ the same way everywhere: weights from the checkpoint when one is named, a seeded
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -42,8 +44,10 @@ def build_dit(
             spec.checkpoint, boundary=spec.moe_boundary, dtype=dtype, device=device, attention_backend=attention_backend
         )
     if spec.checkpoint:
+        # a folder carries its config.json; a bare weights file takes the resolved architecture
+        arch = spec.arch if Path(spec.checkpoint).is_file() else None
         return cls.from_pretrained(spec.checkpoint, dtype=dtype, device=device, attention_backend=attention_backend,
-                                   arch=spec.arch)
+                                   arch=arch)
     if str(device) == "meta":
         with torch.device("meta"):
             return cls(**spec.arch, attention_backend=attention_backend)
