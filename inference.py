@@ -24,7 +24,7 @@ from pipeline.causal_inference import (
     inference_geometry,
     resolve_generator_weights,
 )
-from utils.config import load_config, split_cli
+from utils.config import load_config, parse_cli
 from utils.datasets import TextPromptDataset
 from utils.errors import UserError, run_main
 from utils.geometry import resolve_recipe
@@ -51,10 +51,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bf16 on cuda, fp32 on cpu")
     parser.add_argument("--profile_memory", action="store_true", help="write memory_events.json beside each video")
     parser.add_argument("--trace_path", default=None, help="write a torch.profiler trace (Chrome JSON) of the first video")
-    known, rest = parser.parse_known_args(argv)
-    overrides, unknown = split_cli(rest)
-    if unknown:
-        parser.error(f"unrecognised arguments: {' '.join(unknown)}")
+    known, overrides = parse_cli(parser, argv)
     return known, overrides
 
 

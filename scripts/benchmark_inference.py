@@ -26,7 +26,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 import torch  # noqa: E402
 
-from utils.config import Config, load_config, split_cli  # noqa: E402
+from utils.config import Config, load_config, parse_cli  # noqa: E402
 from utils.errors import run_main  # noqa: E402
 from utils.geometry import ResolvedRecipe, resolve_recipe  # noqa: E402
 from utils.tables import format_table  # noqa: E402
@@ -150,10 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="timed causal generations (median reported)")
     parser.add_argument("--skip_bidirectional", action="store_true", help="time only the causal side")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    known, rest = parser.parse_known_args(argv)
-    overrides, unknown = split_cli(rest)
-    if unknown:
-        parser.error(f"unrecognised arguments: {' '.join(unknown)}")
+    known, overrides = parse_cli(parser, argv)
 
     # 1. Recipe and geometry (presets only: the weights are random).
     config = load_config(known.config_path, overrides)

@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from utils.config import Config, OdeConfig, load_config, split_cli, to_yaml  # noqa: E402
+from utils.config import Config, OdeConfig, load_config, parse_cli, to_yaml  # noqa: E402
 from utils.datasets import ImageTextDataset, TextPromptDataset  # noqa: E402
 from utils.errors import UserError, run_main  # noqa: E402
 from utils.geometry import ResolvedRecipe, resolve_recipe  # noqa: E402
@@ -138,10 +138,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--num_prompts", type=int, default=None, help="only the first N prompts (default: all)")
     parser.add_argument("--image_root", default=None, help="TI2V: folder of the first-frame images")
     parser.add_argument("--profile_memory", action="store_true", help="write memory_events.json to the output folder")
-    known, rest = parser.parse_known_args(argv)
-    overrides, unknown = split_cli(rest)
-    if unknown:
-        parser.error(f"unrecognised arguments: {' '.join(unknown)}")
+    known, overrides = parse_cli(parser, argv)
     return known, overrides
 
 

@@ -12,7 +12,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from utils.config import load_config, split_cli  # noqa: E402
+from utils.config import load_config, parse_cli  # noqa: E402
 from utils.errors import run_main  # noqa: E402
 from utils.geometry import derive_geometry  # noqa: E402
 from utils.tables import format_table, human_bytes  # noqa: E402
@@ -104,10 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config_path", required=True, help="a recipe under configs/")
     parser.add_argument("--ckpt_dir", default=None, help="folder with real weights (optional)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    known, rest = parser.parse_known_args(argv)
-    overrides, unknown = split_cli(rest)
-    if unknown:
-        parser.error(f"unrecognised arguments: {' '.join(unknown)}")
+    known, overrides = parse_cli(parser, argv)
     config = load_config(known.config_path, overrides)
     return CHECKS[known.check](known, config)
 

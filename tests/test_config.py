@@ -3,10 +3,10 @@ import os
 
 import pytest
 
+from tests.helpers import REPO_ROOT, assert_one_line_error, run_script
 from utils.config import Config, load_config, to_yaml
 from utils.errors import UserError
 from utils.geometry import derive_geometry, resolve_recipe
-from tests.helpers import REPO_ROOT, assert_one_line_error, run_script
 
 RECIPES = [
     "configs/self_forcing_dmd.yaml",
@@ -89,7 +89,7 @@ def test_checkpoint_folder_gives_geometry(tmp_path):
 
     folder = tmp_path / "ckpt"
     folder.mkdir()
-    from utils.presets import load_model_preset, ARCH_FIELDS
+    from utils.presets import ARCH_FIELDS, load_model_preset
 
     arch = {k: load_model_preset("wan2.2-ti2v-5b")[k] for k in ARCH_FIELDS}
     (folder / "config.json").write_text(json.dumps(arch))

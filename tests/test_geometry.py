@@ -5,10 +5,10 @@ import sys
 
 import pytest
 
+from tests.helpers import REPO_ROOT
 from utils.config import load_config
 from utils.geometry import compute_geometry, derive_geometry
 from utils.presets import resolve_model, resolve_vae
-from tests.helpers import REPO_ROOT
 
 FAMILIES = [
     # preset, vae, height, width, latent [C,H,W], frame_seq_length, seq_len (21 frames), heads, layers, dim

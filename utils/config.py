@@ -148,7 +148,8 @@ class TrainConfig:
     trainer: str = "score_distillation"  # ode (ODE regression -> ode_init) or score_distillation (DMD/SiD)
     seed: int = 0  # global seed (never "random")
     batch_size: int = 1  # per GPU, per micro-step
-    total_batch_size: Optional[int] = None  # global batch; gradient accumulation = total / (batch_size * world); empty: no accumulation
+    # global batch; gradient accumulation = total / (batch_size * world); empty: no accumulation
+    total_batch_size: Optional[int] = None
     max_steps: int = 600  # optimizer iterations, then the run stops
     log_iters: int = 50  # log every N iterations
     save_iters: int = 100  # checkpoint every N iterations (and at the end)
@@ -253,7 +254,9 @@ def _explain(err: OmegaConfBaseException, source: str) -> UserError:
         schema_keys = _all_keys(OmegaConf.structured(Config))
         close = difflib.get_close_matches(full_key, schema_keys, n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
-        return UserError(f"unknown config key '{full_key}' in {source}{hint}: expected one of the schema's keys (utils/config.py)")
+        return UserError(
+            f"unknown config key '{full_key}' in {source}{hint}: expected one of the schema's keys (utils/config.py)"
+        )
     if isinstance(err, ValidationError):
         return UserError(f"config key '{full_key}' in {source} has a wrong type: {first_line}")
     return UserError(f"config error at '{full_key}' in {source}: {first_line}")
@@ -311,6 +314,15 @@ def validate_choices(config: Config) -> None:
 def to_yaml(config: Config) -> str:
     """The resolved config as YAML (saved beside checkpoints and outputs)."""
     return OmegaConf.to_yaml(OmegaConf.structured(config))
+
+
+def parse_cli(parser: Any, argv: Sequence[str] | None) -> tuple[Any, list[str]]:
+    """argparse for an entry point whose extra arguments are `key=value` config overrides; others are an error."""
+    known, rest = parser.parse_known_args(argv)
+    overrides, unknown = split_cli(rest)
+    if unknown:
+        parser.error(f"unrecognised arguments: {' '.join(unknown)}")
+    return known, overrides
 
 
 def split_cli(argv: Sequence[str]) -> tuple[list[str], list[str]]:

@@ -108,7 +108,9 @@ def read_checkpoint_config(folder: str | Path) -> dict:
         return _from_diffusers_config(raw, folder)
     missing = [k for k in ARCH_FIELDS if k not in raw]
     if missing:
-        raise UserError(f"{path} lacks official fields {', '.join(missing[:4])}: expected an official Wan or diffusers config.json")
+        raise UserError(
+            f"{path} lacks official fields {', '.join(missing[:4])}: expected an official Wan or diffusers config.json"
+        )
     return {k: raw[k] for k in ARCH_FIELDS}
 
 
@@ -171,7 +173,10 @@ def resolve_model(role: str, ref: Any, check_weights: bool = True) -> ModelSpec:
     if ref.checkpoint and (check_weights or not preset_arch or Path(ref.checkpoint).exists()):
         arch, is_moe_folder = _checkpoint_arch(role, ref.checkpoint)
         if is_moe_folder and not moe:
-            raise UserError(f"{role}.checkpoint {ref.checkpoint} holds MoE experts: set {role}.preset to a MoE preset (e.g. wan2.2-t2v-a14b) for its boundary")
+            raise UserError(
+                f"{role}.checkpoint {ref.checkpoint} holds MoE experts: set {role}.preset to a MoE preset "
+                "(e.g. wan2.2-t2v-a14b) for its boundary"
+            )
         for key in ("dim", "num_heads", "num_layers", "in_dim", "ffn_dim"):
             if preset_arch and preset_arch[key] != arch[key]:
                 raise UserError(
@@ -206,7 +211,9 @@ def resolve_vae(ref: Any, generator: ModelSpec, check_weights: bool = True) -> V
         raise UserError("vae.preset is empty and the generator's preset names no VAE: set vae.preset (configs/vae/)")
     preset = load_vae_preset(name)
     if check_weights and ref.checkpoint and not Path(ref.checkpoint).exists():
-        raise UserError(f"vae.checkpoint {ref.checkpoint} does not exist: expected Wan2.x_VAE.pth, a .safetensors or a diffusers vae/ folder")
+        raise UserError(
+            f"vae.checkpoint {ref.checkpoint} does not exist: expected Wan2.x_VAE.pth, a .safetensors or a diffusers vae/ folder"
+        )
     return VaeSpec(
         name=name,
         kind=preset["kind"],

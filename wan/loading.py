@@ -18,6 +18,7 @@ from safetensors import safe_open
 
 from utils.errors import UserError
 from utils.presets import ARCH_FIELDS, read_checkpoint_config
+from utils.weights import read_weight_file
 from wan.convert import detect_naming, to_official_key
 
 ModelT = TypeVar("ModelT", bound=nn.Module)
@@ -74,14 +75,7 @@ def _open_safetensors(file: Path):
 
 
 def _load_pth(file: Path) -> dict[str, torch.Tensor]:
-    try:
-        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as err:
-        reason = " ".join(str(err).split())
-        raise UserError(f"{file} cannot be read as a torch checkpoint ({reason}): truncated or corrupt?") from None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise UserError(f"{file} is not a flat state_dict of tensors")
-    return state
+    return read_weight_file(file, "DiT checkpoint", "a torch state dict of the DiT (weights_only)")
 
 
 class Checkpoint:

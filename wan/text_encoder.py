@@ -14,6 +14,7 @@ from torch import nn
 from transformers import UMT5Config, UMT5EncoderModel
 
 from utils.errors import UserError
+from utils.weights import read_weight_file
 from wan.t5_convert import TIED_EMBEDDING, hf_to_official_names, infer_t5_size, official_to_hf_names
 from wan.tokenizers import HuggingfaceTokenizer, PromptTokenizer, WordTokenizer
 
@@ -42,18 +43,7 @@ def _umt5_config(size: dict, vocab_size: int, max_distance: int) -> UMT5Config:
 
 
 def _read_official(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise UserError(f"text encoder checkpoint {path} is missing: expected models_t5_umt5-xxl-enc-bf16.pth or .safetensors")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
-        else:
-            state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-    except Exception as err:  # truncated / not a checkpoint: torch and safetensors raise many types
-        reason = str(err).splitlines()[0][:120] if str(err) else type(err).__name__
-        raise UserError(f"text encoder checkpoint {path} could not be read ({reason})") from None
+    state = read_weight_file(path, "text encoder checkpoint", "models_t5_umt5-xxl-enc-bf16.pth or .safetensors")
     if not isinstance(state, dict) or "token_embedding.weight" not in state:
         first = ", ".join(sorted(state)[:3]) if isinstance(state, dict) else type(state).__name__
         raise UserError(f"{path} is not an official umT5 encoder file (no token_embedding.weight; first keys: {first})")

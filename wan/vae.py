@@ -15,6 +15,7 @@ from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d, un
 from torch import nn
 
 from utils.errors import UserError
+from utils.weights import read_weight_file
 from wan.vae_convert import infer_vae_arch, official_to_diffusers_names
 
 VAE_VERSIONS = ("wan2.1", "wan2.2")
@@ -33,21 +34,7 @@ def _first(keys: Sequence[str], n: int = 3) -> str:
 
 def _read_weight_file(path: Path) -> dict[str, torch.Tensor]:
     """A .safetensors file, or a torch file loaded with weights_only (state dict at top or under 'state_dict')."""
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
-        else:
-            state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-    except Exception as err:  # truncated / not a checkpoint: torch and safetensors raise many types
-        reason = str(err).splitlines()[0][:120] if str(err) else type(err).__name__
-        raise UserError(f"VAE checkpoint {path} could not be read ({reason}): expected a Wan VAE .pth or .safetensors") from None
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise UserError(f"VAE checkpoint {path} does not hold a state dict of tensors")
-    return state
+    return read_weight_file(path, "VAE checkpoint", "a Wan VAE .pth or .safetensors")
 
 
 def _read_diffusers_folder(folder: Path) -> dict[str, torch.Tensor]:
