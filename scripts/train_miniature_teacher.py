@@ -56,6 +56,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-eval", action="store_true", help="skip the final adherence evaluation")
     parser.add_argument("--eval-only", action="store_true", help="evaluate the teacher already in --out, no training")
     parser.add_argument("--save-every", type=int, default=500, help="write the EMA teacher every N steps")
+    parser.add_argument("--init", type=Path, default=None, help="start from this teacher folder (config.json + weights)")
     args = parser.parse_args(argv)
     if args.steps < 1 or args.batch_size < 1:
         raise UserError(f"--steps {args.steps} and --batch-size {args.batch_size} must be at least 1")
@@ -185,7 +186,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.eval_only:
         teacher = WanModel.from_pretrained(str(teacher_dir))
     else:
-        model = WanModel(**arch)
+        model = WanModel.from_pretrained(str(args.init)) if args.init else WanModel(**arch)
+        if model.config != arch:
+            raise UserError(f"--init {args.init} has a different architecture from configs/miniature/dit.yaml")
         num_parameters = sum(p.numel() for p in model.parameters())
         print(f"teacher: {num_parameters:,} parameters, {args.steps} steps of {args.batch_size}", flush=True)
         start = time.time()
