@@ -49,6 +49,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--output_folder", default="outputs", help="where the per-video folders go")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bf16 on cuda, fp32 on cpu")
+    parser.add_argument("--save_latents", action="store_true",
+                        help="also write latents.safetensors (the clean latents, to judge or re-decode later)")
     parser.add_argument("--profile_memory", action="store_true", help="write memory_events.json beside each video")
     parser.add_argument("--trace_path", default=None, help="write a torch.profiler trace (Chrome JSON) of the first video")
     known, overrides = parse_cli(parser, argv)
@@ -90,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         with torch_trace(args.trace_path if index == 0 else None, device):
             # prompt i of a prompt file uses seed + i: distinct noise per video, reproducible per line
             result = pipe.generate(prompt, image=args.image, num_output_frames=args.num_output_frames, seed=args.seed + index)
-        folder = save_result(result, args.output_folder, parameters, fps=config.video.fps)
+        folder = save_result(result, args.output_folder, parameters, fps=config.video.fps, save_latents=args.save_latents)
         if args.profile_memory:
             profiler.save(Path(folder) / MEMORY_EVENTS_FILE)
         timings = result.timings

@@ -15,13 +15,14 @@ from pathlib import Path
 from typing import Optional
 
 from pipeline.causal_inference import InferenceResult
-from utils.io import atomic_write_json
+from utils.io import atomic_save_safetensors, atomic_write_json
 from utils.video_io import write_frame_strip, write_mp4
 
 SLUG_MAX_CHARS = 40
 VIDEO_FILE = "video.mp4"
 RECORD_FILE = "inference_record.json"
 STRIP_FILE = "frames.png"
+LATENTS_FILE = "latents.safetensors"
 RECORD_TIMINGS = ("load_s", "text_encode_s", "per_block_denoise_s", "denoise_s", "vae_decode_s", "total_s",
                   "first_block_latency_s", "fps")
 
@@ -69,14 +70,17 @@ def build_record(result: InferenceResult, parameters: dict) -> dict:
     }
 
 
-def save_result(result: InferenceResult, output_root: str | Path, parameters: dict, fps: int) -> Path:
-    """Write one result's folder; returns it."""
+def save_result(result: InferenceResult, output_root: str | Path, parameters: dict, fps: int,
+                save_latents: bool = False) -> Path:
+    """Write one result's folder (and the clean latents, [F, C, h, w] float32, when asked); returns it."""
     geometry = result.geometry
     record = build_record(result, parameters)
     folder = new_output_dir(output_root, result.task, geometry.width, geometry.height, result.prompt)
     try:
         write_mp4(folder / VIDEO_FILE, result.video, fps)
         write_frame_strip(folder / STRIP_FILE, result.video)
+        if save_latents:
+            atomic_save_safetensors(folder / LATENTS_FILE, {"latents": result.latents[0]})
         atomic_write_json(folder / RECORD_FILE, record)
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)

@@ -207,3 +207,35 @@ def test_verify_all_checklist_passes_and_reports_a_bad_checkpoint(recipe, checkp
     assert outcome["model build"][0] is False and "broken.safetensors" in outcome["model build"][1]
     assert outcome["one forward"] == (False, "skipped: needs generator")
     assert outcome["kv cache shapes"][0] and outcome["vae round trip"][0]  # the rest still runs
+
+
+def test_prompt_file_gives_each_line_its_own_seed_and_saves_latents(tmp_path, checkpoint, recipe):
+    from safetensors.torch import load_file
+
+    from pipeline.components import build_vae
+    from utils.video_io import read_mp4
+
+    _, resolved = recipe
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat walks in the park\na dog runs in the city\n")
+    out = tmp_path / "out"
+    proc = run_script(["inference.py", "--config_path", RECIPE, "--checkpoint", str(checkpoint), "--data_path",
+                       str(prompts), "--seed", "5", "--save_latents", "--output_folder", str(out)])
+    assert proc.returncode == 0, proc.stderr
+    records = {json.loads((f / "inference_record.json").read_text())["prompt"]: f for f in out.iterdir()}
+    assert len(records) == 2
+    seeds = sorted(json.loads((f / "inference_record.json").read_text())["seed"] for f in records.values())
+    assert seeds == [5, 6]  # line i uses seed + i
+    vae = build_vae(resolved.vae)
+
+    def mp4(prompt):
+        return torch.from_numpy(read_mp4(records[prompt] / "video.mp4")).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+    latents = load_file(str(records["a cat walks in the park"] / "latents.safetensors"))["latents"]
+    assert latents.shape == resolved.geometry.latent_shape[1:]
+    # the saved latents decode to their own video (up to mp4 compression), not to the other prompt's
+    with torch.no_grad():
+        decoded = vae.decode_to_pixel(latents[None])[0]
+    own = (decoded - mp4("a cat walks in the park")).abs().mean()
+    other = (decoded - mp4("a dog runs in the city")).abs().mean()
+    assert decoded.shape == mp4("a cat walks in the park").shape and own < 0.5 * other, (own, other)
