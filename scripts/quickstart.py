@@ -1,19 +1,197 @@
-"""`make quickstart`: the main job on the miniature default, end to end on a CPU.
+"""`make quickstart`: the whole Self-Forcing distillation on the miniature world, on a CPU, with a verdict.
 
-Until the miniature world lands this runs what exists: it loads the tiny recipe and prints its geometry.
+    python scripts/quickstart.py [--out outputs/quickstart] [--fresh] [--loss dmd|sid] [--short]
+
+The chain runs the real entry points: generate_ode_pairs.py (the shipped miniature teacher, many steps with
+CFG) -> create_lmdb.py -> train.py (ODE init) -> train.py (DMD or SiD on self-forcing rollouts) ->
+inference.py (4-step causal student, KV cache) -> the judge. It writes report.json / report.md with the
+teacher's, the ODE-init student's and the distilled student's adherence, model evaluations and seconds per
+video, a training-curve PNG, a frame strip PNG and the mp4s. Finished stages are reused when the command
+runs again (each stage leaves a <stage>.done marker); --fresh starts over.
 """
 from __future__ import annotations
 
+import argparse
+import json
 import os
+import shutil
 import subprocess
 import sys
+import time
+from pathlib import Path
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+from utils.errors import UserError, run_main  # noqa: E402
+from utils.io import atomic_write_json, atomic_write_text  # noqa: E402
+
+RECIPES = {"ode": "configs/miniature/ode.yaml", "dmd": "configs/miniature/dmd.yaml", "sid": "configs/miniature/sid.yaml"}
+# --short: a shortened run for the end-to-end test (same chain, fewer prompts and steps; no quality bar).
+SHORT = {
+    "num_prompts": 8,
+    "ode": ["train.max_steps=4", "train.batch_size=4", "train.save_iters=2", "ode.num_steps=8", "ode.keep_indices=[0,2,4,6,-1]"],
+    "distill": ["train.max_steps=4", "train.batch_size=2", "train.save_iters=2", "train.ema_start_step=1",
+                "distill.dfake_gen_update_ratio=2"],
+    "teacher": ["teacher.num_steps=8"],
+    "num_eval": 2,
+}
 
 
-def main() -> int:
-    recipe = os.path.join(REPO_ROOT, "configs/tiny/self_forcing_dmd.yaml")
-    return subprocess.call([sys.executable, os.path.join(REPO_ROOT, "scripts/verify.py"), "geometry", "--config_path", recipe])
+def run_stage(out: Path, name: str, command: list[str], fresh: bool) -> None:
+    """Run one entry point unless its .done marker exists; a failure stops the chain with its exit status."""
+    marker = out / f"{name}.done"
+    if marker.exists() and not fresh:
+        print(f"[quickstart] {name}: done earlier, reused ({marker})", flush=True)
+        return
+    print(f"[quickstart] {name}: {' '.join(command)}", flush=True)
+    start = time.perf_counter()
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    status = subprocess.call([sys.executable, *command], cwd=REPO_ROOT, env=env)
+    if status != 0:
+        raise SystemExit(f"[quickstart] {name} failed with exit status {status}")
+    atomic_write_json(marker, {"seconds": time.perf_counter() - start, "command": command})
+
+
+def decode_saved_latents(folder: Path, vae):
+    """The clip the student generated: its saved latents decoded by the recipe's VAE ([T, 3, H, W] in [-1, 1]).
+
+    The judge scores decoded latents for every model alike; the mp4s are for people (compression would
+    cost the students, and only them, a little adherence).
+    """
+    import torch
+    from safetensors.torch import load_file
+
+    with torch.no_grad():
+        latents = load_file(str(folder / "latents.safetensors"))["latents"]
+        return vae.decode_to_pixel(latents[None])[0].float().clamp(-1, 1)
+
+
+def save_teacher_videos(folder: Path, videos: list, prompts: list[tuple[str, int]], fps: int) -> None:
+    """The teacher's evaluation clips as mp4s, beside the students' (for people; the judge reads tensors)."""
+    from pipeline.inference_outputs import slugify
+    from utils.video_io import write_mp4
+
+    for index, (video, (prompt, _seed)) in enumerate(zip(videos, prompts)):
+        write_mp4(folder / f"{index:02d}_{slugify(prompt)}.mp4", video, fps)
+
+
+def judge_student(out: Path, name: str, recipe: str, checkpoint: Path, prompts: list[tuple[str, int]], overrides: list[str],
+                  fresh: bool, vae) -> tuple[dict, list]:
+    """Generate the evaluation clips with inference.py (prompt i uses seed base + i) and judge them."""
+    from miniature.report import summarise
+
+    folder = out / "videos" / name
+    if fresh and folder.exists():
+        shutil.rmtree(folder)
+    prompt_file = out / "eval_prompts.txt"
+    base_seed = prompts[0][1]
+    run_stage(out, f"infer_{name}", ["inference.py", "--config_path", recipe, "--checkpoint", str(checkpoint),
+                                      "--data_path", str(prompt_file), "--seed", str(base_seed),
+                                      "--output_folder", str(folder), "--save_latents", *overrides], fresh)
+    records = sorted(folder.glob("*/inference_record.json"))
+    by_prompt = {}
+    for record_path in records:
+        record = json.loads(record_path.read_text())
+        by_prompt[record["prompt"]] = (record, record_path.parent)
+    videos, captions, nfe, seconds = [], [], [], []
+    for prompt, _seed in prompts:
+        record, video_folder = by_prompt[prompt]
+        videos.append(decode_saved_latents(video_folder, vae))
+        captions.append(prompt)
+        nfe.append(record["nfe"])
+        seconds.append(record["timings"]["denoise_s"] + record["timings"]["vae_decode_s"])
+    return summarise(name, videos, captions, nfe, seconds), videos
+
+
+@run_main
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "outputs/quickstart", help="where everything goes")
+    parser.add_argument("--fresh", action="store_true", help="start over instead of reusing finished stages")
+    parser.add_argument("--loss", choices=("dmd", "sid"), default="dmd", help="the score-distillation loss")
+    parser.add_argument("--short", action="store_true", help="a shortened run (tests): fewer prompts and steps")
+    parser.add_argument("--teacher", type=Path, default=None,
+                        help="teacher folder (config.json + weights) instead of the shipped checkpoints/miniature/teacher")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from miniature.judge import eval_prompts
+    from miniature.report import sample_teacher_videos, write_report
+    from miniature.world import all_captions
+    from utils.config import load_config
+
+    out = args.out.resolve()
+    if args.fresh and out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    short = SHORT if args.short else None
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    start = time.perf_counter()
+
+    # 1. Prompts: every caption of the world for training, the judge's fixed set for evaluation.
+    captions = [c.text for c in all_captions()]
+    prompts = eval_prompts()[: short["num_eval"]] if short else eval_prompts()
+    if [p[1] for p in prompts] != list(range(prompts[0][1], prompts[0][1] + len(prompts))):
+        raise UserError("the evaluation seeds must be consecutive (inference.py gives prompt i the seed base + i)")
+    atomic_write_text(out / "train_prompts.txt", "\n".join(captions) + "\n")
+    atomic_write_text(out / "eval_prompts.txt", "\n".join(p for p, _ in prompts) + "\n")
+    num_prompts = short["num_prompts"] if short else len(captions)
+    teacher_over = ([f"real_score.checkpoint={args.teacher.resolve()}", f"generator.checkpoint={args.teacher.resolve()}"]
+                    if args.teacher else [])
+    ode_over = [f"train.data_path={out / 'ode_pairs.lmdb'}", *teacher_over, *(short["ode"] if short else [])]
+    loss_recipe = RECIPES[args.loss]
+    init_export = out / "ode_init" / "latest"
+    distill_over = [*teacher_over, f"train.data_path={out / 'train_prompts.txt'}",
+                    f"generator.checkpoint={init_export / 'generator.safetensors'}", *(short["distill"] if short else [])]
+
+    # 2. ODE pairs from the teacher, packed into one LMDB.
+    run_stage(out, "ode_pairs", ["scripts/generate_ode_pairs.py", "--config_path", RECIPES["ode"], "--caption_path",
+                                 str(out / "train_prompts.txt"), "--output_folder", str(out / "ode_pairs"),
+                                 "--num_prompts", str(num_prompts), *ode_over], args.fresh)
+    run_stage(out, "lmdb", ["scripts/create_lmdb.py", "--data_path", str(out / "ode_pairs"), "--lmdb_path",
+                            str(out / "ode_pairs.lmdb")], args.fresh)
+    # 3. ODE regression -> ode_init; 4. score distillation on self-forcing rollouts.
+    run_stage(out, "ode_init", ["train.py", "--config_path", RECIPES["ode"], "--logdir", str(out / "ode_init"),
+                                "--disable-wandb", *ode_over], args.fresh)
+    run_stage(out, args.loss, ["train.py", "--config_path", loss_recipe, "--logdir", str(out / args.loss),
+                               "--disable-wandb", *distill_over], args.fresh)
+
+    # 5. Judge: the teacher (many steps + CFG), the ODE-init student and the distilled student, in this run.
+    print("[quickstart] judging the teacher, the ODE-init student and the distilled student", flush=True)
+    teacher_config = load_config(REPO_ROOT / RECIPES["ode"], teacher_over + (short["teacher"] if short else []))
+    videos, nfe, seconds = sample_teacher_videos(teacher_config, prompts, torch.device("cpu"))
+    save_teacher_videos(out / "videos" / "teacher", videos, prompts, teacher_config.video.fps)
+    from miniature.report import summarise
+
+    results = {"teacher": summarise("teacher", videos, [p for p, _ in prompts], nfe, seconds)}
+    from pipeline.components import build_vae
+    from utils.geometry import resolve_recipe
+
+    vae = build_vae(resolve_recipe(teacher_config, need_scores=True).vae)
+    results["ode_init"], init_videos = judge_student(out, "ode_init", RECIPES["ode"], init_export, prompts, teacher_over,
+                                                     args.fresh, vae)
+    results[args.loss], distilled_videos = judge_student(
+        out, args.loss, loss_recipe, out / args.loss / "latest", prompts,
+        [*teacher_over, f"generator.checkpoint={init_export / 'generator.safetensors'}"], args.fresh, vae)
+
+    # 6. Pictures and the report.
+    from miniature.pictures import frame_strips, training_curves
+
+    training_curves(out / "training_curves.png", {"ode_init": out / "ode_init", args.loss: out / args.loss})
+    frame_strips(out / "frames.png", {"teacher": videos[0], "ode_init": init_videos[0], args.loss: distilled_videos[0]},
+                 title=prompts[0][0])
+    settings = {"loss": args.loss, "short": args.short, "num_train_prompts": num_prompts, "num_eval": len(prompts),
+                "seconds_total": time.perf_counter() - start}
+    report = write_report(out, results, settings)
+    print((out / "report.md").read_text(), flush=True)
+    print(f"[quickstart] report: {out / 'report.json'} ({settings['seconds_total']:.0f} s)", flush=True)
+    return 0 if args.short or all(_all_true(v) for v in report["checks"].values()) else 1
+
+
+def _all_true(value) -> bool:
+    return all(_all_true(v) for v in value.values()) if isinstance(value, dict) else bool(value)
 
 
 if __name__ == "__main__":

@@ -9,11 +9,13 @@ with official Wan key names, config.json (architecture, for WanModel.from_pretra
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import shutil
+import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -69,6 +71,14 @@ def set_rng_state(state: dict[str, Any]) -> None:
         np.random.set_state((kind, keys.numpy().astype("uint32"), pos, has_gauss, gauss))
 
 
+@contextlib.contextmanager
+def _single_process_quiet() -> Iterator[None]:
+    """DCP warns on every save/load in a single process (no process group); that case is intended here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
 class CheckpointManager:
     def __init__(self, logdir: str | Path, keep_last: int, rank: int) -> None:
         self.root = Path(logdir) / "checkpoints"
@@ -95,7 +105,8 @@ class CheckpointManager:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         barrier()
-        dcp.save(state, checkpoint_id=str(tmp))
+        with _single_process_quiet():
+            dcp.save(state, checkpoint_id=str(tmp))
         torch.save(rng_state(), tmp / f"rng_rank{self.rank}.pt")
         barrier()
         if os.environ.get(EXIT_DURING_SAVE_ENV) == str(step):
@@ -123,7 +134,8 @@ class CheckpointManager:
     def load(self, step: int, state: dict[str, Any]) -> None:
         """Collective: restore `state` in place from step `step`, and this rank's RNG."""
         folder = self._dir(step)
-        dcp.load(state, checkpoint_id=str(folder))
+        with _single_process_quiet():
+            dcp.load(state, checkpoint_id=str(folder))
         rng_file = folder / f"rng_rank{self.rank}.pt"
         if rng_file.exists():
             set_rng_state(torch.load(rng_file, weights_only=True))
@@ -136,8 +148,21 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def write_export(folder: Path, weights: dict[str, dict[str, torch.Tensor]], config_json: dict, config_yaml: str) -> None:
-    """Rank 0: <folder>/{name}.safetensors for each entry, config.json and config.yaml, each file atomic."""
+    """Rank 0: <folder>/{name}.safetensors for each entry, config.json and config.yaml, swapped in as a whole.
+
+    Everything is written into <folder>.tmp first, so generator and EMA weights of different steps never
+    stand side by side; a crash leaves the previous export (or, between the two renames, <folder>.old).
+    """
+    folder = Path(folder)
+    tmp, old = folder.with_name(folder.name + ".tmp"), folder.with_name(folder.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
     for name, tensors in weights.items():
-        atomic_save_safetensors(folder / f"{name}.safetensors", tensors, metadata={"format": "pt"})
-    atomic_write_json(folder / "config.json", config_json)
-    atomic_write_text(folder / "config.yaml", config_yaml)
+        atomic_save_safetensors(tmp / f"{name}.safetensors", tensors, metadata={"format": "pt"})
+    atomic_write_json(tmp / "config.json", config_json)
+    atomic_write_text(tmp / "config.yaml", config_yaml)
+    shutil.rmtree(old, ignore_errors=True)
+    if folder.exists():
+        os.replace(folder, old)
+    os.replace(tmp, folder)
+    shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,66 @@
+"""Pictures for the quickstart report: training curves from metrics.jsonl, and a strip of frames per model."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+
+def _matplotlib():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def read_metrics(logdir: Path) -> list[dict]:
+    path = Path(logdir) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def training_curves(path: Path, runs: dict[str, Path]) -> Path:
+    """One panel per run: every logged value whose name holds 'loss', against the step."""
+    plt = _matplotlib()
+    fig, axes = plt.subplots(1, len(runs), figsize=(5 * len(runs), 3.5), squeeze=False)
+    for axis, (name, logdir) in zip(axes[0], runs.items()):
+        rows = read_metrics(logdir)
+        keys = sorted({k for row in rows for k, v in row.items() if "loss" in k and isinstance(v, (int, float))})
+        for key in keys:
+            points = [(row["step"], row[key]) for row in rows if key in row and "step" in row]
+            if points:
+                axis.plot(*zip(*points), label=key)
+        axis.set_title(name)
+        axis.set_xlabel("step")
+        axis.set_yscale("log")
+        if keys:
+            axis.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def frame_strips(path: Path, videos: dict[str, torch.Tensor], num_frames: int = 9, title: str = "") -> Path:
+    """A row of evenly spaced frames for each model's video ([T, 3, H, W] in [-1, 1])."""
+    plt = _matplotlib()
+    fig, axes = plt.subplots(len(videos), num_frames, figsize=(num_frames * 1.1, len(videos) * 1.3), squeeze=False)
+    for row, (name, video) in enumerate(videos.items()):
+        index = torch.linspace(0, video.shape[0] - 1, num_frames).round().long()
+        for col, frame in enumerate(video[index]):
+            axis = axes[row][col]
+            axis.imshow(((frame.permute(1, 2, 0).clamp(-1, 1) + 1) / 2).numpy(), interpolation="nearest")
+            axis.set_xticks([])
+            axis.set_yticks([])
+            if col == 0:
+                axis.set_ylabel(name, fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
