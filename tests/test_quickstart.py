@@ -1,0 +1,47 @@
+"""The shortened quickstart runs the whole chain with the real entry points and reuses finished stages."""
+import json
+
+import pytest
+import torch
+
+from tests.helpers import run_script
+from utils.io import atomic_save_safetensors, atomic_write_json
+from utils.presets import ARCH_FIELDS, arch_to_config_json, load_model_preset
+
+STAGES = ("ode_pairs", "lmdb", "ode_init", "dmd", "infer_ode_init", "infer_dmd")
+
+
+@pytest.fixture(scope="module")
+def random_teacher(tmp_path_factory):
+    """A random miniature teacher in the official layout (the chain's mechanics do not need a good one)."""
+    from wan.modules.model import WanModel
+
+    folder = tmp_path_factory.mktemp("teacher")
+    arch = {k: load_model_preset("configs/miniature/dit.yaml")[k] for k in ARCH_FIELDS}
+    torch.manual_seed(0)
+    atomic_save_safetensors(folder / "model.safetensors", WanModel(**arch).state_dict())
+    atomic_write_json(folder / "config.json", arch_to_config_json(arch))
+    return folder
+
+
+@pytest.mark.slow
+def test_short_quickstart_runs_the_chain_and_reuses_stages(tmp_path, random_teacher):
+    out = tmp_path / "qs"
+    args = ["scripts/quickstart.py", "--short", "--out", str(out), "--teacher", str(random_teacher)]
+    first = run_script(args, timeout=900)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert set(report) >= {"teacher", "ode_init", "dmd", "checks", "criteria", "settings"}
+    for name in ("teacher", "ode_init", "dmd"):
+        line = report[name]
+        assert 0.0 <= line["adherence"] <= 1.0 and line["num_videos"] == 2 and line["seconds_per_video"] > 0
+    assert report["teacher"]["nfe"] == 16  # 8 steps x CFG (short run)
+    assert report["dmd"]["nfe"] == report["ode_init"]["nfe"] == 3 * 5  # 3 blocks x (4 steps + context pass)
+    for picture in ("training_curves.png", "frames.png", "report.md"):
+        assert (out / picture).stat().st_size > 0
+    assert len(list((out / "videos").glob("*/*.mp4"))) + len(list((out / "videos").glob("*/*/video.mp4"))) == 6
+    assert all((out / f"{stage}.done").exists() for stage in STAGES)
+    # a second run reuses every finished stage and still writes the report
+    second = run_script(args, timeout=900)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert all(f"{stage}: done earlier, reused" in second.stdout for stage in STAGES)
