@@ -41,6 +41,9 @@ def test_short_quickstart_runs_the_chain_and_reuses_stages(tmp_path, random_teac
         assert (out / picture).stat().st_size > 0
     assert len(list((out / "videos").glob("*/*.mp4"))) + len(list((out / "videos").glob("*/*/video.mp4"))) == 6
     assert all((out / f"{stage}.done").exists() for stage in STAGES)
+    # one log line covers the window of 4 iterations: the generator's loss (iterations 0 and 2) is averaged in
+    (last,) = [json.loads(line) for line in (out / "dmd" / "metrics.jsonl").read_text().splitlines()]
+    assert last["step"] == 4 and "generator_loss" in last and "critic_loss" in last
     # a second run reuses every finished stage and still writes the report
     second = run_script(args, timeout=900)
     assert second.returncode == 0, second.stderr[-3000:]

@@ -176,6 +176,7 @@ class Trainer:
         samples_per_step = config.train.batch_size * info.world_size * setup.micro_steps
         limit = config.train.max_consecutive_nonfinite
         window: list[float] = []
+        window_metrics: dict[str, list[float]] = {}  # every metric averaged over the logging window
         try:
             for step in range(self.state.step, config.train.max_steps):
                 started = time.perf_counter()
@@ -183,13 +184,17 @@ class Trainer:
                 seconds = time.perf_counter() - started
                 self.state.step = done = step + 1
                 window.append(seconds)
+                for key, value in metrics.items():
+                    window_metrics.setdefault(key, []).append(value)
                 self.log.advance(done, {k: v for k, v in metrics.items() if k.endswith("_loss") and "/" not in k})
                 diverged = self.state.consecutive_nonfinite >= limit
                 if diverged or done % config.train.log_iters == 0 or done == config.train.max_steps:
                     mean_seconds = sum(window) / len(window)
+                    means = {k: sum(v) / len(v) for k, v in window_metrics.items()}
                     window.clear()
+                    window_metrics.clear()
                     self.log.log(done, {
-                        **metrics,
+                        **means,
                         "lr": setup.generator_optimizer.param_groups[0]["lr"],
                         **({"lr_critic": setup.critic_optimizer.param_groups[0]["lr"]} if setup.critic_optimizer else {}),
                         "seconds_per_step": mean_seconds,
