@@ -22,6 +22,10 @@ from torch import nn
 from utils.errors import UserError
 
 VERSION = "miniature"
+# Floor of the per-channel normalisation std. The trend channels vary only at moving edges (std ~0.08),
+# so dividing by their own std turns edges into +-8 spikes that dominate a flow-matching loss; with the
+# floor they stay within about +-1.5, the scale of the noise they are mixed with.
+LATENT_STD_FLOOR = 0.5
 
 
 def temporal_polynomial_basis(length: int) -> torch.Tensor:
@@ -77,6 +81,11 @@ class MiniatureVAE(nn.Module):
     @property
     def z_dim(self) -> int:
         return 3 * self._terms
+
+    @property
+    def temporal_terms(self) -> int:
+        """Polynomial terms kept per colour across a cell's frames (channel = colour * terms + degree)."""
+        return self._terms
 
     @property
     def stride(self) -> tuple[int, int, int]:
@@ -181,7 +190,10 @@ def _load_preset(name_or_dict: str | dict) -> dict:
 
 
 def latent_statistics(vae: MiniatureVAE, videos: torch.Tensor) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std of the raw latents of world clips `[N, T, 3, H, W]` (for the preset)."""
+    """Per-channel mean and std (floored at LATENT_STD_FLOOR) of the raw latents of world clips `[N, T, 3, H, W]`.
+
+    These are the preset's latents_mean / latents_std (configs/miniature/vae.yaml).
+    """
     raw = vae.encode_raw(videos.permute(0, 2, 1, 3, 4))
     per_channel = raw.transpose(0, 2).reshape(vae.z_dim, -1)
-    return per_channel.mean(dim=1).tolist(), per_channel.std(dim=1).tolist()
+    return per_channel.mean(dim=1).tolist(), per_channel.std(dim=1).clamp_min(LATENT_STD_FLOOR).tolist()
