@@ -59,7 +59,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=Path("checkpoints/miniature"), help="output folder")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate")
-    parser.add_argument("--warmup", type=int, default=200, help="linear warm-up steps, then cosine decay to 10%")
+    parser.add_argument("--warmup", type=int, default=200, help="linear warm-up steps, then cosine decay to 10%%")
     parser.add_argument("--train-shift", type=float, default=1.0, help="sigma shift of the training timestep draw")
     parser.add_argument("--trend-weight", type=float, default=1.0,
                         help="loss weight of the VAE's trend channels (they carry the motion inside a 4-frame cell)")
