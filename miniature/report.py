@@ -26,15 +26,20 @@ CRITERIA = {
 }
 
 
-def summarise(name: str, videos: Sequence[torch.Tensor], captions: Sequence[str], nfe: Sequence[int],
-              seconds: Sequence[float]) -> dict:
-    """One model's line of the report; videos are [T, 3, H, W] in [-1, 1]."""
+def summarise(name: str, videos: Sequence[torch.Tensor], captions: Sequence[str], nfe: Sequence[float],
+              seconds: Sequence[float], forward_calls: Sequence[int]) -> dict:
+    """One model's line of the report; videos are [T, 3, H, W] in [-1, 1].
+
+    nfe: denoiser evaluations each frame of the video goes through (the usual NFE: a forward over a
+    3-frame block counts for those frames only); forward_calls: network calls per video.
+    """
     parsed = [parse_caption(c) for c in captions]
     scores = [score_clip(v, c) for v, c in zip(videos, parsed)]
     return {
         "model": name,
         "adherence": adherence(list(videos), parsed),
         "nfe": sum(nfe) / len(nfe),
+        "forward_calls": sum(forward_calls) / len(forward_calls),
         "seconds_per_video": statistics.median(seconds),  # median: the first video carries one-off warm-up costs
         "num_videos": len(videos),
         "per_item": {k: sum(s[k] for s in scores) / len(scores) for k in scores[0]},
@@ -65,7 +70,7 @@ def sample_teacher_videos(config, prompts: Sequence[tuple[str, int]], device: to
         video = vae.decode_to_pixel(sample.latent)[0].float().clamp(-1, 1)
         seconds.append(time.perf_counter() - start)
         videos.append(video.cpu())
-        nfes.append(sample.nfe)
+        nfes.append(sample.nfe)  # every teacher forward covers the whole video
     return videos, nfes, seconds
 
 
@@ -86,13 +91,17 @@ def write_report(out_dir: Path, results: dict, settings: dict) -> dict:
     checks["teacher_adherence"] = teacher["adherence"] >= CRITERIA["teacher_adherence_min"]
     report = {**results, "criteria": CRITERIA, "checks": checks, "settings": settings}
     atomic_write_json(out_dir / "report.json", report)
-    rows = [(k, f"{v['adherence']:.3f}", f"{v['nfe']:.0f}", f"{v['seconds_per_video']:.3f}",
+    rows = [(k, f"{v['adherence']:.3f}", f"{v['nfe']:g}", f"{v['forward_calls']:.0f}", f"{v['seconds_per_video']:.3f}",
              " ".join(f"{n}={x:.2f}" for n, x in v["per_item"].items() if n != "total"))
             for k, v in results.items()]
     lines = [
         "# Quickstart: the miniature Self-Forcing distillation",
         "",
-        format_table(rows, header=("model", "adherence", "nfe / video", "s / video", "judge items")),
+        format_table(rows, header=("model", "adherence", "nfe", "forward calls", "s / video", "judge items")),
+        "",
+        "nfe: denoiser evaluations each frame goes through (teacher: steps x CFG; causal student: steps + the",
+        "context pass, each over one block of frames). forward calls: network calls per video. s / video:",
+        "median seconds of sampling + VAE decode, models already loaded, same machine, same run.",
         "",
         "## Checks",
         "",

@@ -16,7 +16,7 @@ __all__ = ["Batch", "Models", "Objective", "build_objective"]
 def build_objective(config: Config, geometry: Geometry) -> Objective:
     """The recipe's objective: ODE regression (train.trainer=ode) or DMD / SiD (distill.distribution_loss)."""
     if config.train.trainer == "ode":
-        return OdeRegression(geometry, config.flow.num_train_timesteps)
+        return OdeRegression(geometry, config.flow.num_train_timesteps, clean_context=config.train.ode_clean_context)
     distill = config.distill
     parts = dict(
         rollout=SelfForcingRollout.from_config(config, geometry),

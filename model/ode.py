@@ -1,7 +1,8 @@
 """ODE regression ("ode_init"): the causal generator regresses the teacher's clean latent from a kept trajectory point.
 
 Per block, one kept point with t != 0 is drawn (the same for the whole batch); the block's frames take
-that point's latents and its stored timestep. One block-causal forward predicts the flow, x0 = x_t -
+that point's latents and its stored timestep. With train.ode_clean_context a block may also draw the clean
+point: it is then context at t = 0 for later blocks (as in the KV cache at inference) and has no loss. One block-causal forward predicts the flow, x0 = x_t -
 sigma * v, and the loss is the MSE to the clean (last) point on frames whose timestep is not 0.
 """
 from __future__ import annotations
@@ -21,7 +22,7 @@ class OdeRegression(Objective):
     has_critic = False
     name = "ode"
 
-    def __init__(self, geometry: Geometry, num_train_timesteps: int):
+    def __init__(self, geometry: Geometry, num_train_timesteps: int, clean_context: bool = False):
         if len(set(geometry.block_sizes)) != 1:
             raise UserError(
                 "ODE regression runs the block-causal forward, which needs equal blocks: "
@@ -29,6 +30,7 @@ class OdeRegression(Objective):
             )
         self.geometry = geometry
         self.num_train_timesteps = num_train_timesteps
+        self.clean_context = clean_context
 
     def _check(self, batch: Batch) -> tuple[Tensor, Tensor]:
         latents, timesteps = batch.ode_latents, batch.ode_timesteps
@@ -47,12 +49,18 @@ class OdeRegression(Objective):
         return latents, timesteps.to(latents.device, torch.float32)
 
     def draw_points(self, timesteps: Tensor, generator: Optional[torch.Generator] = None) -> list[int]:
-        """One noisy (t != 0) kept point per block."""
+        """One kept point per block: noisy (t != 0) ones, or any with clean context; at least one block noisy."""
         noisy = torch.nonzero(timesteps.cpu() != 0).flatten()
         if noisy.numel() == 0:
             raise UserError("the ODE pairs keep no noisy trajectory point (every timestep is 0)")
-        picks = torch.randint(0, noisy.numel(), (self.geometry.num_blocks,), generator=generator)
-        return noisy[picks].tolist()
+        num_blocks = self.geometry.num_blocks
+        if not self.clean_context:
+            return noisy[torch.randint(0, noisy.numel(), (num_blocks,), generator=generator)].tolist()
+        points = torch.randint(0, timesteps.numel(), (num_blocks,), generator=generator)
+        if not bool((timesteps.cpu()[points] != 0).any()):  # nothing to regress: one block takes a noisy point
+            block = int(torch.randint(0, num_blocks, (1,), generator=generator))
+            points[block] = noisy[int(torch.randint(0, noisy.numel(), (1,), generator=generator))]
+        return points.tolist()
 
     def generator_loss(self, models: Models, batch: Batch) -> tuple[Tensor, Logs]:
         # 1. Noisy input: each block's frames from its drawn point, at that point's timestep.

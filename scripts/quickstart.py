@@ -94,14 +94,17 @@ def judge_student(out: Path, name: str, recipe: str, checkpoint: Path, prompts: 
     for record_path in records:
         record = json.loads(record_path.read_text())
         by_prompt[record["prompt"]] = (record, record_path.parent)
-    videos, captions, nfe, seconds = [], [], [], []
+    videos, captions, nfe, calls, seconds = [], [], [], [], []
     for prompt, _seed in prompts:
         record, video_folder = by_prompt[prompt]
         videos.append(decode_saved_latents(video_folder, vae))
         captions.append(prompt)
-        nfe.append(record["nfe"])
+        geometry = record["geometry"]
+        # every block gets the same forwards, each covering that block only: per frame, nfe = calls / blocks
+        nfe.append(record["nfe"] / len(geometry["block_sizes"]))
+        calls.append(record["nfe"])
         seconds.append(record["timings"]["denoise_s"] + record["timings"]["vae_decode_s"])
-    return summarise(name, videos, captions, nfe, seconds), videos
+    return summarise(name, videos, captions, nfe, seconds, calls), videos
 
 
 @run_main
@@ -165,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     save_teacher_videos(out / "videos" / "teacher", videos, prompts, teacher_config.video.fps)
     from miniature.report import summarise
 
-    results = {"teacher": summarise("teacher", videos, [p for p, _ in prompts], nfe, seconds)}
+    results = {"teacher": summarise("teacher", videos, [p for p, _ in prompts], nfe, seconds, forward_calls=nfe)}
     from pipeline.components import build_vae
     from utils.geometry import resolve_recipe
 

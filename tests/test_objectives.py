@@ -219,3 +219,21 @@ def test_objective_without_critic_refuses_a_critic_step():
     config, resolved = recipe(path="configs/tiny/ode.yaml")
     with pytest.raises(UserError, match="no critic"):
         build_objective(config, resolved.geometry).critic_loss(Models(generator=None), ode_batch(resolved.geometry))
+
+
+def test_ode_clean_context_draws_clean_blocks_without_loss():
+    config, resolved = recipe(path="configs/tiny/ode.yaml")
+    timesteps = torch.tensor([1000.0, 900.0, 700.0, 400.0, 0.0])
+    noisy_only = build_objective(config, resolved.geometry)
+    with_clean = build_objective(load_config("configs/tiny/ode.yaml", ["train.ode_clean_context=true"]), resolved.geometry)
+    g = torch.Generator().manual_seed(0)
+    draws = [with_clean.draw_points(timesteps, g) for _ in range(200)]
+    assert any(4 in d for d in draws)  # the clean point is drawn as context ...
+    assert all(any(p != 4 for p in d) for d in draws)  # ... but never for every block
+    assert all(4 not in noisy_only.draw_points(timesteps, g) for _ in range(200))  # upstream: noisy points only
+    # a clean block is context: the exact answer still gives zero loss, an error only counts on noisy blocks
+    batch = ode_batch(resolved.geometry)
+    clean = batch.ode_latents[:, -1]
+    torch.manual_seed(3)
+    loss, _ = with_clean.generator_loss(Models(generator=KnowsTheAnswer(clean)), batch)
+    assert float(loss.detach()) < 1e-10

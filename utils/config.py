@@ -163,6 +163,9 @@ class TrainConfig:
     lora_rank: int = 0  # LoRA rank for generator and critic; 0: full fine-tuning
     lora_alpha: float = 0.0  # LoRA alpha; 0: equal to the rank
     max_consecutive_nonfinite: int = 5  # stop after this many NaN/Inf steps in a row
+    # ODE regression: blocks may also draw the clean point (t = 0, no loss) and serve as clean context, as the
+    # KV cache holds clean blocks at inference (rollout.context_noise 0); false: noisy points only (upstream)
+    ode_clean_context: bool = False
     data_path: Optional[str] = None  # ODE LMDB (trainer=ode) or a prompt file (score distillation)
     image_root: Optional[str] = None  # TI2V: folder of first-frame images named in the prompt file
 
