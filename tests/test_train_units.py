@@ -73,3 +73,21 @@ def test_accumulation_steps():
     assert accumulation_steps(config, world_size=2) == 4
     with pytest.raises(UserError, match="total_batch_size=16"):
         accumulation_steps(config, world_size=3)
+
+
+def test_exported_ema_weights_are_the_averages_not_the_live_weights():
+    # the export takes the generator's weights, then swaps the EMA in: the first dict must not follow the swap
+    from trainer.checkpoint import full_state_dict
+
+    model = nn.Linear(3, 2)
+    ema = ParameterEMA(model, decay=0.5, start_step=0)
+    ema.update(0)
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    ema.update(1)  # shadow = old + 0.5
+    generator = full_state_dict(model)
+    with ema.swapped_in():
+        averaged = full_state_dict(model)
+    assert torch.equal(generator["weight"], model.weight)
+    assert torch.allclose(averaged["weight"], model.weight - 0.5)
+    assert not torch.equal(generator["weight"], averaged["weight"])

@@ -142,9 +142,12 @@ class CheckpointManager:
 
 
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every rank takes part (collective); rank 0 receives the unsharded weights on the CPU."""
+    """Every rank takes part (collective); rank 0 receives the unsharded weights on the CPU.
+
+    Copies: unsharded CPU models hand back their live parameters, which the EMA swap would then overwrite.
+    """
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return {clean_name(key): value for key, value in state.items()}
+    return {clean_name(key): value.detach().clone() for key, value in state.items()}
 
 
 def write_export(folder: Path, weights: dict[str, dict[str, torch.Tensor]], config_json: dict, config_yaml: str) -> None:
