@@ -24,12 +24,13 @@ def read_metrics(logdir: Path) -> list[dict]:
 
 
 def training_curves(path: Path, runs: dict[str, Path]) -> Path:
-    """One panel per run: every logged value whose name holds 'loss', against the step."""
+    """One panel per run: every top-level logged loss (generator_loss, critic_loss), against the step."""
     plt = _matplotlib()
     fig, axes = plt.subplots(1, len(runs), figsize=(5 * len(runs), 3.5), squeeze=False)
     for axis, (name, logdir) in zip(axes[0], runs.items()):
         rows = read_metrics(logdir)
-        keys = sorted({k for row in rows for k, v in row.items() if "loss" in k and isinstance(v, (int, float))})
+        keys = sorted({k for row in rows for k, v in row.items()
+                       if k.endswith("_loss") and "/" not in k and isinstance(v, (int, float))})
         for key in keys:
             points = [(row["step"], row[key]) for row in rows if key in row and "step" in row]
             if points:

@@ -74,15 +74,17 @@ def sample_teacher_videos(config, prompts: Sequence[tuple[str, int]], device: to
     return videos, nfes, seconds
 
 
-def write_report(out_dir: Path, results: dict, settings: dict) -> dict:
-    """report.json (machine-readable, keys teacher / ode_init / dmd) and report.md (tables) in out_dir."""
+def write_report(out_dir: Path, results: dict, settings: dict, name: str = "report") -> dict:
+    """<name>.json (machine-readable, keys teacher / ode_init / dmd) and <name>.md (tables) in out_dir."""
     teacher = results["teacher"]
     checks = {}
-    for student in [k for k in ("dmd", "sid") if k in results]:
+    for student in [k for k in ("dmd", "sid", "dmd_no_ema", "sid_no_ema") if k in results]:
         s = results[student]
         s["nfe_ratio"] = teacher["nfe"] / s["nfe"]
         s["speedup"] = teacher["seconds_per_video"] / s["seconds_per_video"]
         s["adherence_ratio"] = s["adherence"] / teacher["adherence"] if teacher["adherence"] else 0.0
+        if student.endswith("_no_ema"):
+            continue  # shown for comparison; the deployed (EMA) student is the one checked
         checks[student] = {
             "student_adherence_ratio": s["adherence_ratio"] >= CRITERIA["student_adherence_ratio_min"],
             "nfe_ratio": s["nfe_ratio"] >= CRITERIA["nfe_ratio_min"],
@@ -90,7 +92,7 @@ def write_report(out_dir: Path, results: dict, settings: dict) -> dict:
         }
     checks["teacher_adherence"] = teacher["adherence"] >= CRITERIA["teacher_adherence_min"]
     report = {**results, "criteria": CRITERIA, "checks": checks, "settings": settings}
-    atomic_write_json(out_dir / "report.json", report)
+    atomic_write_json(out_dir / f"{name}.json", report)
     rows = [(k, f"{v['adherence']:.3f}", f"{v['nfe']:g}", f"{v['forward_calls']:.0f}", f"{v['seconds_per_video']:.3f}",
              " ".join(f"{n}={x:.2f}" for n, x in v["per_item"].items() if n != "total"))
             for k, v in results.items()]
@@ -111,5 +113,5 @@ def write_report(out_dir: Path, results: dict, settings: dict) -> dict:
         "",
         "Pictures: training_curves.png, frames.png; videos under videos/.",
     ]
-    atomic_write_text(out_dir / "report.md", "\n".join(lines) + "\n")
+    atomic_write_text(out_dir / f"{name}.md", "\n".join(lines) + "\n")
     return report

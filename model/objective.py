@@ -5,9 +5,10 @@ The training loop is the same for ODE regression, DMD and SiD; they differ only 
 """
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Optional
+from typing import Iterator, Optional
 
 from torch import Tensor, nn
 
@@ -58,3 +59,20 @@ class Objective(ABC):
     def critic_loss(self, models: Models, batch: Batch) -> tuple[Tensor, Logs]:
         """Scalar loss to backpropagate into the fake score (objectives with a critic only)."""
         raise UserError(f"{type(self).__name__} trains no critic: the loop must not ask for its critic loss")
+
+
+@contextlib.contextmanager
+def frozen(model: nn.Module) -> Iterator[None]:
+    """No parameter gradients for `model` inside (activations still carry gradients to its inputs).
+
+    The trainer holds it over a whole generator step (forward and backward), which activation checkpointing
+    needs: a recomputed forward must see the same requires_grad flags as the first one.
+    """
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for p in trainable:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in trainable:
+            p.requires_grad_(True)

@@ -1,9 +1,10 @@
 """ODE regression ("ode_init"): the causal generator regresses the teacher's clean latent from a kept trajectory point.
 
 Per block, one kept point with t != 0 is drawn (the same for the whole batch); the block's frames take
-that point's latents and its stored timestep. With train.ode_clean_context a block may also draw the clean
-point: it is then context at t = 0 for later blocks (as in the KV cache at inference) and has no loss. One block-causal forward predicts the flow, x0 = x_t -
-sigma * v, and the loss is the MSE to the clean (last) point on frames whose timestep is not 0.
+that point's latents and its stored timestep. With train.ode_clean_context a block may also draw the
+clean point: it is then context at t = 0 for later blocks (as in the KV cache at inference) and has no
+loss. One block-causal forward predicts the flow, x0 = x_t - sigma * v, and the loss is the MSE to the
+clean (last) point on frames whose timestep is not 0.
 """
 from __future__ import annotations
 

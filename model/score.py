@@ -5,6 +5,7 @@ DMD and SiD differ only by how the real and fake predictions turn into a generat
 """
 from __future__ import annotations
 
+import contextlib
 from abc import abstractmethod
 from dataclasses import dataclass
 from typing import Optional
@@ -12,7 +13,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from model.objective import Batch, Logs, Models, Objective
+from model.objective import Batch, Logs, Models, Objective, frozen
 from pipeline.guidance import combine_cfg, guidance_is_identity
 from pipeline.rollout import add_noise, predict_x0
 from pipeline.schedule import shift_sigmas
@@ -73,6 +74,8 @@ class ScoreDistillation(Objective):
 
     has_critic = True
     name = "score"
+    # DMD treats the scores' x0 as fixed targets; SiD differentiates through them (to x, via x_t)
+    scores_carry_gradient = False
 
     def __init__(self, rollout: SelfForcingRollout, score_timesteps: ScoreTimesteps, guidance_scale: float,
                  guidance_form: str):
@@ -100,10 +103,12 @@ class ScoreDistillation(Objective):
         # 1. The generator's self-forcing sample, with gradient at the exit steps.
         sample = self._sample(models, batch)
         x = sample.latents
-        # 2. Real (guided) and fake (conditional) x0 at a random noise level; no gradient into either score.
+        # 2. Real (guided) and fake (conditional) x0 at a random noise level. Score parameters never get
+        #    gradients; with scores_carry_gradient (SiD) the gradient reaches x through the scores' inputs.
         num_train_timesteps = self.score_timesteps.num_train_timesteps
-        with torch.no_grad():
-            x_t, per_frame, _, timestep = self._noisy(x.detach(), batch)
+        carry = self.scores_carry_gradient
+        with (contextlib.nullcontext() if carry else torch.no_grad()), frozen(models.fake_score):
+            x_t, per_frame, _, timestep = self._noisy(x if carry else x.detach(), batch)
             real_x0 = real_score_x0(models.real_score, x_t, per_frame, batch, self.guidance_scale, self.guidance_form,
                                     num_train_timesteps)
             fake_flow = models.fake_score.predict_flow(x_t, per_frame, batch.context)

@@ -1,4 +1,9 @@
-"""SiD (score identity distillation): the generator loss from the real and fake x0 predictions."""
+"""SiD (score identity distillation): the generator loss from the real and fake x0 predictions.
+
+Unlike DMD, SiD differentiates through both scores: real and fake x0 depend on the generator's output x
+through x_t, and the gradient flows through the (frozen) score networks into x. With the scores held as
+constants, SiD with alpha = 1 would give exactly DMD's gradient.
+"""
 from __future__ import annotations
 
 import torch
@@ -10,8 +15,11 @@ from model.score import ScoreDistillation
 
 
 def sid_loss(x: Tensor, real_x0: Tensor, fake_x0: Tensor, alpha: float) -> Tensor:
-    """mean((real - fake) * ((real - x) - alpha * (real - fake)) / mean|x - real|), float64, normaliser without gradient."""
-    x64, real, fake = x.double(), real_x0.detach().double(), fake_x0.detach().double()
+    """mean((real - fake) * ((real - x) - alpha * (real - fake)) / mean|x - real|), float64, normaliser without gradient.
+
+    Gradients flow through x, real_x0 and fake_x0 (pass them with their graphs to x, as the objective does).
+    """
+    x64, real, fake = x.double(), real_x0.double(), fake_x0.double()
     with torch.no_grad():
         normaliser = (x64 - real).abs().mean(dim=SAMPLE_DIMS, keepdim=True)
     per_element = (real - fake) * ((real - x64) - alpha * (real - fake)) / normaliser
@@ -20,6 +28,7 @@ def sid_loss(x: Tensor, real_x0: Tensor, fake_x0: Tensor, alpha: float) -> Tenso
 
 class SiD(ScoreDistillation):
     name = "sid"
+    scores_carry_gradient = True
 
     def __init__(self, *args, alpha: float, **kwargs):
         super().__init__(*args, **kwargs)

@@ -237,3 +237,20 @@ def test_ode_clean_context_draws_clean_blocks_without_loss():
     torch.manual_seed(3)
     loss, _ = with_clean.generator_loss(Models(generator=KnowsTheAnswer(clean)), batch)
     assert float(loss.detach()) < 1e-10
+
+
+def test_sid_differentiates_through_the_scores_so_it_is_not_dmd():
+    # With the scores as constants, SiD at alpha = 1 has exactly DMD's gradient; SiD differentiates through them.
+    grads = {}
+    for path in (RECIPE, "configs/tiny/self_forcing_sid.yaml"):
+        config, resolved = recipe(path=path)
+        assert config.distill.sid_alpha == 1.0
+        objective = build_objective(config, resolved.geometry)
+        models = tiny_models(resolved)
+        torch.manual_seed(0)
+        loss, _ = objective.generator_loss(models, score_batch(resolved.geometry))
+        loss.backward()
+        assert all(p.grad is None for p in models.fake_score.parameters())
+        assert all(p.grad is None for p in models.real_score.parameters())
+        grads[type(objective).__name__] = torch.cat([p.grad.flatten() for p in models.generator.parameters()])
+    assert not torch.allclose(grads["DMD"], grads["SiD"], rtol=1e-3, atol=1e-8)

@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 import torch
 
+from model.objective import frozen
 from trainer.checkpoint import CheckpointManager, ModelAndOptimizer, full_state_dict, write_export
 from trainer.logger import TrainLogger
 from trainer.lora import merge_lora_state_dict
@@ -128,7 +129,9 @@ class Trainer:
         hook = objective.generator_loss if is_generator else objective.critic_loss
         first = (setup.generator_optimizer if is_generator else setup.critic_optimizer).state == {}
         phase = self.profiler.phase(f"{name}_step") if first else contextlib.nullcontext()
-        with phase:
+        # the generator step trains the generator alone: the critic stays frozen through forward and backward
+        freeze = frozen(setup.critic) if is_generator and setup.critic is not None else contextlib.nullcontext()
+        with phase, freeze:
             return optimizer_step(
                 model, optimizer, lambda batch: hook(self.models, batch), setup.batches.next,
                 micro_steps=setup.micro_steps, grad_clip=self.config.optim.grad_clip, autocast=self.autocast,
