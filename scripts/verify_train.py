@@ -74,7 +74,7 @@ def _train_step(name: str, model: torch.nn.Module, lr: float, loss_fn) -> list[C
     moved = sum(int(not torch.equal(b, p.detach())) for b, p in zip(before, params))
     model.zero_grad(set_to_none=True)
     return [
-        (f"{name} loss finite", bool(torch.isfinite(loss)), f"loss {float(loss):.4g}"),
+        (f"{name} loss finite", bool(torch.isfinite(loss)), f"loss {float(loss.detach()):.4g}"),
         (f"gradients reach the {name}", norm > 0 and torch.isfinite(torch.tensor(norm)).item(),
          f"{len(grads)}/{len(params)} tensors with a gradient, norm {norm:.4g}"),
         (f"{name} step changes weights", moved > 0, f"{moved}/{len(params)} tensors changed"),

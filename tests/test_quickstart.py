@@ -8,7 +8,7 @@ from tests.helpers import run_script
 from utils.io import atomic_save_safetensors, atomic_write_json
 from utils.presets import ARCH_FIELDS, arch_to_config_json, load_model_preset
 
-STAGES = ("ode_pairs", "lmdb", "ode_init", "dmd", "infer_ode_init", "infer_dmd")
+STAGES = ("ode_pairs", "lmdb", "ode_init", "dmd", "infer_ode_init", "infer_dmd", "infer_dmd_no_ema")
 
 
 @pytest.fixture(scope="module")
@@ -32,14 +32,17 @@ def test_short_quickstart_runs_the_chain_and_reuses_stages(tmp_path, random_teac
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
     assert set(report) >= {"teacher", "ode_init", "dmd", "checks", "criteria", "settings"}
-    for name in ("teacher", "ode_init", "dmd"):
+    assert set(report["checks"]["dmd"]) == {"student_adherence_ratio", "nfe_ratio", "speedup"}
+    for name in ("teacher", "ode_init", "dmd", "dmd_no_ema"):
         line = report[name]
         assert 0.0 <= line["adherence"] <= 1.0 and line["num_videos"] == 2 and line["seconds_per_video"] > 0
     assert report["teacher"]["nfe"] == 16  # 8 steps x CFG (short run)
-    assert report["dmd"]["nfe"] == report["ode_init"]["nfe"] == 3 * 5  # 3 blocks x (4 steps + context pass)
+    # per frame: 4 steps + the context pass; 3 blocks of 3 frames -> 15 forward calls per video
+    assert report["dmd"]["nfe"] == report["ode_init"]["nfe"] == 5
+    assert report["dmd"]["forward_calls"] == 15 and report["teacher"]["forward_calls"] == 16
     for picture in ("training_curves.png", "frames.png", "report.md"):
         assert (out / picture).stat().st_size > 0
-    assert len(list((out / "videos").glob("*/*.mp4"))) + len(list((out / "videos").glob("*/*/video.mp4"))) == 6
+    assert len(list((out / "videos").glob("*/*.mp4"))) + len(list((out / "videos").glob("*/*/video.mp4"))) == 8
     assert all((out / f"{stage}.done").exists() for stage in STAGES)
     # one log line covers the window of 4 iterations: the generator's loss (iterations 0 and 2) is averaged in
     (last,) = [json.loads(line) for line in (out / "dmd" / "metrics.jsonl").read_text().splitlines()]
