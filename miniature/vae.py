@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from utils.errors import UserError
+from utils.geometry import vae_latent_shape
 
 VERSION = "miniature"
 # Floor of the per-channel normalisation std. The trend channels vary only at moving edges (std ~0.08),
@@ -97,17 +98,7 @@ class MiniatureVAE(nn.Module):
 
     def latent_shape(self, num_frames: int, height: int, width: int) -> tuple[int, int, int, int]:
         """(F, C, h, w) of a video of `num_frames` pixel frames at height x width."""
-        self._check_size(num_frames, height, width)
-        st, sh, sw = self._stride
-        return (num_frames - 1) // st + 1, self.z_dim, height // sh, width // sw
-
-    def _check_size(self, num_frames: int, height: int, width: int) -> None:
-        st, sh, sw = self._stride
-        if (num_frames - 1) % st or height % sh or width % sw:
-            raise UserError(
-                f"video of {num_frames} frames at {height}x{width} does not fit the miniature VAE: expected frames = "
-                f"{st}*k+1 and height/width multiples of {sh}/{sw}"
-            )
+        return vae_latent_shape(self._stride, self.z_dim, num_frames, height, width, self.version)
 
     # ----------------------------------------------------------------------------------------- raw maps
     def encode_raw(self, video: torch.Tensor) -> torch.Tensor:
@@ -152,7 +143,7 @@ class MiniatureVAE(nn.Module):
         """Pixels `[B, 3, T, H, W]` in [-1, 1] -> normalised latents `[B, F, C, h, w]`, F = (T-1)/4 + 1."""
         if video.ndim != 5 or video.shape[1] != 3:
             raise UserError(f"video of shape {tuple(video.shape)}: expected [B, 3, T, H, W] pixels in [-1, 1]")
-        self._check_size(video.shape[2], video.shape[3], video.shape[4])
+        self.latent_shape(video.shape[2], video.shape[3], video.shape[4])
         return self.normalize(self.encode_raw(video))
 
     def decode_to_pixel(self, latents: torch.Tensor) -> torch.Tensor:

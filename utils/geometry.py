@@ -66,6 +66,17 @@ def latent_frames_for(num_pixel_frames: int, temporal_stride: int) -> int:
     return (num_pixel_frames - 1) // temporal_stride + 1
 
 
+def vae_latent_shape(stride: tuple, z_dim: int, num_frames: int, height: int, width: int, vae_name: str) -> tuple:
+    """(F, C, h, w) of a video through a VAE of this stride; a size that does not fit is one UserError line."""
+    stride_t, stride_h, stride_w = stride
+    if (num_frames - 1) % stride_t or height % stride_h or width % stride_w:
+        raise UserError(
+            f"video of {num_frames} frames at {height}x{width} does not fit the {vae_name} VAE: expected frames = "
+            f"{stride_t}*k+1 and height/width multiples of {stride_h}/{stride_w}"
+        )
+    return (num_frames - 1) // stride_t + 1, z_dim, height // stride_h, width // stride_w
+
+
 def pixel_frames_for(num_latent_frames: int, temporal_stride: int) -> int:
     return temporal_stride * (num_latent_frames - 1) + 1
 

@@ -15,6 +15,7 @@ from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d, un
 from torch import nn
 
 from utils.errors import UserError
+from utils.geometry import vae_latent_shape
 from utils.weights import read_weight_file
 from wan.vae_convert import infer_vae_arch, official_to_diffusers_names
 
@@ -227,17 +228,7 @@ class WanVAEWrapper(nn.Module):
 
     def latent_shape(self, num_frames: int, height: int, width: int) -> tuple[int, int, int, int]:
         """(F, C, h, w) of a video of `num_frames` pixel frames at height x width."""
-        self._check_size(num_frames, height, width)
-        st, sh, sw = self.stride
-        return (num_frames - 1) // st + 1, self.z_dim, height // sh, width // sw
-
-    def _check_size(self, num_frames: int, height: int, width: int) -> None:
-        st, sh, sw = self.stride
-        if (num_frames - 1) % st or height % sh or width % sw:
-            raise UserError(
-                f"video of {num_frames} frames at {height}x{width} does not fit the {self.version} VAE: expected frames = "
-                f"{st}*k+1 and height/width multiples of {sh}/{sw}"
-            )
+        return vae_latent_shape(self.stride, self.z_dim, num_frames, height, width, self.version)
 
     # ----------------------------------------------------------------------------------------- normalisation
     def normalize(self, raw: torch.Tensor) -> torch.Tensor:
@@ -259,7 +250,7 @@ class WanVAEWrapper(nn.Module):
         """Pixels `[B, 3, T, H, W]` in [-1, 1] -> normalised latent means `[B, F, C, h, w]`, F = (T-1)/4 + 1."""
         if video.ndim != 5 or video.shape[1] != 3:
             raise UserError(f"video of shape {tuple(video.shape)}: expected [B, 3, T, H, W] pixels in [-1, 1]")
-        self._check_size(video.shape[2], video.shape[3], video.shape[4])
+        self.latent_shape(video.shape[2], video.shape[3], video.shape[4])
         posterior = self.model.encode(video.to(device=self.model.device, dtype=self.dtype)).latent_dist
         return self.normalize(posterior.mode())
 
