@@ -24,6 +24,10 @@ def test_eval_set_is_small_fixed_and_covers_the_world():
     assert {c.background for c in captions} == set(BACKGROUND_COLOURS)
     assert {c.direction for c in captions} == set(DIRECTIONS)
     assert {c.speed for c in captions} == set(SPEED_ADVERBS)
+    # the teacher's validation set: the same captions with seeds the reported set does not use
+    validation = eval_prompts(first_seed=2000)
+    assert [text for text, _ in validation] == [text for text, _ in prompts]
+    assert not {seed for _, seed in validation} & {seed for _, seed in prompts}
 
 
 def test_world_clips_score_at_least_095():
