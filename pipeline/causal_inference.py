@@ -24,7 +24,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from pipeline.components import build_dit, build_text_encoder, build_vae, text_encoder_device
+from pipeline.components import build_dit, build_text_encoder, build_vae, compile_blocks, text_encoder_device
 from pipeline.schedule import few_step_timesteps
 from utils.config import Config
 from utils.errors import UserError
@@ -173,6 +173,7 @@ class CausalInferencePipeline:
         if components is not None:
             self.text_encoder, self.vae, self.generator = components.text_encoder, components.vae, components.generator
             self.load_s, self.base_memory_bytes = 0.0, current_bytes(self.device)
+            self.compiled = compile_blocks(self.generator, config.inference.compile, config.inference.compile_mode, self.device)
             return
         with self.profiler.component("text_encoder"):
             self.text_encoder = build_text_encoder(
@@ -181,6 +182,8 @@ class CausalInferencePipeline:
             self.vae = build_vae(resolved.vae, device=self.device, dtype=dtype)
         with self.profiler.component("generator"):
             self.generator = self._load_generator().eval().requires_grad_(False)
+        # 2. Compiled blocks (inference.compile); the first generation pays the compilation.
+        self.compiled = compile_blocks(self.generator, config.inference.compile, config.inference.compile_mode, self.device)
         self.load_s = self._clock() - start
         self.base_memory_bytes = current_bytes(self.device)
 

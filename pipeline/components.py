@@ -91,3 +91,18 @@ def build_text_encoder(config: Config, *, device: str | torch.device = "cpu", dt
     if ref.checkpoint:
         return WanTextEncoder.from_preset(preset, weights=ref.checkpoint, dtype=dtype, device=device)
     return WanTextEncoder.from_preset(preset, seed=seed, dtype=dtype, device=device)
+
+
+def compile_blocks(model: nn.Module, enabled: bool | None, mode: str, device: torch.device) -> bool:
+    """torch.compile each transformer block in place (regional compilation); returns whether it did.
+
+    `enabled` None means on for CUDA and off elsewhere (a CPU compile costs tens of seconds per block
+    size for little gain). The cached self-attention is excluded from the compiled regions
+    (wan.modules.causal_model), so the compiled code depends only on the block's own token count: one
+    compilation per block size, reused by every layer, step, block and cache fill.
+    """
+    if not (device.type == "cuda" if enabled is None else enabled):
+        return False
+    for block in model.blocks:
+        block.compile(dynamic=False, mode=mode)
+    return True

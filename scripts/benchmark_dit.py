@@ -2,6 +2,9 @@
 
 The cache is pre-filled with every frame before the last block (random K/V), then the last block
 runs forward_cached: the denoising pass (commit=False) and the context pass (commit=True).
+`--cache_modes in_place,copy` times the cache as it is (attention over the storage in place) and as
+it was (the kept frames concatenated with the block's keys in every layer), same run, with the peak
+memory of each forward (CUDA allocator, or sampled process RSS on a CPU).
 
     python scripts/benchmark_dit.py --config_path configs/self_forcing_dmd_5B.yaml --device cuda --dtype bf16
     python scripts/benchmark_dit.py --preset wan2.1-t2v-1.3b --latent_height 60 --latent_width 104 --num_frames 21
@@ -25,6 +28,21 @@ from wan.modules.causal_model import CausalWanModel  # noqa: E402
 from wan.modules.kv_cache import KVCache  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+class CopyingKVCache(KVCache):
+    """The cache as it was before in-place attention: every forward concatenates the kept frames with the block."""
+
+    def _visible_in_place(self, layer, plan, k, v, commit):
+        if commit:
+            self._write(layer, plan, k, v)
+        if not plan.kept_slots:
+            return k, v
+        cached_k, cached_v = self._gather(self.keys[layer], plan.kept_slots), self._gather(self.values[layer], plan.kept_slots)
+        return torch.cat([cached_k, k], dim=1), torch.cat([cached_v, v], dim=1)
+
+
+CACHE_MODES = {"in_place": KVCache, "copy": CopyingKVCache}
 ARCH_OVERRIDES = ("dim", "ffn_dim", "num_heads", "num_layers", "in_dim")
 
 
@@ -44,7 +62,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--backend", default="sdpa", choices=("sdpa", "flash", "flex"))
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
-    return parser.parse_args(argv)
+    parser.add_argument("--cache_modes", default="in_place", help="comma list of in_place (today) and copy (before)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile each block (as inference.compile)")
+    args = parser.parse_args(argv)
+    modes = args.cache_modes.split(",")
+    if not modes or any(mode not in CACHE_MODES for mode in modes):
+        parser.error(f"--cache_modes {args.cache_modes!r}: expected a comma list of {', '.join(CACHE_MODES)}")
+    args.cache_modes = modes
+    return args
 
 
 def resolve_geometry(args: argparse.Namespace) -> tuple[dict, int, int, int, int, int, int]:
@@ -101,31 +126,19 @@ def main(argv: list[str] | None = None) -> None:
     model = random_model(arch, dtype, args.device, args.backend)
     patch_h, patch_w = arch["patch_size"][1:]
     frame_seq_length = (height // patch_h) * (width // patch_w)
-    cache = KVCache(arch["num_layers"], args.batch_size, cache_frames, frame_seq_length, arch["num_heads"],
-                    model.head_dim, dtype, device, sink_frames=sink_frames)  # fmt: skip
-    # Pre-fill the cache with the earlier frames (random keys: the timing does not depend on their values).
-    cache.keys.normal_()
-    cache.values.normal_()
-    cache.commit(cache.plan(0, min(cached, cache_frames - block)))
-    cache.next_frame = cached  # absolute position of the last block (the window may have rolled)
+    if args.compile:
+        from pipeline.components import compile_blocks
 
+        compile_blocks(model, True, "default", device)
     x = torch.randn(args.batch_size, block, arch["in_dim"], height, width, device=device, dtype=dtype)
     timestep = torch.full((args.batch_size, block), 500.0, device=device)
     context = torch.randn(args.batch_size, arch["text_len"], arch["text_dim"], device=device, dtype=dtype)
-
-    def denoise():
-        model.forward_cached(x, timestep, context, cache, cached, commit=False)
-
-    with torch.no_grad():
-        denoise_ms = time_call(denoise, device, args.warmup, args.repeats)
-        # The commit pass writes the block; reset the bookkeeping each time so every call sees the same window.
-        frames, next_frame = list(cache.slot_frames), cache.next_frame
-
-        def context_pass():
-            cache.slot_frames, cache.next_frame = list(frames), next_frame
-            model.forward_cached(x, timestep, context, cache, cached, commit=True)
-
-        commit_ms = time_call(context_pass, device, args.warmup, args.repeats)
+    results = {}
+    for mode in args.cache_modes:
+        cache = CACHE_MODES[mode](arch["num_layers"], args.batch_size, cache_frames, frame_seq_length, arch["num_heads"],
+                                  model.head_dim, dtype, device, sink_frames=sink_frames)  # fmt: skip
+        results[mode] = time_cache(model, cache, x, timestep, context, block, cached, args)
+        del cache
 
     params = sum(p.numel() for p in model.parameters())
     rows = [
@@ -134,12 +147,51 @@ def main(argv: list[str] | None = None) -> None:
         ("model", f"dim {arch['dim']}, {arch['num_heads']} heads, {arch['num_layers']} layers, {params / 1e9:.3f} B params"),
         ("latent / tokens per frame", f"{arch['in_dim']}x{height}x{width} / {frame_seq_length}"),
         ("block / cached frames (window)", f"{block} / {cached} ({cache_frames} frames, sink {sink_frames})"),
-        ("ms / forward, denoise (commit=False)", f"{denoise_ms:.2f}"),
-        ("ms / forward, context (commit=True)", f"{commit_ms:.2f}"),
+        ("compiled blocks", "yes" if args.compile else "no"),
     ]
+    for mode, (denoise_ms, commit_ms, peak) in results.items():
+        suffix = "" if len(results) == 1 else f" [{mode}]"
+        rows += [
+            (f"ms / forward, denoise (commit=False){suffix}", f"{denoise_ms:.2f}"),
+            (f"ms / forward, context (commit=True){suffix}", f"{commit_ms:.2f}"),
+            (f"peak MiB above the cache, denoise forward{suffix}", f"{peak / 2**20:.0f}"),
+        ]
     width_col = max(len(name) for name, _ in rows)
     for name, value in rows:
         print(f"{name:<{width_col}}  {value}")
+
+
+def time_cache(model, cache, x, timestep, context, block, cached, args) -> tuple[float, float, int]:
+    """(denoise ms, context-pass ms, peak bytes of one denoise forward above what was allocated before it)."""
+    from utils.memory import _PeakTracker, current_bytes
+
+    device = x.device
+    # Pre-fill the cache with the earlier frames (random keys: the timing does not depend on their values).
+    cache.keys.normal_()
+    cache.values.normal_()
+    cache.commit(cache.plan(0, min(cached, cache.max_frames - block)))
+    cache.next_frame = cached  # absolute position of the last block (the window may have rolled)
+
+    def denoise():
+        model.forward_cached(x, timestep, context, cache, cached, commit=False)
+
+    with torch.no_grad():
+        denoise_ms = time_call(denoise, device, args.warmup, args.repeats)
+        tracker = _PeakTracker(device)
+        tracker.reset()
+        before = current_bytes(device)
+        denoise()
+        peak = tracker.read() - before
+        tracker.close()
+        # The commit pass writes the block; reset the bookkeeping each time so every call sees the same window.
+        frames, next_frame = list(cache.slot_frames), cache.next_frame
+
+        def context_pass():
+            cache.slot_frames, cache.next_frame = list(frames), next_frame
+            model.forward_cached(x, timestep, context, cache, cached, commit=True)
+
+        commit_ms = time_call(context_pass, device, args.warmup, args.repeats)
+    return denoise_ms, commit_ms, peak
 
 
 if __name__ == "__main__":

@@ -10,6 +10,12 @@ The text encoder is left out of both (a fixed random context of the model's text
 
     python scripts/benchmark_inference.py --config_path configs/self_forcing_dmd.yaml [--repeats 3] [--json]
     python scripts/benchmark_inference.py --config_path configs/tiny/self_forcing_dmd.yaml teacher.num_steps=8
+    python scripts/benchmark_inference.py --config_path configs/self_forcing_dmd.yaml --skip_bidirectional \
+        --variants sdpa:eager,sdpa:compile,flex:eager --json_out outputs/bench.json
+
+--variants times the causal side once per attention backend x compilation (inference.compile), each
+with a freshly built generator; --deadline_s skips the variants that would start after it (said in
+the report); --json_out rewrites the report after every variant, so a run cut short keeps its rows.
 """
 from __future__ import annotations
 
@@ -26,60 +32,46 @@ sys.path.insert(0, str(REPO_ROOT))
 
 import torch  # noqa: E402
 
+from scripts.bench_support import (  # noqa: E402
+    SEED,
+    RandomTextEncoder,
+    device_name,
+    peak_gib,
+    random_dit,
+    reset_peak,
+    synchronize,
+)
 from utils.config import Config, load_config, parse_cli  # noqa: E402
-from utils.errors import run_main  # noqa: E402
+from utils.errors import UserError, run_main  # noqa: E402
 from utils.geometry import ResolvedRecipe, resolve_recipe  # noqa: E402
 from utils.tables import format_table  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-SEED = 0
-
-
-class RandomContext:
-    """Stands in for the text encoder: one fixed random context [1, text_len, text_dim]."""
-
-    def __init__(self, text_len: int, text_dim: int, device: torch.device, dtype: torch.dtype):
-        self.context = torch.randn(1, text_len, text_dim, generator=torch.Generator().manual_seed(SEED)).to(device, dtype)
-
-    def encode(self, prompts: list[str]) -> torch.Tensor:
-        return self.context.expand(len(prompts), -1, -1)
-
-
-def _sync(device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
-
-
-def _peak_reset(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def _peak_gib(device: torch.device) -> float | None:
-    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
 
 
 def bench_causal(config: Config, resolved: ResolvedRecipe, vae, device: torch.device, dtype: torch.dtype,
                  repeats: int) -> dict:
     """Median of `repeats` timed generations after one warm-up."""
     from pipeline.causal_inference import CausalInferencePipeline, InferenceComponents
-    from pipeline.components import build_dit
 
     spec = dataclasses.replace(resolved.generator, checkpoint=None)  # random weights
-    generator = build_dit(spec, causal=True, attention_backend=config.attention_backend, device=device, dtype=dtype,
-                          seed=SEED).eval().requires_grad_(False)
-    text = RandomContext(spec.arch["text_len"], spec.arch["text_dim"], device, dtype)
+    generator = random_dit(spec, causal=True, attention_backend=config.attention_backend, device=device,
+                           dtype=dtype).eval().requires_grad_(False)
+    text = RandomTextEncoder(spec.arch["text_len"], spec.arch["text_dim"], device, dtype)
     pipe = CausalInferencePipeline(config, resolved, device, dtype,
                                    components=InferenceComponents(text_encoder=text, vae=vae, generator=generator))
-    pipe.generate("warm-up", seed=SEED)
-    _peak_reset(device)
+    started = synchronize(device)
+    pipe.generate("warm-up", seed=SEED)  # a compiled generator compiles here
+    warmup_s = synchronize(device) - started
+    reset_peak(device)
     runs = [pipe.generate("benchmark", seed=SEED) for _ in range(repeats)]
     total = statistics.median(r.timings["total_s"] for r in runs)
     frames = runs[0].video.shape[0]
     return {
         "mode": "causal",
+        "attention_backend": config.attention_backend,
+        "compiled": pipe.compiled,
+        "warmup_s": warmup_s,
         "steps_x_cfg": f"{len(config.rollout.denoising_step_list)}x1 (+1 context pass)",
         "nfe_per_video": runs[0].nfe,
         "frames": frames,
@@ -89,21 +81,20 @@ def bench_causal(config: Config, resolved: ResolvedRecipe, vae, device: torch.de
         "denoise_s": statistics.median(r.timings["denoise_s"] for r in runs),
         "vae_decode_s": statistics.median(r.timings["vae_decode_s"] for r in runs),
         "denoise_fps": frames / statistics.median(r.timings["denoise_s"] for r in runs),
-        "peak_gib": _peak_gib(device),
+        "peak_gib": peak_gib(device),
     }
 
 
 def bench_bidirectional(config: Config, resolved: ResolvedRecipe, vae, device: torch.device, dtype: torch.dtype) -> dict:
     """One timed sampling (it is long) after a one-step warm-up."""
-    from pipeline.components import build_dit
     from pipeline.teacher_sampling import sample_teacher
 
     spec = dataclasses.replace(resolved.generator, checkpoint=None)
-    model = build_dit(spec, causal=False, attention_backend=config.attention_backend, device=device, dtype=dtype,
-                      seed=SEED).eval().requires_grad_(False)
+    model = random_dit(spec, causal=False, attention_backend=config.attention_backend, device=device,
+                       dtype=dtype).eval().requires_grad_(False)
     geometry = resolved.geometry
-    text = RandomContext(spec.arch["text_len"], spec.arch["text_dim"], device, dtype)
-    cond, uncond = text.context, -text.context
+    text = RandomTextEncoder(spec.arch["text_len"], spec.arch["text_dim"], device, dtype)
+    cond, uncond = text.encode(["benchmark"]), text.encode_cached("negative")
     noise = torch.randn((1, *geometry.latent_shape[1:]), generator=torch.Generator().manual_seed(SEED)).to(device)
     sampling = config.teacher
     num_train_timesteps = config.flow.num_train_timesteps
@@ -111,15 +102,17 @@ def bench_bidirectional(config: Config, resolved: ResolvedRecipe, vae, device: t
     with torch.no_grad():
         sample_teacher(model, noise, cond, uncond, dataclasses.replace(sampling, num_steps=1),
                        num_train_timesteps=num_train_timesteps)
-        _peak_reset(device)
-        start = _sync(device)
+        reset_peak(device)
+        start = synchronize(device)
         sample = sample_teacher(model, noise, cond, uncond, sampling, num_train_timesteps=num_train_timesteps)
-        denoised = _sync(device)
+        denoised = synchronize(device)
         video = vae.decode_to_pixel(sample.latent)
-        end = _sync(device)
+        end = synchronize(device)
     frames = video.shape[1]
     return {
         "mode": "bidirectional",
+        "attention_backend": config.attention_backend,
+        "compiled": False,
         "steps_x_cfg": f"{sampling.num_steps}x2",
         "nfe_per_video": sample.nfe,
         "frames": frames,
@@ -129,16 +122,51 @@ def bench_bidirectional(config: Config, resolved: ResolvedRecipe, vae, device: t
         "denoise_s": denoised - start,
         "vae_decode_s": end - denoised,
         "denoise_fps": frames / (denoised - start),
-        "peak_gib": _peak_gib(device),
+        "peak_gib": peak_gib(device),
     }
 
 
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    import platform
+def parse_variants(text: str | None, config: Config) -> list[tuple[str, bool | None]]:
+    """'sdpa:eager,sdpa:compile' -> [(backend, compile)]; none given: the recipe's backend and inference.compile."""
+    if not text:
+        return [(config.attention_backend, config.inference.compile)]
+    variants = []
+    for item in text.split(","):
+        backend, _, mode = item.partition(":")
+        if backend not in ("sdpa", "flash", "flex") or mode not in ("eager", "compile"):
+            raise UserError(f"--variants item {item!r}: expected <sdpa|flash|flex>:<eager|compile>")
+        variants.append((backend, mode == "compile"))
+    return variants
 
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+def bench_variants(config: Config, resolved: ResolvedRecipe, vae, device: torch.device, dtype: torch.dtype,
+                   known: argparse.Namespace, report: dict) -> None:
+    """The causal side once per variant, in order; what cannot run (deadline, missing kernel) says why."""
+    deadline = None if known.deadline_s is None else time.monotonic() + known.deadline_s
+    for backend, compiled in parse_variants(known.variants, config):
+        name = f"{backend}:{'compile' if compiled else 'eager'}"
+        if deadline is not None and time.monotonic() > deadline:
+            report["skipped"].append({"variant": name, "reason": f"time budget of {known.deadline_s:.0f} s spent"})
+            continue
+        variant = dataclasses.replace(config, attention_backend=backend,
+                                      inference=dataclasses.replace(config.inference, compile=compiled))
+        try:
+            report["results"].append(bench_causal(variant, resolved, vae, device, dtype, known.repeats))
+        except UserError as err:  # e.g. flash-attn not installed
+            report["skipped"].append({"variant": name, "reason": str(err)})
+        except torch.OutOfMemoryError:
+            report["skipped"].append({"variant": name, "reason": "out of GPU memory"})
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        write_report(report, known.json_out)
+
+
+def write_report(report: dict, path: str | None) -> None:
+    if path:
+        from utils.io import atomic_write_json
+
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(Path(path), report)
 
 
 @run_main
@@ -150,6 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="timed causal generations (median reported)")
     parser.add_argument("--skip_bidirectional", action="store_true", help="time only the causal side")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--variants", default=None, help="backend:eager|compile list for the causal side, in order")
+    parser.add_argument("--deadline_s", type=float, default=None, help="start no variant after this many seconds")
+    parser.add_argument("--json_out", default=None, help="also write the report here (after every variant)")
     known, overrides = parse_cli(parser, argv)
 
     # 1. Recipe and geometry (presets only: the weights are random).
@@ -161,36 +192,39 @@ def main(argv: list[str] | None = None) -> int:
 
     vae = build_vae(dataclasses.replace(resolved.vae, checkpoint=None), device=device, dtype=dtype)
 
-    # 2. Both sides, one after the other (the causal model is freed before the bidirectional one is built).
-    results = [bench_causal(config, resolved, vae, device, dtype, known.repeats)]
-    if not known.skip_bidirectional:
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        results.append(bench_bidirectional(config, resolved, vae, device, dtype))
-
-    # 3. Report.
+    # 2. The causal variants, then the bidirectional side (each model freed before the next is built).
     geometry = resolved.geometry
     report = {
         "device": device_name(device), "dtype": str(dtype).removeprefix("torch."), "model": geometry.model,
         "size": f"{geometry.width}x{geometry.height}", "latent_frames": geometry.num_latent_frames,
-        "num_frame_per_block": geometry.num_frame_per_block, "attention_backend": config.attention_backend,
+        "num_frame_per_block": geometry.num_frame_per_block, "num_steps": len(config.rollout.denoising_step_list),
         "command": " ".join(["python", "scripts/benchmark_inference.py", *(argv if argv is not None else sys.argv[1:])]),
-        "results": results,
+        "results": [], "skipped": [],
     }
-    if len(results) == 2:
+    bench_variants(config, resolved, vae, device, dtype, known, report)
+    results = report["results"]
+    if not known.skip_bidirectional:
+        results.append(bench_bidirectional(config, resolved, vae, device, dtype))
+    if len(results) == 2 and results[1]["mode"] == "bidirectional":
         report["fps_ratio"] = results[0]["fps"] / results[1]["fps"]
         report["latency_ratio"] = results[1]["first_block_latency_s"] / results[0]["first_block_latency_s"]
+    write_report(report, known.json_out)
+
+    # 3. Report.
     if known.json:
         print(json.dumps(report, indent=2))
         return 0
     print(f"{report['device']}, {report['dtype']}, {report['model']} at {report['size']}, {report['latent_frames']} latent "
-          f"frames, blocks of {report['num_frame_per_block']}, attention {report['attention_backend']}")
-    header = ("mode", "steps x cfg", "nfe", "frames", "total s", "fps", "first block s", "denoise s", "decode s",
-              "denoise fps", "peak GiB")
-    rows = [(r["mode"], r["steps_x_cfg"], r["nfe_per_video"], r["frames"], f"{r['total_s']:.3f}", f"{r['fps']:.2f}",
-             f"{r['first_block_latency_s']:.3f}", f"{r['denoise_s']:.3f}", f"{r['vae_decode_s']:.3f}",
+          f"frames, blocks of {report['num_frame_per_block']}")
+    header = ("mode", "attention", "compiled", "steps x cfg", "nfe", "frames", "total s", "fps", "first block s",
+              "denoise s", "decode s", "denoise fps", "peak GiB")
+    rows = [(r["mode"], r["attention_backend"], "yes" if r["compiled"] else "no", r["steps_x_cfg"], r["nfe_per_video"],
+             r["frames"], f"{r['total_s']:.3f}", f"{r['fps']:.2f}", f"{r['first_block_latency_s']:.3f}",
+             f"{r['denoise_s']:.3f}", f"{r['vae_decode_s']:.3f}",
              f"{r['denoise_fps']:.2f}", "-" if r["peak_gib"] is None else f"{r['peak_gib']:.1f}") for r in results]
     print(format_table(rows, header=header))
+    for skip in report["skipped"]:
+        print(f"skipped {skip['variant']}: {skip['reason']}")
     if "fps_ratio" in report:
         print(f"causal / bidirectional: {report['fps_ratio']:.1f}x fps, {report['latency_ratio']:.1f}x sooner first frame")
     return 0

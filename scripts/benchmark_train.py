@@ -3,7 +3,9 @@
     [torchrun --nproc_per_node G] scripts/benchmark_train.py --config_path <recipe> [--steps N] [--warmup W] [key=value ...]
 
 The recipe's models are built at their real size from presets (checkpoints are ignored: random weights), with the
-recipe's precision, sharding and checkpointing; prompts are synthetic. Not a test: GPU figures are recorded by hand.
+recipe's precision, sharding and checkpointing; prompts are synthetic. The umT5-XXL text encoder (which needs its
+weights and tokenizer) is replaced by a fixed random context of its output size: the step's DiT work is unchanged.
+Not a test: GPU figures are recorded by hand or by scripts/gpu_check.sh (--json_out).
 """
 from __future__ import annotations
 
@@ -33,7 +35,36 @@ def _random_weights(config):
         return replace(ref, checkpoint=None)
 
     return replace(config, generator=strip(config.generator), real_score=strip(config.real_score),
-                   fake_score=strip(config.fake_score) if config.fake_score.preset else config.fake_score)
+                   fake_score=strip(config.fake_score) if config.fake_score.preset else config.fake_score,
+                   vae=replace(config.vae, checkpoint=None),  # random VAE (TI2V first frames only)
+                   text_encoder=replace(config.text_encoder, checkpoint=None, tokenizer=None))
+
+
+def _stub_text_encoder(config) -> None:
+    """umT5-XXL needs its weights and tokenizer: stand in a fixed random context of the DiT's text_len x text_dim."""
+    import trainer.setup
+    from utils.presets import load_model_preset, load_text_encoder_preset
+
+    if load_text_encoder_preset(config.text_encoder.preset)["kind"] != "umt5":
+        return
+    from scripts.bench_support import RandomTextEncoder
+
+    arch = load_model_preset(config.generator.preset)
+    trainer.setup.build_text_encoder = lambda config, device, seed: RandomTextEncoder(arch["text_len"], arch["text_dim"], device)
+
+
+def _build_on_gpu(device) -> None:
+    """Random DiTs made on the GPU, not initialised on the CPU and copied: at 5B that saves minutes."""
+    import torch
+
+    import trainer.setup
+    from scripts.bench_support import random_dit
+
+    def build(spec, *, causal, attention_backend, device="cpu", dtype=torch.float32, seed=0):
+        return random_dit(spec, causal=causal, attention_backend=attention_backend, device=run_device, dtype=dtype, seed=seed)
+
+    run_device = device
+    trainer.setup.build_dit = build
 
 
 def _timed(step, synchronize) -> float:
@@ -56,11 +87,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=3, help="timed steps per model")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per model first")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--json_out", default=None, help="also write the report here")
     args = parser.parse_args(rest)
 
     import torch
 
     from model import build_objective
+    from scripts.bench_support import device_name
     from trainer.loop import RunOptions, Trainer
     from utils.dist import cleanup, init_distributed
     from utils.memory import lifetime_peak_bytes
@@ -72,7 +105,10 @@ def main(argv: list[str] | None = None) -> None:
     if config.train.trainer == "ode":
         raise UserError("the benchmark times score distillation (generator + critic): pick a DMD or SiD recipe")
     config = replace(config, train=replace(config.train, data_path=prompts.name))
+    _stub_text_encoder(config)
     info = init_distributed()
+    if info.device.type == "cuda":
+        _build_on_gpu(info.device)
     logdir = tempfile.TemporaryDirectory()  # nothing is saved; the trainer only needs a place
     trainer = Trainer(config, info, RunOptions(logdir=Path(logdir.name)), build_objective)
     synchronize = torch.cuda.synchronize if info.device.type == "cuda" else (lambda: None)
@@ -84,15 +120,23 @@ def main(argv: list[str] | None = None) -> None:
                 seconds[name].append(elapsed)
     report = {
         "recipe": args.config_path,
-        "device": str(info.device),
+        "device": device_name(info.device),
         "world_size": info.world_size,
         "geometry": list(trainer.setup.geometry.latent_shape),
         "seconds_per_generator_step": statistics.median(seconds["generator"]),
         "seconds_per_critic_step": statistics.median(seconds["critic"]),
         "peak_memory_gb": lifetime_peak_bytes(info.device) / GIB,
+        "lora_rank": config.train.lora_rank,
+        "gradient_checkpointing": config.train.gradient_checkpointing,
+        "command": " ".join(["python", "scripts/benchmark_train.py", *(sys.argv[1:] if argv is None else argv)]),
     }
     if info.is_main:
         print(json.dumps(report, indent=2) if args.json else "\n".join(f"{k}: {v}" for k, v in report.items()))
+        if args.json_out:
+            from utils.io import atomic_write_json
+
+            Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(Path(args.json_out), report)
     os.unlink(prompts.name)
     logdir.cleanup()
     cleanup()

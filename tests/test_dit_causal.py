@@ -63,7 +63,7 @@ def test_one_block_equals_bidirectional_model():
         assert relative_error(cached, whole) < TOLERANCE
 
 
-def test_commit_false_reads_the_same_window_and_changes_nothing():
+def test_commit_false_reads_the_same_window_and_keeps_every_cached_frame():
     model = tiny_model(CausalWanModel, seed=4)
     x, timestep, context = inputs(model, frames=6)
     cache = make_cache(model, 2, max_frames=4, sink_frames=1)
@@ -71,10 +71,53 @@ def test_commit_false_reads_the_same_window_and_changes_nothing():
         rollout(model, x[:, :4], timestep[:, :4], context, cache, block=2)  # cache now full
         keys, values, frames = cache.keys.clone(), cache.values.clone(), list(cache.slot_frames)
         probe = model.forward_cached(x[:, 4:], timestep[:, 4:], context, cache, 4, commit=False)
-        assert torch.equal(cache.keys, keys) and torch.equal(cache.values, values) and cache.slot_frames == frames
+        # The probe wrote its scratch keys into the slots of the frames it evicts (1, 2); the frames it keeps
+        # (0 = sink, 3) and the bookkeeping are untouched.
+        kept = [slot for slot, frame in enumerate(frames) if frame in (0, 3)]
+        tokens = [slice(slot * FRAME_TOKENS, (slot + 1) * FRAME_TOKENS) for slot in kept]
+        for part in tokens:
+            assert torch.equal(cache.keys[:, :, part], keys[:, :, part])
+            assert torch.equal(cache.values[:, :, part], values[:, :, part])
+        assert cache.slot_frames == frames and cache.next_frame == 4
+        again = model.forward_cached(x[:, 4:], timestep[:, 4:], context, cache, 4, commit=False)
+        # A one-frame block here would keep frame 2, whose slot holds scratch now: refused, never read silently.
+        with pytest.raises(RuntimeError, match="overwritten by an uncommitted forward"):
+            model.forward_cached(x[:, 4:5], timestep[:, 4:5], context, cache, 4, commit=False)
         committed = model.forward_cached(x[:, 4:], timestep[:, 4:], context, cache, 4, commit=True)
+    assert torch.equal(probe, again)
     assert torch.allclose(probe, committed, atol=1e-6)
     assert cache.slot_frames == [0, 4, 5, 3] and cache.next_frame == 6  # frames 1, 2 evicted, sink kept
+
+
+def test_in_place_attention_reads_the_storage_without_a_copy():
+    model = tiny_model(CausalWanModel, seed=5)
+    x, timestep, context = inputs(model, frames=6)
+    cache = make_cache(model, 2, max_frames=4, sink_frames=1)
+    seen = []
+    with torch.no_grad():
+        for start in (0, 2, 4):  # growing, then rolling (frames 1, 2 evicted into slots 1, 2)
+            plan = cache.plan(start, 2)
+            view = cache.layer_view(0, plan, commit=True)
+            k = torch.randn(2, 2 * FRAME_TOKENS, model.config["num_heads"], model.head_dim)
+            keys, values = view(k, k.clone())
+            seen.append(keys.shape[1] // FRAME_TOKENS)
+            assert keys.data_ptr() == cache.keys[0].data_ptr() and values.data_ptr() == cache.values[0].data_ptr()
+            cache.commit(plan)
+    assert seen == [2, 4, 4]
+
+
+@pytest.mark.parametrize("max_frames,sink", [(6, 0), (4, 0), (4, 1), (3, 1)])
+def test_in_place_path_equals_the_gradient_path(max_frames, sink):
+    """The no-grad in-place path and the gradient path (gather + append) attend to the same keys: full cache,
+    window, window + sink, and a window of one block plus a sink."""
+    model = tiny_model(CausalWanModel, seed=7)
+    x, timestep, context = inputs(model, frames=6)
+    with torch.no_grad():
+        in_place = rollout(model, x, timestep, context, make_cache(model, 2, max_frames, sink), block=1 if max_frames == 3 else 2)
+    with torch.enable_grad():
+        gradient = rollout(model, x, timestep, context, make_cache(model, 2, max_frames, sink), block=1 if max_frames == 3 else 2)
+    assert gradient.requires_grad
+    assert relative_error(in_place, gradient.detach()) < TOLERANCE
 
 
 def test_rolled_cache_equals_attention_over_exactly_its_window():

@@ -113,6 +113,16 @@ class RolloutConfig:
     independent_first_frame: bool = False  # first block holds one frame (TI2V image), then blocks of num_frame_per_block
 
 
+@dataclass
+class InferenceConfig:
+    """How the causal student runs at inference (inference.py, the benchmarks, a server)."""
+
+    # torch.compile each transformer block (the cache bookkeeping and attention kernel stay eager, so one
+    # compilation per block size serves every block and cache fill); empty: on for CUDA, off on a CPU
+    compile: Optional[bool] = None
+    compile_mode: str = "default"  # torch.compile mode; reduce-overhead adds CUDA graphs for the steady state
+
+
 # --------------------------------------------------------------------------------------------- training
 @dataclass
 class DistillConfig:
@@ -184,6 +194,9 @@ class LoggingConfig:
 class Config:
     """A whole recipe."""
 
+    # a downloaded Wan folder (official or diffusers root): the VAE, text encoder and tokenizer inside it are
+    # used unless vae.checkpoint / text_encoder.checkpoint / text_encoder.tokenizer are set (those win)
+    model_folder: Optional[str] = None
     generator: ModelRef = field(default_factory=ModelRef)  # the causal student
     real_score: ModelRef = field(default_factory=ModelRef)  # the frozen bidirectional teacher
     fake_score: ModelRef = field(default_factory=ModelRef)  # the critic; empty: same as real_score
@@ -195,6 +208,7 @@ class Config:
     teacher: SamplingConfig = field(default_factory=SamplingConfig)
     ode: OdeConfig = field(default_factory=OdeConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -215,6 +229,7 @@ CHOICES = {
     "train.sharding_strategy": ("full", "hybrid_full"),
     "text_encoder.device": ("auto", "cpu", "cuda"),
     "logging.wandb_mode": ("online", "offline"),
+    "inference.compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
 }
 
 
@@ -287,7 +302,28 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     except OmegaConfBaseException as err:
         raise _explain(err, str(path)) from None
     validate_choices(config)
-    return config
+    return apply_model_folder(config)
+
+
+def apply_model_folder(config: Config) -> Config:
+    """Fill the VAE, text-encoder and tokenizer paths that the recipe leaves empty from `model_folder`."""
+    if not config.model_folder:
+        return config
+    from dataclasses import replace
+
+    from utils.folders import folder_components
+    from utils.presets import load_model_preset, load_vae_preset
+
+    vae_preset = config.vae.preset or (load_model_preset(config.generator.preset).get("vae") if config.generator.preset else None)
+    if not vae_preset:
+        raise UserError("model_folder needs the VAE's kind: set vae.preset (configs/vae/) or a generator preset")
+    found = folder_components(config.model_folder, load_vae_preset(vae_preset)["kind"])
+    text = config.text_encoder
+    return replace(
+        config,
+        vae=replace(config.vae, checkpoint=config.vae.checkpoint or found.vae),
+        text_encoder=replace(text, checkpoint=text.checkpoint or found.text_encoder, tokenizer=text.tokenizer or found.tokenizer),
+    )
 
 
 def validate_choices(config: Config) -> None:

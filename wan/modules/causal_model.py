@@ -81,8 +81,13 @@ class CausalWanModel(WanModel):
         return unpatchify(self.head(tokens, e), grid, self.patch_size, self.out_dim)
 
     def _cached_attend(self, kv_cache: KVCache, layer: int, plan: CachePlan, commit: bool) -> SelfAttend:
+        view = kv_cache.layer_view(layer, plan, commit)
+
+        # Cache bookkeeping is Python over slot indices: a compiled block runs it (and the attention kernel,
+        # already fused) eagerly, so its compiled parts depend only on the block's own token count.
+        @torch.compiler.disable
         def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            keys, values = kv_cache.visible(layer, plan, k, v, commit)
+            keys, values = view(k, v)
             return attention(q, keys.to(q.dtype), values.to(q.dtype), backend=self.attention_backend)
 
         return attend

@@ -6,13 +6,23 @@ oldest non-sink frame. Attention does not care about key order and RoPE was appl
 was written (absolute frame positions), so slots never need to be shifted.
 
 A block always attends to exactly the frames the cache would hold after committing it: the sink,
-the most recent frames, and itself. A forward with commit=False reads that same window and
-changes nothing.
+the most recent frames, and itself. The slots a block writes are free slots or the slots of the
+frames it evicts, so "kept slots + the block's slots" is always the filled prefix of the storage
+plus the next free slots: a contiguous range. Two ways to attend, with the same result:
+  - in place (no gradient through the block's keys: inference, the rollout's no-grad steps and
+    context passes): the block's k, v are written into its slots first and attention reads the
+    storage prefix as a view; no copy of the cache is made. With commit=False the written slots
+    are scratch: slot_frames does not change, so the frames the cache holds are unchanged, and a
+    later forward (commit or not) of a block at the same place rewrites them.
+  - with gradient (the exit step of a training rollout): the kept slots are gathered and the
+    block's own (differentiable) k, v appended. When the cache can evict, the gathered part is a
+    snapshot taken on first use, so activation checkpointing recomputes the attention against the
+    frames the forward saw, not against slots that later blocks overwrote.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -43,6 +53,7 @@ class KVCache:
         dtype: torch.dtype,
         device: torch.device | str,
         sink_frames: int = 0,
+        may_evict: bool = True,
     ):
         if not 0 <= sink_frames < max_frames:
             raise UserError(f"sink_frames={sink_frames} must be at least 0 and below the cache size {max_frames} frames")
@@ -53,6 +64,9 @@ class KVCache:
         self.num_heads = num_heads
         self.head_dim = head_dim
         self.sink_frames = sink_frames
+        # False when the cache holds the whole video: no slot a block saw is overwritten later, so the
+        # gradient path needs no snapshot of it.
+        self.may_evict = may_evict
         shape = (num_layers, batch_size, max_frames * frame_seq_length, num_heads, head_dim)
         self.keys = torch.zeros(shape, dtype=dtype, device=device)
         self.values = torch.zeros(shape, dtype=dtype, device=device)
@@ -71,12 +85,14 @@ class KVCache:
             dtype=dtype,
             device=device,
             sink_frames=geometry.sink_frames,
+            may_evict=geometry.cache_frames < geometry.num_latent_frames,
         )
 
     def reset(self) -> None:
         """Forget every committed frame and the cross-attention cache (storage is reused, not zeroed)."""
         self.slot_frames: list[int] = []  # absolute frame index held by slot i; filled slots are a prefix
         self.next_frame = 0  # first frame index not yet committed
+        self._scratch: set[int] = set()  # filled slots overwritten by an uncommitted in-place write
         self._cross: list[KeyValue] | None = None
         self._cross_context: tuple[torch.Tensor, int] | None = None
 
@@ -102,6 +118,11 @@ class KVCache:
         )
         slots = (free + evictable)[:num_frames]
         kept = tuple(slot for slot in range(len(self.slot_frames)) if slot not in slots)
+        if self._scratch.intersection(kept):
+            raise RuntimeError(
+                f"KV cache slots {sorted(self._scratch.intersection(kept))} were overwritten by an uncommitted forward "
+                f"of another block size; commit that block (or reset the cache) before planning {num_frames} frames"
+            )
         return CachePlan(start_frame, num_frames, tuple(slots), kept)
 
     def _token_range(self, slot: int) -> slice:
@@ -113,24 +134,46 @@ class KVCache:
             return storage[:, : len(slots) * self.frame_seq_length]
         return torch.cat([storage[:, self._token_range(slot)] for slot in slots], dim=1)
 
-    def visible(self, layer: int, plan: CachePlan, k: torch.Tensor, v: torch.Tensor, commit: bool) -> KeyValue:
-        """Keys and values a block attends to: kept cache frames plus its own (k, v) [B, f*S, H, D].
+    def _write(self, layer: int, plan: CachePlan, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Copy the block's (detached) k, v [B, f*S, H, D] into its slots, one copy per run of consecutive slots."""
+        first = 0
+        while first < len(plan.slots):
+            last = first
+            while last + 1 < len(plan.slots) and plan.slots[last + 1] == plan.slots[last] + 1:
+                last += 1
+            tokens = slice(first * self.frame_seq_length, (last + 1) * self.frame_seq_length)
+            storage = slice(plan.slots[first] * self.frame_seq_length, (plan.slots[last] + 1) * self.frame_seq_length)
+            self.keys[layer][:, storage] = k[:, tokens].detach()
+            self.values[layer][:, storage] = v[:, tokens].detach()
+            first = last + 1
 
-        With commit=True the block's (k, v) are also written (detached) into its slots.
+    def layer_view(self, layer: int, plan: CachePlan, commit: bool) -> "LayerView":
+        """What layer `layer` of one forward attends to (see LayerView)."""
+        return LayerView(self, layer, plan, commit)
+
+    def _visible_in_place(self, layer: int, plan: CachePlan, k: torch.Tensor, v: torch.Tensor, commit: bool) -> KeyValue:
+        """Write the block into its slots, then return the storage prefix holding kept slots + the block (views)."""
+        self._write(layer, plan, k, v)
+        if not commit:
+            self._scratch.update(slot for slot in plan.slots if slot < len(self.slot_frames))
+        end = (len(plan.kept_slots) + len(plan.slots)) * self.frame_seq_length
+        return self.keys[layer][:, :end], self.values[layer][:, :end]
+
+    def _snapshot(self, layer: int, plan: CachePlan) -> Optional[KeyValue]:
+        """The kept frames' (k, v), safe from later writes (None when nothing is kept).
+
+        A copy only when the cache can evict; otherwise kept slots are never rewritten and a view will do.
         """
-        if commit:
-            for i, slot in enumerate(plan.slots):
-                tokens = slice(i * self.frame_seq_length, (i + 1) * self.frame_seq_length)
-                self.keys[layer][:, self._token_range(slot)] = k[:, tokens].detach()
-                self.values[layer][:, self._token_range(slot)] = v[:, tokens].detach()
         if len(plan.kept_slots) == 0:
-            return k, v
-        cached_k = self._gather(self.keys[layer], plan.kept_slots)
-        cached_v = self._gather(self.values[layer], plan.kept_slots)
-        return torch.cat([cached_k, k.to(cached_k.dtype)], dim=1), torch.cat([cached_v, v.to(cached_v.dtype)], dim=1)
+            return None
+        keys, values = self._gather(self.keys[layer], plan.kept_slots), self._gather(self.values[layer], plan.kept_slots)
+        if self.may_evict and keys._base is not None:  # a view of the storage: copy it
+            keys, values = keys.clone(), values.clone()
+        return keys, values
 
     def commit(self, plan: CachePlan) -> None:
         """Record the block's frames as cached (call once, after every layer has written via `visible`)."""
+        self._scratch.clear()
         for i, slot in enumerate(plan.slots):
             frame = plan.start_frame + i
             if slot < len(self.slot_frames):
@@ -155,3 +198,30 @@ class KVCache:
             self._cross = [(k.detach(), v.detach()) for k, v in compute()]
             self._cross_context = key
         return self._cross
+
+
+class LayerView:
+    """One layer's view of the cache in one forward: `view(k, v)` -> the keys and values the block attends to.
+
+    The same object answers the first forward and activation checkpointing's recompute of it, so the
+    gradient path's snapshot of the kept frames is taken once, when the forward first runs.
+    """
+
+    def __init__(self, cache: KVCache, layer: int, plan: CachePlan, commit: bool):
+        self.cache, self.layer, self.plan, self.commit = cache, layer, plan, commit
+        self._kept: Optional[KeyValue] = None
+        self._taken = False
+
+    def __call__(self, k: torch.Tensor, v: torch.Tensor) -> KeyValue:
+        cache = self.cache
+        if not (k.requires_grad or v.requires_grad):
+            return cache._visible_in_place(self.layer, self.plan, k, v, self.commit)
+        # Gradient path: the block's own k, v stay differentiable, appended to the (detached) kept frames.
+        if not self._taken:
+            self._kept, self._taken = cache._snapshot(self.layer, self.plan), True
+            if self.commit:
+                cache._write(self.layer, self.plan, k, v)
+        if self._kept is None:
+            return k, v
+        cached_k, cached_v = self._kept
+        return torch.cat([cached_k, k.to(cached_k.dtype)], dim=1), torch.cat([cached_v, v.to(cached_v.dtype)], dim=1)
