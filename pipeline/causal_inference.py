@@ -30,7 +30,7 @@ from utils.config import Config
 from utils.errors import UserError
 from utils.geometry import Geometry, ResolvedRecipe, geometry_for
 from utils.memory import MemoryProfiler, current_bytes, lifetime_peak_bytes
-from utils.presets import ARCH_FIELDS, read_checkpoint_config
+from utils.presets import ARCH_FIELDS, dit_folder, read_checkpoint_config
 
 GENERATOR_FILE = "generator.safetensors"  # the trainer's export names
 GENERATOR_EMA_FILE = "generator_ema.safetensors"
@@ -70,6 +70,7 @@ def resolve_generator_weights(checkpoint: str | Path | None, use_ema: bool, reci
         if use_ema:
             raise UserError(f"--use_ema picks {GENERATOR_EMA_FILE} inside a folder, but checkpoint {path} is a file")
         folder, file = path.parent, path
+    folder = dit_folder(folder)  # a diffusers pipeline root: its transformer/
     if (folder / "config.json").is_file():
         found = read_checkpoint_config(folder)
         mismatched = [k for k in ARCH_KEYS_CHECKED if list_like(found[k]) != list_like(recipe_arch[k])]

@@ -87,7 +87,9 @@ def main(argv: list[str] | None = None) -> None:
     shard_of = {key: index for index, keys in enumerate(shards) for key in keys}
     pending: dict[str, torch.Tensor] = {}
     weight_map: dict[str, str] = {}
+    total_size = 0
     for key, tensor in checkpoint.tensors():
+        total_size += tensor.numel() * tensor.element_size()
         pending[rename(key)] = tensor
         weight_map[rename(key)] = names[shard_of[key]]
         if len(pending) == len(shards[shard_of[key]]):
@@ -98,7 +100,8 @@ def main(argv: list[str] | None = None) -> None:
 
     # 3. Index (when sharded) and config.json in the target convention.
     if len(shards) > 1:
-        atomic_write_json(output / f"{WEIGHTS_NAME}.safetensors.index.json", {"metadata": {}, "weight_map": weight_map})
+        index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
+        atomic_write_json(output / f"{WEIGHTS_NAME}.safetensors.index.json", index)
     config = official_to_diffusers_config(arch) if args.to == "diffusers" else arch_to_config_json(arch)
     atomic_write_json(output / "config.json", config)
     print(json.dumps({"output": str(output), "to": args.to, "tensors": len(weight_map), "shards": len(shards)}))

@@ -68,13 +68,16 @@ def check_model(args, config) -> int:
     return 0
 
 
+RESULT_WORDS = {True: "PASS", False: "FAIL", None: "SKIP"}  # SKIP: the item could not run here (detail says why)
+
+
 def print_checklist(items, as_json: bool) -> int:
-    """PASS/FAIL per item; exit status 1 when any item fails."""
+    """PASS/FAIL/SKIP per item; exit status 1 when any item fails (a SKIP is not a pass, nor a failure)."""
     if as_json:
-        print(json.dumps([{"check": n, "passed": ok, "detail": d} for n, ok, d in items], indent=2))
+        print(json.dumps([{"check": n, "result": RESULT_WORDS[ok], "detail": d} for n, ok, d in items], indent=2))
     else:
-        print(format_table([("PASS" if ok else "FAIL", n, d) for n, ok, d in items], header=("result", "check", "detail")))
-    return 0 if all(ok for _, ok, _ in items) else 1
+        print(format_table([(RESULT_WORDS[ok], n, d) for n, ok, d in items], header=("result", "check", "detail")))
+    return 0 if all(ok is not False for _, ok, _ in items) else 1
 
 
 def checklist(module: str, function: str):

@@ -68,6 +68,29 @@ def check_all(config: Config, ckpt_dir: Optional[str] = None, device: Optional[t
 
     checks.item("config", (), config_item)
 
+    # 2a. Weights: with --ckpt_dir, every weight file is opened and its keys and shapes compared with the
+    #     recipe's generator before any model is built; without it there is nothing to read (SKIP).
+    def weights_item() -> str:
+        from pipeline.causal_inference import resolve_generator_weights
+        from utils.presets import ARCH_FIELDS, dit_folder
+        from wan.loading import Checkpoint
+        from wan.modules.model import WanModel
+
+        arch = state["resolved"].generator.arch
+        weights = resolve_generator_weights(ckpt_dir, False, arch)
+        path = dit_folder(weights.path)
+        checkpoint = Checkpoint(path)
+        with torch.device("meta"):
+            expected = WanModel(**{k: arch[k] for k in ARCH_FIELDS}).state_dict()
+        checkpoint.check_against({name: tuple(t.shape) for name, t in expected.items()})
+        files = sorted({entry.file.name for entry in checkpoint.entries.values()})
+        return f"{len(checkpoint.entries)} tensors in {len(files)} file(s) under {path}: keys and shapes match the recipe"
+
+    if ckpt_dir is None:
+        checks.results.append(("weights", None, "no --ckpt_dir: no weight file read (random init below)"))
+    else:
+        checks.item("weights", ("resolved",), weights_item)
+
     # 2. Model build: the causal generator, from ckpt_dir when given.
     def model_item() -> str:
         resolved = state["resolved"]
@@ -199,7 +222,8 @@ def _training_step(config: Config, state: dict, device: torch.device, dtype: tor
 
 
 def format_results(results: list[CheckResult]) -> str:
-    return "\n".join(f"{'PASS' if ok else 'FAIL'}  {name}: {detail}" for name, ok, detail in results)
+    words = {True: "PASS", False: "FAIL", None: "SKIP"}
+    return "\n".join(f"{words[ok]}  {name}: {detail}" for name, ok, detail in results)
 
 
 if __name__ == "__main__":  # direct use: python scripts/verify_all.py <recipe> [ckpt_dir]

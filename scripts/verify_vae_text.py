@@ -14,11 +14,12 @@ from utils.config import Config
 from utils.geometry import resolve_recipe
 from utils.presets import load_text_encoder_preset
 
-Check = tuple[str, bool, str]
+Check = tuple[str, "bool | None", str]  # passed: True, False, or None when it could not run (SKIP)
 
-# Official file names, looked for in --ckpt_dir when the recipe names no weights.
+# Names looked for in --ckpt_dir when the recipe names no weights: official files, then diffusers subfolders.
 VAE_FILES = {"wan2.1": ("Wan2.1_VAE.pth", "vae"), "wan2.2": ("Wan2.2_VAE.pth", "vae")}
 T5_FILE, T5_TOKENIZER = "models_t5_umt5-xxl-enc-bf16.pth", "google/umt5-xxl"
+T5_NAMES, TOKENIZER_NAMES = (T5_FILE, "text_encoder"), (T5_TOKENIZER, "tokenizer")
 PROBE_PROMPT = "a red fox runs through fresh snow at dawn"
 
 
@@ -43,7 +44,7 @@ def check_vae(config: Config, ckpt_dir: str | None = None) -> list[Check]:
     recipe = resolve_recipe(config, need_scores=False, check_weights=False)
     spec, geometry = recipe.vae, recipe.geometry
     if spec.kind not in VAE_FILES:
-        return [("vae.kind", True, f"{spec.kind} VAE: not a Wan VAE, checked by its own tests")]
+        return [("vae.kind", None, f"{spec.kind} VAE: not a Wan VAE, checked by its own tests")]
     weights, note = _find(spec.checkpoint, ckpt_dir, VAE_FILES[spec.kind])
     checks: list[Check] = []
     if weights:
@@ -53,7 +54,8 @@ def check_vae(config: Config, ckpt_dir: str | None = None) -> list[Check]:
     elif spec.preset.get("arch"):
         device, dtype = torch.device("meta"), torch.float32
         vae = WanVAEWrapper.from_preset(spec.preset, device="meta")
-        checks.append(("vae.weights", True, f"no weights{note}: preset '{spec.name}' on the meta device (shapes only)"))
+        checks.append(("vae.weights", None, f"no weights{note}: nothing read; preset '{spec.name}' shapes checked on the "
+                                            "meta device only"))
     else:
         return [("vae.weights", False, f"VAE preset '{spec.name}' has no arch and no weights were found")]
 
@@ -104,15 +106,16 @@ def check_text(config: Config, ckpt_dir: str | None = None) -> list[Check]:
     text_dim = resolve_recipe(config, need_scores=False, check_weights=False).geometry.text_dim
     checks: list[Check] = []
     if preset["kind"] == "umt5":
-        weights, note = _find(ref.checkpoint, ckpt_dir, (T5_FILE,))
-        tokenizer, tokenizer_note = _find(ref.tokenizer, ckpt_dir, (T5_TOKENIZER,))
+        weights, note = _find(ref.checkpoint, ckpt_dir, T5_NAMES)
+        tokenizer, tokenizer_note = _find(ref.tokenizer, ckpt_dir, TOKENIZER_NAMES)
         if weights and tokenizer:
             dtype = torch.bfloat16 if _device().type == "cuda" else torch.float32
             encoder = WanTextEncoder.from_pretrained(weights, tokenizer, dtype=dtype, device=_device(), preset=preset)
-            checks.append(("text.weights", True, f"{weights} + tokenizer {tokenizer}, every key used"))
+            checks.append(("text.weights", True, f"{weights} + tokenizer {tokenizer}: read, every key used"))
         else:
             encoder = WanTextEncoder.from_preset(preset, device="meta")
-            checks.append(("text.weights", True, f"no weights{note or tokenizer_note}: umT5 on the meta device (shapes only)"))
+            checks.append(("text.weights", None, f"no weights{note or tokenizer_note}: nothing read; umT5 shapes checked "
+                                                 "on the meta device only"))
     else:
         encoder = WanTextEncoder.from_preset(preset, weights=ref.checkpoint)
         shipped = f" with {ref.checkpoint}" if ref.checkpoint else " (random weights)"

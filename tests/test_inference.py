@@ -198,12 +198,16 @@ def test_verify_all_checklist_passes_and_reports_a_bad_checkpoint(recipe, checkp
     config, _ = recipe
     results = check_all(config, str(checkpoint), device=torch.device("cpu"))
     names = [name for name, _, _ in results]
-    assert names == ["config", "model build", "kv cache shapes", "frame_seq_length", "vae round trip", "one forward",
-                     "one training step"]
+    assert names == ["config", "weights", "model build", "kv cache shapes", "frame_seq_length", "vae round trip",
+                     "one forward", "one training step"]
     assert all(ok for _, ok, _ in results), results
+    assert "keys and shapes match the recipe" in dict((n, d) for n, _, d in results)["weights"]
+    without = {name: ok for name, ok, _ in check_all(config, None, device=torch.device("cpu"))}
+    assert without["weights"] is None  # nothing to read: SKIP, never PASS
     broken = tmp_path / "broken.safetensors"
     broken.write_bytes(b"not weights")
     outcome = {name: (ok, detail) for name, ok, detail in check_all(config, str(broken), device=torch.device("cpu"))}
+    assert outcome["weights"][0] is False and "broken.safetensors" in outcome["weights"][1]
     assert outcome["model build"][0] is False and "broken.safetensors" in outcome["model build"][1]
     assert outcome["one forward"] == (False, "skipped: needs generator")
     assert outcome["kv cache shapes"][0] and outcome["vae round trip"][0]  # the rest still runs

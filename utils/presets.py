@@ -13,6 +13,7 @@ from typing import Any, Optional
 from omegaconf import OmegaConf
 
 from utils.errors import UserError
+from utils.folders import DIFFUSERS_EXPERT_DIRS, MOE_EXPERT_DIRS, dit_folder, moe_expert_dirs  # noqa: F401 (re-exported)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIGS_DIR = REPO_ROOT / "configs"
@@ -22,7 +23,14 @@ ARCH_FIELDS = (
     "model_type", "patch_size", "text_len", "in_dim", "dim", "ffn_dim", "freq_dim", "text_dim",
     "out_dim", "num_heads", "num_layers", "window_size", "qk_norm", "cross_attn_norm", "eps",
 )
-MOE_EXPERT_DIRS = ("high_noise_model", "low_noise_model")
+# An official config.json holds 12 keys; these architecture fields are not among them and come from the
+# official WanModel constructor's defaults, the same for every published Wan model.
+OFFICIAL_CONSTRUCTOR_DEFAULTS = {
+    "patch_size": [1, 2, 2], "text_dim": 4096, "window_size": [-1, -1], "qk_norm": True, "cross_attn_norm": True,
+    "text_len": 512, "freq_dim": 256, "eps": 1e-6,
+}
+# Without these a config.json does not say which model it is (the constructor's own values are no real model).
+REQUIRED_CONFIG_FIELDS = ("model_type", "dim", "ffn_dim", "num_heads", "num_layers", "in_dim", "out_dim")
 
 
 # --------------------------------------------------------------------------------------------- files
@@ -104,19 +112,30 @@ def read_checkpoint_config(folder: str | Path) -> dict:
         raw = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise UserError(f"{path} is not valid JSON: {err.msg} at line {err.lineno}") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path} is not a model config: expected a JSON object with dim, num_heads, num_layers, ...")
     if "num_attention_heads" in raw:
         return _from_diffusers_config(raw, folder)
-    missing = [k for k in ARCH_FIELDS if k not in raw]
+    missing = [k for k in REQUIRED_CONFIG_FIELDS if k not in raw]
     if missing:
         raise UserError(
-            f"{path} lacks official fields {', '.join(missing[:4])}: expected an official Wan or diffusers config.json"
+            f"{path} lacks {', '.join(missing)}: expected an official Wan config.json (dim, ffn_dim, num_heads, "
+            "num_layers, in_dim, out_dim, model_type, ...) or a diffusers one"
         )
-    return {k: raw[k] for k in ARCH_FIELDS}
+    merged = {**OFFICIAL_CONSTRUCTOR_DEFAULTS, **raw}
+    return {k: list(merged[k]) if isinstance(merged[k], tuple) else merged[k] for k in ARCH_FIELDS}
 
 
 def arch_to_config_json(arch: dict) -> dict:
-    """The official config.json content for an architecture (written beside exported weights)."""
-    return {"_class_name": "WanModel", **{k: arch[k] for k in ARCH_FIELDS}}
+    """The official config.json for an architecture (written beside exported weights): the published 12 keys, plus
+    any constructor-default field this architecture departs from (tiny presets), so it reads back to the same arch."""
+    official = ("dim", "eps", "ffn_dim", "freq_dim", "in_dim", "model_type", "num_heads", "num_layers", "out_dim", "text_len")
+    config = {"_class_name": "WanModel", "_diffusers_version": "0.30.0", **{k: arch[k] for k in official}}
+    for key, default in OFFICIAL_CONSTRUCTOR_DEFAULTS.items():
+        value = list(arch[key]) if isinstance(arch[key], tuple) else arch[key]
+        if key not in config and value != default:
+            config[key] = value
+    return config
 
 
 # --------------------------------------------------------------------------------------------- specs
@@ -149,10 +168,10 @@ def _checkpoint_arch(role: str, checkpoint: str) -> tuple[dict, bool]:
     path = Path(checkpoint)
     if not path.exists():
         raise UserError(f"{role}.checkpoint {checkpoint} does not exist: expected a weights folder or file")
-    folder = path if path.is_dir() else path.parent
-    experts = [folder / d for d in MOE_EXPERT_DIRS]
-    if path.is_dir() and not (folder / "config.json").exists() and all(e.is_dir() for e in experts):
+    experts = moe_expert_dirs(path)
+    if experts is not None:
         return read_checkpoint_config(experts[0]), True
+    folder = dit_folder(path) if path.is_dir() else path.parent
     return read_checkpoint_config(folder), False
 
 

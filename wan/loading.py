@@ -17,13 +17,19 @@ import torch.nn as nn
 from safetensors import safe_open
 
 from utils.errors import UserError
-from utils.presets import ARCH_FIELDS, read_checkpoint_config
+from utils.presets import ARCH_FIELDS, dit_folder, read_checkpoint_config
 from utils.weights import read_weight_file
 from wan.convert import detect_naming, to_official_key
 
 ModelT = TypeVar("ModelT", bound=nn.Module)
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt")
 MAX_KEYS_SHOWN = 3
+
+
+def is_companion_file(name: str) -> bool:
+    """The VAE, umT5 and CLIP files that official folders keep beside the DiT (Wan2.1_VAE.pth, models_t5_*.pth)."""
+    lower = name.lower()
+    return "vae" in lower or lower.startswith(("models_t5", "models_clip")) or "umt5" in lower
 
 
 @dataclass(frozen=True)
@@ -61,10 +67,14 @@ def weight_files(path: Path) -> list[Path]:
             raise UserError(f"{indexes[0]} names shards missing from {path}: {_shown(missing)}")
         return shards
     files = sorted(p for p in path.iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES))
-    if len(files) != 1:
-        found = _shown(p.name for p in files) if files else "none"
-        raise UserError(f"{path} must hold one weights file or a *.safetensors.index.json, found {found}")
-    return files
+    candidates = [p for p in files if not is_companion_file(p.name)]
+    if len(candidates) != 1:
+        found = _shown(p.name for p in candidates) if candidates else "none"
+        raise UserError(
+            f"{path} must hold one DiT weights file (besides the VAE and text-encoder files) or a "
+            f"*.safetensors.index.json, found {found}"
+        )
+    return candidates
 
 
 def _open_safetensors(file: Path):
@@ -172,7 +182,7 @@ def load_pretrained(
     arch: dict | None = None,
 ) -> ModelT:
     """Build `model_cls` from a checkpoint folder (config.json + weights) or a weights file plus `arch`."""
-    path = Path(path)
+    path = dit_folder(path)  # a diffusers pipeline root: its transformer/
     if path.is_dir():
         if arch is not None:
             raise UserError(f"{path} is a folder: its config.json gives the architecture, do not pass arch as well")

@@ -8,12 +8,10 @@ import torch
 import torch.nn as nn
 
 from utils.errors import UserError
-from utils.presets import MOE_EXPERT_DIRS
+from utils.presets import DIFFUSERS_EXPERT_DIRS, MOE_EXPERT_DIRS, moe_expert_dirs
 from wan.modules.model import WanModel
 
 NUM_TRAIN_TIMESTEPS = 1000  # timestep = 1000 * sigma (project convention)
-# diffusers lays the experts out as transformer/ (high noise) and transformer_2/ (low noise).
-DIFFUSERS_EXPERT_DIRS = ("transformer", "transformer_2")
 
 
 class MoEWanModel(nn.Module):
@@ -69,11 +67,11 @@ class MoEWanModel(nn.Module):
         The boundary comes from the argument, else from a diffusers model_index.json's boundary_ratio.
         """
         folder = Path(folder)
-        for high_dir, low_dir in (MOE_EXPERT_DIRS, DIFFUSERS_EXPERT_DIRS):
-            if (folder / high_dir).is_dir() and (folder / low_dir).is_dir():
-                break
-        else:
-            raise UserError(f"{folder} holds no MoE experts: expected {'/ and '.join(MOE_EXPERT_DIRS)}/ subfolders")
+        experts = moe_expert_dirs(folder)
+        if experts is None:
+            raise UserError(f"{folder} holds no MoE experts: expected {'/ and '.join(MOE_EXPERT_DIRS)}/ subfolders "
+                            f"(or diffusers {'/ and '.join(DIFFUSERS_EXPERT_DIRS)}/)")
+        high_dir, low_dir = experts
         if boundary is None:
             index = folder / "model_index.json"
             boundary = json.loads(index.read_text()).get("boundary_ratio") if index.is_file() else None

@@ -50,6 +50,27 @@ def _read_official(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def _read_transformers_folder(path: Path, dtype: torch.dtype) -> UMT5EncoderModel:
+    """A transformers UMT5EncoderModel folder (config.json + model*.safetensors [+ index]), read offline."""
+    import json as _json
+
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise UserError(f"text encoder folder {path} has no config.json: expected a diffusers text_encoder/ folder "
+                        "(transformers UMT5EncoderModel) or the official models_t5_umt5-xxl-enc-bf16.pth")
+    try:
+        model_type = _json.loads(config_file.read_text()).get("model_type")
+    except ValueError:
+        raise UserError(f"{config_file} is not valid JSON") from None
+    if model_type != "umt5":
+        raise UserError(f"text encoder folder {path} holds model_type {model_type!r}: expected 'umt5' (UMT5EncoderModel)")
+    try:
+        return UMT5EncoderModel.from_pretrained(str(path), dtype=dtype, local_files_only=True)
+    except (OSError, ValueError, RuntimeError) as err:
+        first = " ".join(str(err).split())[:200]
+        raise UserError(f"text encoder folder {path} cannot be loaded ({first}): a shard missing or truncated?") from None
+
+
 def _official_to_model(state: dict[str, torch.Tensor], model: UMT5EncoderModel, path: Path, dtype: torch.dtype) -> None:
     """Load official-named weights into `model` (built on meta): every key used, none missing, shapes right."""
     mapping, unmapped = official_to_hf_names(state)
@@ -91,6 +112,9 @@ class WanTextEncoder(nn.Module):
         preset = _load_preset(preset)
         path = Path(ckpt_path)
         tokenizer = HuggingfaceTokenizer(tokenizer_path)  # before the big read: a missing folder fails fast
+        if path.is_dir():  # a diffusers pipeline's text_encoder/ (transformers UMT5EncoderModel, sharded safetensors)
+            model = _read_transformers_folder(path, dtype)
+            return cls(model.to(device), tokenizer, text_len or int(preset["text_len"]))
         state = _read_official(path)
         try:
             size = infer_t5_size({k: tuple(v.shape) for k, v in state.items()})
