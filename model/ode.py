@@ -78,7 +78,11 @@ class OdeRegression(Objective):
             x_t = torch.cat([batch.first_frame.to(x_t.dtype), x_t[:, 1:]], dim=1)
             per_frame[:, 0] = 0.0
         # 2. One block-causal forward; x0 from the flow.
-        flow = models.generator.forward_block_causal(x_t, per_frame, batch.context, self.geometry.num_frame_per_block)
+        g = self.geometry
+        rolling = g.cache_frames < g.num_latent_frames  # the same window + sink the rollout's KV cache gives
+        flow = models.generator.forward_block_causal(x_t, per_frame, batch.context, g.num_frame_per_block,
+                                                     window_frames=g.cache_frames if rolling else None,
+                                                     sink_frames=g.sink_frames if rolling else 0)
         x0 = predict_x0(x_t, flow, per_frame, self.num_train_timesteps)
         # 3. MSE to the clean latent on frames that were noisy.
         noisy = per_frame != 0  # [B, F]

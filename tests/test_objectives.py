@@ -89,7 +89,7 @@ class KnowsTheAnswer:
     def __init__(self, clean, error=0.0):
         self.clean, self.error, self.timesteps = clean, error, []
 
-    def forward_block_causal(self, x, timestep, context, num_frame_per_block):
+    def forward_block_causal(self, x, timestep, context, num_frame_per_block, **mask):
         self.timesteps.append(timestep.clone())
         sigma = (timestep / 1000.0)[..., None, None, None]
         flow = torch.where(sigma > 0, (x - self.clean) / sigma.clamp_min(1e-12), torch.zeros_like(x))
@@ -109,7 +109,8 @@ def ode_batch(geometry, first_frame=False):
 @pytest.mark.parametrize("first_frame", [False, True])
 def test_ode_loss_is_zero_for_the_exact_clean_prediction_and_positive_otherwise(first_frame):
     config, resolved = recipe(path="configs/tiny/ode.yaml")
-    objective = build_objective(config, resolved.geometry)
+    # noisy points only, so every block's timestep can be checked below (clean context: the next test)
+    objective = build_objective(load_config("configs/tiny/ode.yaml", ["train.ode_clean_context=false"]), resolved.geometry)
     assert isinstance(objective, OdeRegression) and not objective.has_critic
     batch = ode_batch(resolved.geometry, first_frame)
     clean = batch.ode_latents[:, -1]
@@ -224,13 +225,15 @@ def test_objective_without_critic_refuses_a_critic_step():
 def test_ode_clean_context_draws_clean_blocks_without_loss():
     config, resolved = recipe(path="configs/tiny/ode.yaml")
     timesteps = torch.tensor([1000.0, 900.0, 700.0, 400.0, 0.0])
-    noisy_only = build_objective(config, resolved.geometry)
-    with_clean = build_objective(load_config("configs/tiny/ode.yaml", ["train.ode_clean_context=true"]), resolved.geometry)
+    with_clean = build_objective(config, resolved.geometry)  # the default: the published method
+    noisy_only = build_objective(load_config("configs/tiny/ode.yaml", ["train.ode_clean_context=false"]), resolved.geometry)
     g = torch.Generator().manual_seed(0)
-    draws = [with_clean.draw_points(timesteps, g) for _ in range(200)]
-    assert any(4 in d for d in draws)  # the clean point is drawn as context ...
+    draws = [with_clean.draw_points(timesteps, g) for _ in range(2000)]
+    # the clean point is drawn uniformly with the others: 1 block in 5 (2 blocks x 2000 draws, +-4 sigma)
+    rate = sum(d.count(4) for d in draws) / sum(len(d) for d in draws)
+    assert abs(rate - 1 / 5) < 4 * (0.2 * 0.8 / 4000) ** 0.5, rate
     assert all(any(p != 4 for p in d) for d in draws)  # ... but never for every block
-    assert all(4 not in noisy_only.draw_points(timesteps, g) for _ in range(200))  # upstream: noisy points only
+    assert all(4 not in noisy_only.draw_points(timesteps, g) for _ in range(200))  # the option: noisy points only
     # a clean block is context: the exact answer still gives zero loss, an error only counts on noisy blocks
     batch = ode_batch(resolved.geometry)
     clean = batch.ode_latents[:, -1]

@@ -16,7 +16,10 @@ def test_ode_regression_loss_falls_and_export_loads(tmp_path):
     recipe = os.path.join(TINY, "ode.yaml")
     lmdb_path = write_tiny_ode_lmdb(load_config(recipe), tmp_path / "pairs.lmdb")
     logdir = tmp_path / "run"
-    proc = torchrun_train(recipe, logdir, f"train.data_path={lmdb_path}", "train.max_steps=16", "train.save_iters=16")
+    # noisy points only: with clean context (the default, tested in test_objectives and by the quickstart chain) a
+    # block at t = 0 drops out of a step's loss, and 16 tiny steps are too few to see the trend through that noise
+    proc = torchrun_train(recipe, logdir, f"train.data_path={lmdb_path}", "train.max_steps=16", "train.save_iters=16",
+                          "train.ode_clean_context=false")
     assert_ok(proc)
 
     losses = [r["generator_loss"] for r in metrics(logdir)]

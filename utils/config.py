@@ -173,9 +173,10 @@ class TrainConfig:
     lora_rank: int = 0  # LoRA rank for generator and critic; 0: full fine-tuning
     lora_alpha: float = 0.0  # LoRA alpha; 0: equal to the rank
     max_consecutive_nonfinite: int = 5  # stop after this many NaN/Inf steps in a row
-    # ODE regression: blocks may also draw the clean point (t = 0, no loss) and serve as clean context, as the
-    # KV cache holds clean blocks at inference (rollout.context_noise 0); false: noisy points only (upstream)
-    ode_clean_context: bool = False
+    # ODE regression draws each block's point among ALL kept points, the clean one included (the published
+    # Self-Forcing/CausVid method): a block at t = 0 has no loss and is clean context for later blocks, as the KV
+    # cache holds at inference. false: noisy points only (every block gets a loss; not the published method)
+    ode_clean_context: bool = True
     data_path: Optional[str] = None  # ODE LMDB (trainer=ode) or a prompt file (score distillation)
     image_root: Optional[str] = None  # TI2V: folder of first-frame images named in the prompt file
 

@@ -20,9 +20,29 @@ BACKENDS = ("sdpa", "flash", "flex")
 
 @dataclass(frozen=True)
 class BlockCausalMask:
-    """Query token i sees key token j iff j // block_tokens <= i // block_tokens."""
+    """Block-causal attention with the KV cache's window: a query in a block ending at token e sees keys
+    [0, sink_tokens) and [max(sink_tokens, e - (window_tokens - sink_tokens)), e), which is what the rolling cache
+    holds when that block is attended (the sink, the most recent frames, the block itself). No window: [0, e).
+
+    `block_tokens` is the block size; `block_ends` (token offsets, ascending) replaces it for unequal blocks
+    (an independent first frame)."""
 
     block_tokens: int
+    window_tokens: int | None = None
+    sink_tokens: int = 0
+    block_ends: tuple[int, ...] | None = None
+
+    def ends(self, length: int) -> tuple[int, ...]:
+        if self.block_ends is not None:
+            return self.block_ends
+        return tuple(min(end, length) for end in range(self.block_tokens, length + self.block_tokens, self.block_tokens))
+
+    def visible(self, end: int) -> tuple[slice, ...]:
+        """Key ranges a block ending at token `end` attends to."""
+        if self.window_tokens is None or end <= self.window_tokens:
+            return (slice(0, end),)
+        start = max(self.sink_tokens, end - (self.window_tokens - self.sink_tokens))
+        return ((slice(0, self.sink_tokens),) if self.sink_tokens else ()) + (slice(start, end),)
 
 
 def _flash_module():
@@ -70,11 +90,14 @@ def attention(
     dense = _flash if backend == "flash" else _sdpa
     if mask is None:
         return dense(q, k, v)
-    # Block-causal without a dense mask: the queries of block b see exactly the keys [0, end of b).
-    outputs = []
-    for start in range(0, q.shape[1], mask.block_tokens):
-        end = min(start + mask.block_tokens, q.shape[1])
-        outputs.append(dense(q[:, start:end], k[:, :end], v[:, :end]))
+    # Block-causal without a dense mask: the queries of each block against exactly the keys it sees.
+    outputs, start = [], 0
+    for end in mask.ends(q.shape[1]):
+        ranges = mask.visible(end)
+        keys = k[:, ranges[0]] if len(ranges) == 1 else torch.cat([k[:, r] for r in ranges], dim=1)
+        values = v[:, ranges[0]] if len(ranges) == 1 else torch.cat([v[:, r] for r in ranges], dim=1)
+        outputs.append(dense(q[:, start:end], keys, values))
+        start = end
     return torch.cat(outputs, dim=1)
 
 
@@ -95,11 +118,18 @@ def _flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=16)
-def _block_mask(block_tokens: int, length: int, device: torch.device):
+def _block_mask(mask: BlockCausalMask, length: int, device: torch.device):
     from torch.nn.attention.flex_attention import create_block_mask
 
+    ends = torch.tensor(mask.ends(length), device=device)
+    block_end = ends[torch.bucketize(torch.arange(length, device=device), ends, right=True)]  # token -> its block's end
+    window = length if mask.window_tokens is None else mask.window_tokens
+    sink = mask.sink_tokens
+
     def block_causal(batch, head, q_idx, kv_idx):
-        return kv_idx // block_tokens <= q_idx // block_tokens
+        end = block_end[q_idx]
+        in_window = (kv_idx >= end - (window - sink)) | (kv_idx < sink) | (end <= window)
+        return (kv_idx < end) & in_window
 
     return create_block_mask(block_causal, None, None, length, length, device=device)
 
@@ -114,7 +144,7 @@ def _compiled_flex():
 def _flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: BlockCausalMask | None) -> torch.Tensor:
     from torch.nn.attention.flex_attention import flex_attention
 
-    block_mask = None if mask is None else _block_mask(mask.block_tokens, q.shape[1], q.device)
+    block_mask = None if mask is None else _block_mask(mask, q.shape[1], q.device)
     # Compiled only on CUDA, and lazily: nothing is compiled at import time.
     kernel = _compiled_flex() if q.device.type == "cuda" else flex_attention
     out = kernel(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask)

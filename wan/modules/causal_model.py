@@ -30,11 +30,25 @@ class CausalWanModel(WanModel):
             raise UserError(f"causal timestep shape {list(timestep.shape)} must be [B, {num_frames}] (one per latent frame)")
 
     def forward_block_causal(
-        self, x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor, num_frame_per_block: int
+        self,
+        x: torch.Tensor,
+        timestep: torch.Tensor,
+        context: torch.Tensor,
+        num_frame_per_block: int,
+        *,
+        window_frames: int | None = None,
+        sink_frames: int = 0,
+        block_sizes: tuple[int, ...] | None = None,
     ) -> torch.Tensor:
-        """Flow prediction for the whole video x [B, F, C, H, W] with block-causal self-attention."""
+        """Flow prediction for the whole video x [B, F, C, H, W] with block-causal self-attention.
+
+        window_frames / sink_frames: the KV cache's window (rollout.local_attn_size) and sink, so each block sees
+        what the rolling cache would give it at inference; block_sizes: unequal blocks (independent first frame).
+        """
         num_frames = x.shape[1]
-        if num_frames % num_frame_per_block:
+        if block_sizes is not None and sum(block_sizes) != num_frames:
+            raise UserError(f"block sizes {list(block_sizes)} do not add up to {num_frames} latent frames")
+        if block_sizes is None and num_frames % num_frame_per_block:
             raise UserError(f"{num_frames} latent frames are not a whole number of blocks of {num_frame_per_block}")
         self._check_frame_timesteps(timestep, num_frames)
         # 1. Tokens and conditioning (one modulation group per frame).
@@ -42,7 +56,15 @@ class CausalWanModel(WanModel):
         e, e0 = self.embed_time(timestep)
         # 2. Blocks: a token sees the tokens of its own block and of every earlier block.
         frame_tokens = grid[1] * grid[2]
-        mask = BlockCausalMask(block_tokens=num_frame_per_block * frame_tokens)
+        ends = None
+        if block_sizes is not None:
+            ends = tuple(frame_tokens * sum(block_sizes[: i + 1]) for i in range(len(block_sizes)))
+        mask = BlockCausalMask(
+            block_tokens=num_frame_per_block * frame_tokens,
+            window_tokens=None if window_frames is None else window_frames * frame_tokens,
+            sink_tokens=sink_frames * frame_tokens,
+            block_ends=ends,
+        )
         attend = functools.partial(attention, backend=self.attention_backend, mask=mask)
         context_kv = self.context_key_values(context)
         tokens = self.run_blocks(tokens, e0, self.rope(grid, x.device), context_kv, [attend] * len(self.blocks))
