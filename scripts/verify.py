@@ -1,7 +1,8 @@
 """The verification checklist: `python scripts/verify.py <check> --config_path <recipe> [--ckpt_dir DIR] [--json]`.
 
-Checks: geometry (derived sizes), model (parameter counts on the meta device), vae, text, train (one
-generator and one critic step), all (the whole checklist, PASS/FAIL per item).
+Checks: plan (every input the recipe needs is on disk, or the command that makes it), geometry (derived sizes),
+model (parameter counts on the meta device), vae, text, train (one generator and one critic step), all (the whole
+checklist, PASS/FAIL/SKIP per item).
 """
 from __future__ import annotations
 
@@ -90,7 +91,14 @@ def checklist(module: str, function: str):
     return run
 
 
+def check_plan(args, config) -> int:
+    from verify_plan import check_plan as plan
+
+    return print_checklist(plan(config, args.config_path), args.json)
+
+
 CHECKS = {
+    "plan": check_plan,
     "geometry": check_geometry,
     "model": check_model,
     "vae": checklist("verify_vae_text", "check_vae"),

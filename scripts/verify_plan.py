@@ -1,0 +1,70 @@
+"""Before a long job: every input a recipe needs, whether it is here, and the command that makes it if not.
+
+`python scripts/verify.py plan --config_path <recipe>` prints one line per input (model folders, VAE, umT5 and
+tokenizer, the ODE LMDB or the prompt file, the ode_init a DMD/SiD recipe starts from); a missing one FAILs with
+where it comes from. Nothing is loaded: it reads the recipe and looks at the disk.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from utils.config import Config, load_config
+
+Check = tuple[str, "bool | None", str]
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+PROMPTS_HINT = ("a text file of prompts, one per line: the published recipe trained on the VidProM-derived list "
+                "vidprom_filtered_extended.txt (from the Self-Forcing authors' release; VidProM is CC BY-NC 4.0), "
+                "or any prompts of your own")
+
+
+def _ode_recipe_for(checkpoint: str) -> tuple[str, str] | None:
+    """The shipped ODE recipe whose `--logdir <folder>` export is `checkpoint` (<folder>/latest/generator.safetensors)."""
+    path = Path(checkpoint)
+    if path.parent.name != "latest":
+        return None
+    logdir = str(path.parent.parent)
+    for recipe in sorted(CONFIGS.glob("*.yaml")):
+        config = load_config(recipe)
+        if config.train.trainer == "ode" and config.train.data_path:
+            suffix = Path(config.train.data_path).stem.removeprefix("ode_pairs_")
+            if logdir.endswith(f"ode_init_{suffix}"):
+                return f"configs/{recipe.name}", logdir
+    return None
+
+
+def _exists(name: str, path: str | None, what: str, make: str) -> Check:
+    if not path:
+        return name, None, f"not set: {what} is not used by this recipe"
+    if Path(path).exists():
+        return name, True, f"{path}"
+    return name, False, f"{path} is missing: {make}"
+
+
+def check_plan(config: Config, config_path: str) -> list[Check]:
+    checks: list[Check] = []
+    download = "download the official folder (or its -Diffusers twin) into it; see README, Weights"
+    for role in ("generator", "real_score", "fake_score"):
+        ref = getattr(config, role)
+        if role != "generator" and config.train.trainer == "ode" and role == "fake_score":
+            continue
+        make = download
+        found = _ode_recipe_for(ref.checkpoint) if ref.checkpoint else None
+        if found:
+            recipe, logdir = found
+            make = f"train the ODE stage first: torchrun --nproc_per_node 8 train.py --config_path {recipe} --logdir {logdir}"
+        checks.append(_exists(f"{role}.checkpoint", ref.checkpoint, f"a {role} checkpoint", make))
+    if config.model_folder:
+        checks.append(_exists("model_folder", config.model_folder, "a model folder", download))
+    checks.append(_exists("vae.checkpoint", config.vae.checkpoint, "a VAE file", download))
+    checks.append(_exists("text_encoder.checkpoint", config.text_encoder.checkpoint, "an umT5 file", download))
+    checks.append(_exists("text_encoder.tokenizer", config.text_encoder.tokenizer, "a tokenizer folder", download))
+    data = config.train.data_path
+    if config.train.trainer == "ode":
+        pairs = str(Path(data).with_suffix("")) if data else "data/ode_pairs"
+        make = (f"make the pairs, then pack them: torchrun --nproc_per_node=8 scripts/generate_ode_pairs.py --config_path "
+                f"{config_path} --caption_path <prompts.txt> --output_folder {pairs} && python scripts/create_lmdb.py "
+                f"--data_path {pairs} --lmdb_path {data}")
+        checks.append(_exists("train.data_path (ODE LMDB)", data, "an ODE LMDB", make))
+    else:
+        checks.append(_exists("train.data_path (prompts)", data, "a prompt file", f"put {PROMPTS_HINT} there"))
+    return checks

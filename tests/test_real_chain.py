@@ -1,0 +1,81 @@
+"""README's real-scale chain, command by command, on tiny replicas of the published folders.
+
+From a fresh working folder holding only wan_models/<the downloaded folders> and a prompt file, the commands
+run as README writes them (the shipped recipes, their paths) with size overrides only (video size, the tiny
+replica's presets, step counts): ODE pairs -> LMDB -> ode_init -> DMD -> inference; each step's output is the
+next step's default input, and `verify.py plan` names what is missing and how to make it.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.fixtures.published import official_folder
+from tests.helpers import REPO_ROOT, run_script
+
+CHAINS = {
+    "5B": dict(folders=("Wan2.2-TI2V-5B",), ode="configs/ode_5B.yaml", dmd="configs/self_forcing_dmd_5B.yaml",
+               pairs="data/ode_pairs_5B", video=["video.height=64", "video.width=96", "video.image_or_video_shape=[1,3,48,4,6]"],
+               vae="tiny-wan2.2"),
+    "1.3B": dict(folders=("Wan2.1-T2V-1.3B", "Wan2.1-T2V-14B"), ode="configs/ode.yaml", dmd="configs/self_forcing_dmd.yaml",
+                 pairs="data/ode_pairs_1.3B", video=["video.height=32", "video.width=48",
+                                                     "video.image_or_video_shape=[1,3,16,4,6]"], vae="tiny-wan2.1"),
+}
+
+
+def _sizes(chain: dict) -> list[str]:
+    """Only sizes: the video, the tiny replica's architecture (read from its config.json: no preset), step counts."""
+    return [*chain["video"], "video.num_frames=9", "generator.preset=null", "real_score.preset=null",
+            "fake_score.preset=null", f"vae.preset={chain['vae']}", "ode.num_steps=4", "ode.keep_indices=[0,2,-1]",
+            "teacher.num_steps=2", "train.max_steps=1", "train.save_iters=1", "train.log_iters=1",
+            "train.total_batch_size=null", "train.mixed_precision=false", "train.ema_start_step=0"]
+
+
+def _run(cwd: Path, *args: str):
+    script = str(Path(REPO_ROOT) / args[0])
+    proc = run_script([script, *args[1:]], cwd=str(cwd))
+    assert proc.returncode == 0, f"{' '.join(args)}\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
+    return proc
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(CHAINS))
+def test_readme_chain_runs_on_the_downloaded_folders(tmp_path, name):
+    chain = CHAINS[name]
+    work = tmp_path / "work"
+    for folder in chain["folders"]:
+        official_folder(work / "wan_models" / folder, folder)
+    (work / "prompts").mkdir()
+    prompts = "a red cat moving left\na blue dog on the background\n"
+    (work / "prompts" / "my_prompts.txt").write_text(prompts)
+    (work / "prompts" / "vidprom_filtered_extended.txt").write_text(prompts)
+    recipe = lambda key: str(Path(REPO_ROOT) / chain[key])  # noqa: E731
+    sizes = _sizes(chain)
+
+    # 0. plan: the folders are there; the LMDB is not, and the line says how to make it.
+    proc = run_script([str(Path(REPO_ROOT) / "scripts/verify.py"), "plan", "--config_path", recipe("ode"), "--json"],
+                      cwd=str(work))
+    plan = {item["check"]: item for item in json.loads(proc.stdout)}
+    assert proc.returncode == 1 and plan["generator.checkpoint"]["result"] == "PASS"
+    assert plan["train.data_path (ODE LMDB)"]["result"] == "FAIL"
+    assert "generate_ode_pairs.py" in plan["train.data_path (ODE LMDB)"]["detail"]
+
+    # 1-3. ODE pairs -> LMDB -> ode_init, at README's paths.
+    _run(work, "scripts/generate_ode_pairs.py", "--config_path", recipe("ode"), "--caption_path", "prompts/my_prompts.txt",
+         "--output_folder", chain["pairs"], *sizes)
+    _run(work, "scripts/create_lmdb.py", "--data_path", chain["pairs"], "--lmdb_path", f"{chain['pairs']}.lmdb")
+    logdir = f"checkpoints/ode_init_{name}"
+    _run(work, "train.py", "--config_path", recipe("ode"), "--logdir", logdir, "--disable-wandb", *sizes)
+    assert (work / logdir / "latest" / "generator.safetensors").is_file()
+
+    # 4. DMD: its generator is the ode_init export by default; plan now finds every input.
+    proc = run_script([str(Path(REPO_ROOT) / "scripts/verify.py"), "plan", "--config_path", recipe("dmd")], cwd=str(work))
+    assert proc.returncode == 0 and "FAIL" not in proc.stdout, proc.stdout
+    _run(work, "train.py", "--config_path", recipe("dmd"), "--logdir", f"logs/dmd_{name}", "--disable-wandb", *sizes)
+
+    # 5. Inference with the DMD export.
+    _run(work, "inference.py", "--config_path", recipe("dmd"), "--checkpoint", f"logs/dmd_{name}/latest", "--use_ema",
+         "--prompt", "a red cat moving left", "--output_folder", "videos", *sizes)
+    assert len(list((work / "videos").glob("*/video.mp4"))) == 1
