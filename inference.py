@@ -28,6 +28,7 @@ from utils.config import load_config, parse_cli
 from utils.datasets import TextPromptDataset
 from utils.errors import UserError, run_main
 from utils.geometry import resolve_recipe
+from utils.io import check_output_folder
 from utils.memory import MemoryProfiler, torch_trace
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -57,6 +58,24 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     return known, overrides
 
 
+MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed's range
+
+
+def check_device(name: str | None) -> torch.device:
+    """--device: cpu, cuda or cuda:N that exists here (default: cuda when available)."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name!r} is not a device name: expected cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {name!r}: expected cpu, cuda or cuda:N")
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise UserError(f"--device {name}: no such CUDA device here ({torch.cuda.device_count()} visible); use cpu")
+    return device
+
+
 @run_main
 def main(argv: list[str] | None = None) -> int:
     from pipeline.inference_outputs import save_result
@@ -68,10 +87,16 @@ def main(argv: list[str] | None = None) -> int:
     prompts = [args.prompt] if args.prompt is not None else TextPromptDataset(args.data_path).prompts
     if args.prompt is not None and not args.prompt.strip():
         raise UserError("--prompt is empty: expected a text prompt")
+    if args.num_output_frames is not None and args.num_output_frames < 1:
+        raise UserError(f"--num_output_frames {args.num_output_frames}: expected a positive number of pixel frames "
+                        "(omit it for the recipe's video.num_frames)")
+    if not 0 <= args.seed <= MAX_SEED - len(prompts):
+        raise UserError(f"--seed {args.seed}: expected 0..{MAX_SEED - len(prompts)} (prompt i of a file uses seed + i)")
+    check_output_folder(args.output_folder, "--output_folder")
+    device = check_device(args.device)
     geometry = inference_geometry(config, resolved, args.num_output_frames)
     check_image(args.image, config.video.task, geometry)
     resolve_generator_weights(args.checkpoint, args.use_ema, resolved.generator.arch)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
 
     # 2. Load once.

@@ -43,7 +43,9 @@ def main(argv: list[str] | None = None) -> None:
     from trainer.loop import RunOptions, Trainer, TrainingDiverged
     from utils.config import load_config
     from utils.dist import cleanup, init_distributed
+    from utils.io import check_output_folder
 
+    check_output_folder(args.logdir, "--logdir")
     config = load_config(args.config_path, overrides)
     info = init_distributed()
     options = RunOptions(logdir=Path(args.logdir), use_wandb=config.logging.wandb and not args.disable_wandb,

@@ -12,10 +12,13 @@ SAMPLE_DIMS = (1, 2, 3, 4)  # F, C, H, W of a [B, F, C, H, W] latent
 
 
 def dmd_gradient(x: Tensor, real_x0: Tensor, fake_x0: Tensor) -> Tensor:
-    """(fake_x0 - real_x0) / mean|x - real_x0| per sample, float64, non-finite values zeroed."""
+    """(fake_x0 - real_x0) / mean|x - real_x0| per sample, float64; a sample with a zero normaliser (x equals the
+    teacher's x0) gets a zero gradient. Non-finite scores stay non-finite, so the trainer's guard sees them."""
     x, real_x0, fake_x0 = x.detach().double(), real_x0.detach().double(), fake_x0.detach().double()
     normaliser = (x - real_x0).abs().mean(dim=SAMPLE_DIMS, keepdim=True)
-    return torch.nan_to_num((fake_x0 - real_x0) / normaliser)
+    zero = normaliser == 0  # False for NaN: a NaN normaliser stays NaN below
+    safe = torch.where(zero, torch.ones_like(normaliser), normaliser)
+    return torch.where(zero, torch.zeros_like(fake_x0), (fake_x0 - real_x0) / safe)
 
 
 def dmd_loss(x: Tensor, real_x0: Tensor, fake_x0: Tensor) -> tuple[Tensor, Tensor]:

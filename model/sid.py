@@ -22,8 +22,11 @@ def sid_loss(x: Tensor, real_x0: Tensor, fake_x0: Tensor, alpha: float) -> Tenso
     x64, real, fake = x.double(), real_x0.double(), fake_x0.double()
     with torch.no_grad():
         normaliser = (x64 - real).abs().mean(dim=SAMPLE_DIMS, keepdim=True)
-    per_element = (real - fake) * ((real - x64) - alpha * (real - fake)) / normaliser
-    return torch.nan_to_num(per_element).mean()
+    # a zero normaliser (x equals the teacher's x0) contributes nothing; non-finite scores stay non-finite
+    zero = normaliser == 0  # False for NaN: a NaN normaliser stays NaN below
+    safe = torch.where(zero, torch.ones_like(normaliser), normaliser)
+    per_element = (real - fake) * ((real - x64) - alpha * (real - fake)) / safe
+    return torch.where(zero, torch.zeros_like(per_element), per_element).mean()
 
 
 class SiD(ScoreDistillation):

@@ -268,6 +268,9 @@ class CausalInferencePipeline:
                 )
             video = torch.cat(stream.pixels, dim=1)[0].float().cpu()
         total_s = self._clock() - start
+        if not bool(torch.isfinite(output.latents).all()):
+            raise UserError(f"the generator produced non-finite latents (NaN/Inf) for {prompt[:40]!r}: its weights "
+                            f"({self.weights.path or 'the recipe generator'}) are damaged or diverged; no video written")
 
         # 4. Timings and memory.
         timings.update(stream.timings())

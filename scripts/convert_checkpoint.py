@@ -67,7 +67,13 @@ def plan_shards(checkpoint: Checkpoint, max_bytes: float, element_size: int) -> 
 @run_main
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    output = Path(args.output)
+    import math
+
+    from utils.io import check_output_folder
+
+    output = check_output_folder(args.output, "--output")
+    if not (math.isfinite(args.max_shard_gb) and args.max_shard_gb > 0):
+        raise UserError(f"--max_shard_gb {args.max_shard_gb}: expected a positive size in GiB")
     if output.exists() and any(output.iterdir()):
         raise UserError(f"--output {output} is not empty: choose a new folder")
     # 1. Read and check everything before writing anything.

@@ -156,9 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     prompts_data = read_prompts(args, config)
     num_prompts = min(len(prompts_data), args.num_prompts or len(prompts_data))
     prompts = prompts_data.prompts[:num_prompts]
-    output = Path(args.output_folder)
-    if output.exists() and not output.is_dir():
-        raise UserError(f"--output_folder {output} is a file: expected a folder")
+    from utils.io import check_output_folder as check_writable
+
+    output = check_writable(args.output_folder, "--output_folder")  # empty, a file, read-only: refused now
     finished = scan_pair_folder(output)
     check_output_folder(output, finished, fingerprint, prompts, config.train.seed)
 

@@ -50,10 +50,19 @@ def test_dmd_with_equal_real_and_fake_scores_gives_zero_gradient():
     assert float(grad.abs().max()) == 0.0 and float(x32.grad.abs().max()) == 0.0 and float(loss.detach()) == 0.0
 
 
-def test_dmd_gradient_zeroes_non_finite_values():
+def test_zero_normaliser_is_zero_gradient_but_non_finite_scores_reach_the_guard():
+    from model.sid import sid_loss
+
     x, real, fake = stand_in_scores(2)
-    grad = dmd_gradient(real.clone(), real, fake)  # x == real: normaliser 0 -> inf, nan_to_num keeps it finite
-    assert torch.isfinite(grad).all()
+    grad = dmd_gradient(real.clone(), real, fake)  # x == real: normaliser 0, the sample contributes nothing
+    assert torch.isfinite(grad).all() and float(grad.abs().max()) == 0.0
+    assert float(sid_loss(real.clone(), real, fake, 1.0)) == 0.0
+    # a NaN setting or NaN weights give NaN scores: the loss must say so (the trainer's non-finite guard fires)
+    broken = real.clone()
+    broken[0, 0, 0, 0, 0] = float("nan")
+    assert not torch.isfinite(dmd_loss(x, broken, fake)[0])
+    assert not torch.isfinite(sid_loss(x, broken, fake, 1.0))
+    assert not torch.isfinite(dmd_loss(x, real, fake * float("inf"))[0])
 
 
 def test_sid_loss_matches_a_direct_float64_computation():

@@ -239,9 +239,15 @@ def _read_yaml(path: Path) -> Any:
     if not path.is_file():
         raise UserError(f"config file {path} not found: expected a YAML recipe")
     try:
-        return OmegaConf.load(path)
-    except Exception as err:  # yaml errors carry multi-line context; keep the first line
-        raise UserError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+        data = OmegaConf.load(path)
+    except Exception as err:  # yaml errors carry multi-line context; keep the first line and the position
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        raise UserError(f"config file {path} is not valid YAML{where}: {str(err).splitlines()[0]}") from None
+    if not OmegaConf.is_dict(data):
+        raise UserError(f"config file {path} holds a {type(data).__name__.removesuffix('Config').lower() or 'value'} at "
+                        "its top level: expected a mapping of settings (key: value)")
+    return data
 
 
 def _recipe_layers(path: Path, seen: tuple[Path, ...] = ()) -> list:
@@ -332,13 +338,22 @@ def validate_choices(config: Config) -> None:
         value = OmegaConf.select(OmegaConf.structured(config), key)
         if value not in allowed:
             raise UserError(f"config key '{key}' is '{value}': expected one of {', '.join(allowed)}")
+    _check_finite(OmegaConf.structured(config))
     checks = [
+        ("train.max_steps", config.train.max_steps >= 1, "at least 1 iteration"),
+        ("train.log_iters", config.train.log_iters >= 1, "at least 1"),
+        ("optim.lr", config.optim.lr > 0, "a positive learning rate"),
+        ("optim.lr_critic", config.optim.lr_critic > 0, "a positive learning rate"),
+        ("optim.weight_decay", config.optim.weight_decay >= 0, "0 or more"),
+        ("optim.grad_clip", config.optim.grad_clip > 0, "a positive gradient-norm limit"),
+        ("distill.guidance_scale", config.distill.guidance_scale >= 0, "0 or more"),
+        ("teacher.num_steps", config.teacher.num_steps >= 1, "at least 1"),
+        ("ode.num_steps", config.ode.num_steps >= 1, "at least 1"),
         ("video.num_frame_per_block", config.video.num_frame_per_block >= 1, "at least 1"),
         ("video.height", config.video.height > 0, "a positive number of pixels"),
         ("video.width", config.video.width > 0, "a positive number of pixels"),
         ("video.num_frames", config.video.num_frames >= 1, "at least 1"),
         ("train.batch_size", config.train.batch_size >= 1, "at least 1"),
-        ("train.max_steps", config.train.max_steps >= 0, "0 or more"),
         ("train.save_iters", config.train.save_iters >= 1, "at least 1"),
         ("train.keep_last", config.train.keep_last >= 1, "at least 1"),
         ("distill.dfake_gen_update_ratio", config.distill.dfake_gen_update_ratio >= 1, "at least 1"),
@@ -349,6 +364,22 @@ def validate_choices(config: Config) -> None:
         if not ok:
             value = OmegaConf.select(OmegaConf.structured(config), key)
             raise UserError(f"config key '{key}' is {value}: expected {expected}")
+
+
+def _check_finite(node: Any, prefix: str = "") -> None:
+    """Every float setting must be a number: NaN or Inf would train or sample silently wrong."""
+    import math
+
+    for key in node.keys():
+        value = node[key]
+        name = f"{prefix}{key}"
+        if OmegaConf.is_dict(value):
+            _check_finite(value, name + ".")
+        elif OmegaConf.is_list(value):
+            if any(isinstance(v, float) and not math.isfinite(v) for v in value):
+                raise UserError(f"config key '{name}' holds {list(value)}: expected finite numbers")
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"config key '{name}' is {value}: expected a finite number")
 
 
 def to_yaml(config: Config) -> str:

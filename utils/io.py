@@ -50,3 +50,21 @@ def atomic_save_safetensors(path: str | os.PathLike, tensors: dict, metadata: di
 
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def check_output_folder(path: str | os.PathLike, flag: str) -> Path:
+    """A folder the run will write into: empty names, files in its place and read-only places are refused now,
+    before any work (a run that finds out after generating loses its results). Nothing is created here."""
+    from utils.errors import UserError
+
+    if not str(path).strip():
+        raise UserError(f"{flag} is empty: expected a folder to write into")
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{flag} {folder} is a file: expected a folder to write into")
+    existing = folder
+    while not existing.exists():  # the nearest existing parent must let us create the folder
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {folder}: {existing} is not writable: expected a folder this user can write into")
+    return folder

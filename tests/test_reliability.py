@@ -1,0 +1,136 @@
+"""Bad input and faults end in one clear line, exit status 2, before any work, with nothing written."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from tests.helpers import REPO_ROOT, assert_one_line_error, run_script
+from utils.config import load_config
+from utils.errors import UserError
+
+TINY_DMD = os.path.join(REPO_ROOT, "configs/tiny/self_forcing_dmd.yaml")
+TINY_ODE = os.path.join(REPO_ROOT, "configs/tiny/ode.yaml")
+
+
+# --------------------------------------------------------------------------------------------- settings
+@pytest.mark.parametrize("override,key", [
+    ("distill.guidance_scale=nan", "distill.guidance_scale"),
+    ("ode.guidance_scale=inf", "ode.guidance_scale"),
+    ("optim.lr=-inf", "optim.lr"),
+    ("flow.timestep_shift=nan", "flow.timestep_shift"),
+    ("train.max_steps=0", "train.max_steps"),
+    ("train.log_iters=0", "train.log_iters"),
+    ("optim.lr=-1e-5", "optim.lr"),
+    ("optim.lr_critic=0", "optim.lr_critic"),
+    ("optim.grad_clip=0", "optim.grad_clip"),
+    ("optim.weight_decay=-0.1", "optim.weight_decay"),
+    ("teacher.num_steps=0", "teacher.num_steps"),
+])
+def test_bad_settings_are_refused_by_name(override, key):
+    with pytest.raises(UserError, match=key.replace(".", r"\.")):
+        load_config(TINY_DMD, [override])
+
+
+def test_bad_settings_stop_every_entry_point_before_work(tmp_path):
+    logdir = tmp_path / "run"
+    assert_one_line_error(run_script(["train.py", "--config_path", TINY_DMD, "--logdir", str(logdir),
+                                      "distill.guidance_scale=nan"]), "distill.guidance_scale", "finite")
+    assert not logdir.exists()
+    out = tmp_path / "pairs"
+    assert_one_line_error(run_script(["scripts/generate_ode_pairs.py", "--config_path", TINY_ODE, "--caption_path",
+                                      "prompts/tiny_prompts.txt", "--output_folder", str(out), "ode.guidance_scale=nan"]),
+                          "ode.guidance_scale")
+    assert not out.exists()
+
+
+def test_yaml_that_is_not_a_mapping_or_not_yaml(tmp_path):
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- a\n- b\n")
+    with pytest.raises(UserError, match="top level: expected a mapping"):
+        load_config(listed)
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("video: {height: 32\ntrain: [1, 2\n")
+    with pytest.raises(UserError, match=r"not valid YAML \(line \d+, column \d+\)"):
+        load_config(broken)
+
+
+# --------------------------------------------------------------------------------------------- run folders
+def test_logdir_empty_or_a_file_is_refused(tmp_path):
+    assert_one_line_error(run_script(["train.py", "--config_path", TINY_DMD, "--logdir", ""]), "--logdir is empty")
+    a_file = tmp_path / "file"
+    a_file.write_text("keep me")
+    assert_one_line_error(run_script(["train.py", "--config_path", TINY_DMD, "--logdir", str(a_file)]), "is a file")
+    assert a_file.read_text() == "keep me"
+
+
+def test_output_folders_that_are_files_are_refused_by_every_writer(tmp_path, weights):
+    a_file = tmp_path / "file"
+    a_file.write_text("keep me")
+    assert_one_line_error(run_script(["scripts/generate_ode_pairs.py", "--config_path", TINY_ODE, "--caption_path",
+                                      "prompts/tiny_prompts.txt", "--output_folder", str(a_file)]), "is a file")
+    assert_one_line_error(run_script(["scripts/convert_checkpoint.py", "--input", str(weights.parent), "--output",
+                                      str(a_file), "--to", "diffusers"]), "is a file")
+    assert_one_line_error(run_script(["scripts/convert_checkpoint.py", "--input", str(weights.parent), "--output",
+                                      str(tmp_path / "new"), "--to", "diffusers", "--max_shard_gb", "0"]), "--max_shard_gb")
+    assert a_file.read_text() == "keep me" and not (tmp_path / "new").exists()
+
+
+# --------------------------------------------------------------------------------------------- inference
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory) -> Path:
+    """A tiny official checkpoint folder of the recipe's generator (config.json + safetensors)."""
+    import json
+
+    from pipeline.components import build_dit
+    from utils.geometry import resolve_recipe
+    from utils.presets import arch_to_config_json
+
+    recipe = resolve_recipe(load_config(TINY_DMD), check_weights=False)
+    model = build_dit(recipe.generator, causal=True, attention_backend="sdpa")
+    folder = tmp_path_factory.mktemp("generator")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / "diffusion_pytorch_model.safetensors")
+    (folder / "config.json").write_text(json.dumps(arch_to_config_json(recipe.generator.arch)))
+    return folder / "diffusion_pytorch_model.safetensors"
+
+
+def _inference(weights: Path, out: Path, *extra: str):
+    return run_script(["inference.py", "--config_path", TINY_DMD, "--checkpoint", str(weights.parent), "--prompt",
+                       "a red circle", "--output_folder", str(out), *extra])
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["--num_output_frames", "0"], "--num_output_frames 0"),
+    (["--num_output_frames", "-5"], "--num_output_frames -5"),
+    (["--seed", "-1"], "--seed -1"),
+    (["--seed", str(2**63)], "--seed"),
+    (["--device", "cuda:7"], "--device cuda:7"),
+    (["--device", "tpu"], "--device"),
+])
+def test_inference_arguments_are_checked_before_loading(tmp_path, weights, args, fragment):
+    out = tmp_path / "out"
+    assert_one_line_error(_inference(weights, out, *args), fragment)
+    assert not out.exists()
+
+
+def test_inference_output_folder_that_is_a_file_is_refused_before_generating(tmp_path, weights):
+    a_file = tmp_path / "file"
+    a_file.write_text("keep me")
+    assert_one_line_error(_inference(weights, a_file), "--output_folder", "is a file")
+    assert a_file.read_text() == "keep me"
+
+
+def test_a_checkpoint_full_of_nan_writes_no_video(tmp_path, weights):
+    from safetensors.torch import load_file
+
+    broken = tmp_path / "nan_generator"
+    broken.mkdir()
+    state = {k: torch.full_like(v, float("nan")) for k, v in load_file(weights).items()}
+    save_file(state, broken / weights.name)
+    (broken / "config.json").write_text((weights.parent / "config.json").read_text())
+    out = tmp_path / "out"
+    assert_one_line_error(_inference(broken / weights.name, out), "non-finite latents", "no video written")
+    assert not any(out.rglob("video.mp4"))
