@@ -43,10 +43,10 @@ def _exists(name: str, path: str | None, what: str, make: str) -> Check:
 def check_plan(config: Config, config_path: str) -> list[Check]:
     checks: list[Check] = []
     download = "download the official folder (or its -Diffusers twin) into it; see README, Weights"
-    for role in ("generator", "real_score", "fake_score"):
-        ref = getattr(config, role)
-        if role != "generator" and config.train.trainer == "ode" and role == "fake_score":
-            continue
+    roles = {"generator": config.generator, "real_score": config.real_score}
+    if config.train.trainer != "ode":  # the ODE stage has no critic
+        roles["fake_score"] = config.fake_score
+    for role, ref in roles.items():
         make = download
         found = _ode_recipe_for(ref.checkpoint) if ref.checkpoint else None
         if found:

@@ -248,3 +248,29 @@ def test_convert_checkpoint_both_ways_on_a_downloaded_folder(replicas, tmp_path)
     assert json.loads((tmp_path / "o" / "config.json").read_text()) == json.loads((source / "config.json").read_text())
     back = WanModel.from_pretrained(tmp_path / "o").state_dict()
     assert all(torch.equal(back[k], state[k]) for k in state)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("teacher", ["Wan2.1-T2V-14B", "Wan2.2-T2V-A14B", "Wan2.2-T2V-A14B-Diffusers"])
+def test_big_teachers_sample_ode_pairs_and_train_from_their_folders(replicas, tmp_path, teacher):
+    """The 14B (6 shards) and the A14B (official experts; diffusers transformer/ + transformer_2/ with
+    boundary_ratio) as the teacher of a 1.3B student: ODE pairs and a DMD step, unedited folders."""
+    student = replicas / "Wan2.1-T2V-1.3B-Diffusers"
+    extra = ""
+    if teacher == "Wan2.2-T2V-A14B":  # the official folder has no boundary: a MoE preset gives it
+        preset = tmp_path / "tiny-a14b.yaml"
+        arch = read_checkpoint_config(replicas / teacher / "high_noise_model")
+        preset.write_text(json.dumps({**arch, "vae": "tiny-wan2.1", "moe": {"boundary": 0.875}}))
+        extra = f"real_score: {{preset: {preset}, checkpoint: {replicas / teacher}}}\n"
+    recipe = _recipe(tmp_path, student, "Wan2.1-T2V-1.3B")
+    text = recipe.read_text().replace(f"real_score: {{checkpoint: {student}}}",
+                                      extra.strip() or f"real_score: {{checkpoint: {replicas / teacher}}}")
+    recipe.write_text(text)
+    pairs = tmp_path / "pairs"
+    proc = run_script(["scripts/generate_ode_pairs.py", "--config_path", str(recipe), "--caption_path",
+                       "prompts/tiny_prompts.txt", "--output_folder", str(pairs), "--num_prompts", "1"])
+    assert proc.returncode == 0, proc.stderr
+    assert len(list(pairs.glob("*.safetensors"))) == 1
+    proc = run_script(["train.py", "--config_path", str(recipe), "--logdir", str(tmp_path / "run"), "--disable-wandb",
+                       f"fake_score.checkpoint={student}"])
+    assert proc.returncode == 0, proc.stderr

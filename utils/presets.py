@@ -191,6 +191,10 @@ def resolve_model(role: str, ref: Any, check_weights: bool = True) -> ModelSpec:
     arch = preset_arch
     if ref.checkpoint and (check_weights or not preset_arch or Path(ref.checkpoint).exists()):
         arch, is_moe_folder = _checkpoint_arch(role, ref.checkpoint)
+        if is_moe_folder and not moe:  # a diffusers A14B names its boundary in model_index.json
+            index = Path(ref.checkpoint) / "model_index.json"
+            ratio = json.loads(index.read_text()).get("boundary_ratio") if index.is_file() else None
+            moe = {"boundary": ratio} if ratio else None
         if is_moe_folder and not moe:
             raise UserError(
                 f"{role}.checkpoint {ref.checkpoint} holds MoE experts: set {role}.preset to a MoE preset "
