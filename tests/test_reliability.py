@@ -134,3 +134,26 @@ def test_a_checkpoint_full_of_nan_writes_no_video(tmp_path, weights):
     out = tmp_path / "out"
     assert_one_line_error(_inference(broken / weights.name, out), "non-finite latents", "no video written")
     assert not any(out.rglob("video.mp4"))
+
+
+# --------------------------------------------------------------------------------------------- resume
+def test_resume_repairs_a_half_written_metrics_line_and_drops_steps_it_will_redo(tmp_path):
+    import json
+
+    logdir = tmp_path / "run"
+    common = ["train.py", "--config_path", TINY_DMD, "--logdir", str(logdir), "--disable-wandb", "train.save_iters=2",
+              "train.log_iters=1"]
+    first = run_script([*common, "train.max_steps=2"])
+    assert first.returncode == 0, first.stderr
+    metrics = logdir / "metrics.jsonl"
+    with open(metrics, "a") as handle:  # a record after the checkpoint, then a line cut by a kill
+        handle.write(json.dumps({"step": 3, "generator_loss": 1.0}) + "\n" + '{"step": 4, "gener')
+    second = run_script([*common, "train.max_steps=4"])
+    assert second.returncode == 0, second.stderr
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]  # no zig-zag, no broken line
+
+
+def test_a_config_folder_is_not_a_recipe(tmp_path):
+    with pytest.raises(UserError, match="is a folder"):
+        load_config(tmp_path)

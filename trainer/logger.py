@@ -85,6 +85,29 @@ def _start_wandb(config: Config, logdir: Path):
     )
 
 
+def repair_metrics(path: Path, resumed_step: int) -> int:
+    """Keep the records of steps up to the resumed one: a half-written last line (a kill mid-write) and the
+    records logged after the checkpoint (they will be logged again) are dropped. Returns how many were dropped."""
+    if not path.exists():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            dropped += int(bool(line.strip()))
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= resumed_step:
+            kept.append(line)
+        else:
+            dropped += 1
+    if dropped:
+        from utils.io import atomic_write_text
+
+        atomic_write_text(path, "".join(line + "\n" for line in kept))
+    return dropped
+
+
 def read_metrics(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []

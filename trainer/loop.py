@@ -18,7 +18,7 @@ import torch
 
 from model.objective import frozen
 from trainer.checkpoint import CheckpointManager, ModelAndOptimizer, full_state_dict, write_export
-from trainer.logger import TrainLogger
+from trainer.logger import TrainLogger, repair_metrics
 from trainer.lora import merge_lora_state_dict
 from trainer.setup import ObjectiveFactory, TrainingSetup, build_training
 from trainer.steps import StepResult, injected_nan_steps, optimizer_step
@@ -173,9 +173,12 @@ class Trainer:
         random.seed(config.train.seed + info.rank)
         self.log = TrainLogger(self.options.logdir, is_main=info.is_main, config=config, use_wandb=self.options.use_wandb,
                                start_step=0, max_steps=config.train.max_steps)
+        self._resume()  # before anything is written into the logdir: a failed resume leaves it as it was
         if info.is_main:
+            dropped = repair_metrics(self.log.metrics_path, self.state.step)
+            if dropped:
+                self.log.message(f"metrics.jsonl: dropped {dropped} line(s) after step {self.state.step} or half-written")
             atomic_write_text(self.options.logdir / "config.yaml", to_yaml(config))
-        self._resume()
         samples_per_step = config.train.batch_size * info.world_size * setup.micro_steps
         limit = config.train.max_consecutive_nonfinite
         window: list[float] = []

@@ -236,6 +236,8 @@ CHOICES = {
 
 # --------------------------------------------------------------------------------------------- loading
 def _read_yaml(path: Path) -> Any:
+    if path.is_dir():
+        raise UserError(f"config file {path} is a folder: expected a YAML recipe file (e.g. configs/self_forcing_dmd_5B.yaml)")
     if not path.is_file():
         raise UserError(f"config file {path} not found: expected a YAML recipe")
     try:
