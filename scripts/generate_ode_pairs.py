@@ -164,6 +164,9 @@ def main(argv: list[str] | None = None) -> int:
 
     # 2. Share out the unfinished prompts; rank 0 decides so every rank sees the same list.
     info = dist.init_distributed()
+    if info.is_main and output.is_dir():  # a killed run's half-written files; no rank writes before the broadcast
+        for leftover in output.glob(".*.tmp"):
+            leftover.unlink()
     done = {pair.index for pair in finished if pair.index < num_prompts}
     remaining = dist.broadcast_int_list([i for i in range(num_prompts) if i not in done])
     mine = remaining[info.rank::info.world_size]

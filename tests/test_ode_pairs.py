@@ -92,9 +92,12 @@ def test_rerun_skips_finished_prompts_and_redoes_only_missing_ones(single_run, c
     kept = {name: os.stat(folder / name).st_mtime_ns for name in (pair_file_name(0), pair_file_name(2))}
     for index in (1, 3, 4):
         os.unlink(folder / pair_file_name(index))
+    leftover = folder / f".{pair_file_name(3)}.x1y2z3.tmp"  # what a kill during a write leaves
+    leftover.write_bytes(b"half a file")
     proc = generate(folder, captions, capsys=capsys)
     assert proc.returncode == 0, proc.stderr
     assert "3 generated, 2 already done" in proc.stdout and "16 per prompt" in proc.stdout
+    assert not leftover.exists()
     assert {name: os.stat(folder / name).st_mtime_ns for name in kept} == kept  # not redone
     assert_same_results(folder, single_run)
     proc = generate(folder, captions, capsys=capsys)
