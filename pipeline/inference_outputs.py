@@ -9,8 +9,10 @@ failed run leaves nothing behind.
 from __future__ import annotations
 
 import datetime as dt
+import os
 import re
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -75,14 +77,25 @@ def save_result(result: InferenceResult, output_root: str | Path, parameters: di
     """Write one result's folder (and the clean latents, [F, C, h, w] float32, when asked); returns it."""
     geometry = result.geometry
     record = build_record(result, parameters)
-    folder = new_output_dir(output_root, result.task, geometry.width, geometry.height, result.prompt)
+    # Written into a hidden staging folder and renamed whole: a kill never leaves a half-filled video folder.
+    Path(output_root).mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".partial-", dir=output_root))
     try:
-        write_mp4(folder / VIDEO_FILE, result.video, fps)
-        write_frame_strip(folder / STRIP_FILE, result.video)
+        write_mp4(staging / VIDEO_FILE, result.video, fps)
+        write_frame_strip(staging / STRIP_FILE, result.video)
         if save_latents:
-            atomic_save_safetensors(folder / LATENTS_FILE, {"latents": result.latents[0]})
-        atomic_write_json(folder / RECORD_FILE, record)
+            atomic_save_safetensors(staging / LATENTS_FILE, {"latents": result.latents[0]})
+        atomic_write_json(staging / RECORD_FILE, record)
+        staging.chmod(0o777 & ~_umask())  # mkdtemp makes 0700; the video folder gets the usual permissions
+        folder = new_output_dir(output_root, result.task, geometry.width, geometry.height, result.prompt)
+        os.replace(staging, folder)  # onto the freshly reserved (empty) name
     except BaseException:
-        shutil.rmtree(folder, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)
         raise
     return folder
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

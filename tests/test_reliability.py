@@ -157,3 +157,29 @@ def test_resume_repairs_a_half_written_metrics_line_and_drops_steps_it_will_redo
 def test_a_config_folder_is_not_a_recipe(tmp_path):
     with pytest.raises(UserError, match="is a folder"):
         load_config(tmp_path)
+
+
+def test_a_video_folder_appears_whole_or_not_at_all(tmp_path, monkeypatch):
+    """A failure while writing leaves no video folder and no staging leftovers; a success has every file."""
+    from pipeline import inference_outputs
+    from pipeline.causal_inference import InferenceResult
+    from utils.geometry import resolve_recipe
+
+    geometry = resolve_recipe(load_config(TINY_DMD), check_weights=False).geometry
+    video = torch.zeros(geometry.num_pixel_frames, 3, geometry.height, geometry.width)
+    result = InferenceResult(prompt="a cat", task="t2v", seed=0, image=None, video=video,
+                             latents=torch.zeros(1, *geometry.latent_shape[1:]), geometry=geometry, nfe=10,
+                             timings={key: 0.0 for key in inference_outputs.RECORD_TIMINGS}, memory={})
+    out = tmp_path / "out"
+
+    def broken_strip(path, frames):
+        raise OSError("disk full")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(inference_outputs, "write_frame_strip", broken_strip)
+        with pytest.raises(OSError):
+            inference_outputs.save_result(result, out, {}, fps=16)
+    assert list(out.iterdir()) == []
+    folder = inference_outputs.save_result(result, out, {}, fps=16)
+    assert sorted(p.name for p in folder.iterdir()) == ["frames.png", "inference_record.json", "video.mp4"]
+    assert [p for p in out.iterdir()] == [folder] and (folder.stat().st_mode & 0o777) != 0o700
