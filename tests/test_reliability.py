@@ -183,3 +183,13 @@ def test_a_video_folder_appears_whole_or_not_at_all(tmp_path, monkeypatch):
     folder = inference_outputs.save_result(result, out, {}, fps=16)
     assert sorted(p.name for p in folder.iterdir()) == ["frames.png", "inference_record.json", "video.mp4"]
     assert [p for p in out.iterdir()] == [folder] and (folder.stat().st_mode & 0o777) != 0o700
+
+
+def test_atomic_writes_get_the_usual_permissions(tmp_path):
+    from utils.io import atomic_save_safetensors, atomic_write_text
+
+    umask = os.umask(0)
+    os.umask(umask)
+    weights = atomic_save_safetensors(tmp_path / "w.safetensors", {"x": torch.zeros(2)})
+    text = atomic_write_text(tmp_path / "t.txt", "x")
+    assert (weights.stat().st_mode & 0o777) == (text.stat().st_mode & 0o777) == 0o666 & ~umask
