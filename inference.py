@@ -26,7 +26,7 @@ from pipeline.causal_inference import (
 )
 from utils.config import load_config, parse_cli
 from utils.datasets import TextPromptDataset
-from utils.errors import UserError, run_main
+from utils.errors import OneLineArgumentParser, UserError, run_main
 from utils.geometry import resolve_recipe
 from utils.io import check_output_folder
 from utils.memory import MemoryProfiler, torch_trace
@@ -36,7 +36,7 @@ MEMORY_EVENTS_FILE = "memory_events.json"
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config_path", required=True, help="the recipe the generator was trained with")
     parser.add_argument("--checkpoint", required=True, help="trainer export folder (<logdir>/latest) or a weights file")
     parser.add_argument("--use_ema", action="store_true", help="use generator_ema.safetensors from the export folder")

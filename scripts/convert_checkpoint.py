@@ -17,7 +17,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 import torch  # noqa: E402
 
-from utils.errors import UserError, run_main  # noqa: E402
+from utils.errors import OneLineArgumentParser, UserError, run_main  # noqa: E402
 from utils.io import atomic_save_safetensors, atomic_write_json  # noqa: E402
 from utils.presets import ARCH_FIELDS, arch_to_config_json, read_checkpoint_config  # noqa: E402
 from wan.convert import official_to_diffusers_config, official_to_diffusers_key  # noqa: E402
@@ -29,7 +29,7 @@ GIB = 1024**3
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = OneLineArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--input", required=True, help="checkpoint folder, or a weights file with --config_json")
     parser.add_argument("--output", required=True, help="output folder (must be new or empty)")
     parser.add_argument("--to", required=True, choices=("official", "diffusers"), help="key names to write")

@@ -21,7 +21,7 @@ import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from utils import lmdb_store  # noqa: E402
-from utils.errors import UserError, run_main  # noqa: E402
+from utils.errors import OneLineArgumentParser, UserError, run_main  # noqa: E402
 from utils.lmdb_store import PairInfo  # noqa: E402
 
 
@@ -70,7 +70,7 @@ def rows(pairs: list[PairInfo], header: dict, progress: bool) -> Iterator[tuple[
 
 @run_main
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data_path", required=True, help="folder of <index>.safetensors pairs")
     parser.add_argument("--lmdb_path", required=True, help="the LMDB file to write")
     args = parser.parse_args(argv)

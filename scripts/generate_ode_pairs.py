@@ -32,7 +32,7 @@ from tqdm import tqdm  # noqa: E402
 
 from utils.config import Config, OdeConfig, load_config, parse_cli, to_yaml  # noqa: E402
 from utils.datasets import ImageTextDataset, TextPromptDataset  # noqa: E402
-from utils.errors import UserError, run_main  # noqa: E402
+from utils.errors import OneLineArgumentParser, UserError, run_main  # noqa: E402
 from utils.geometry import ResolvedRecipe, resolve_recipe  # noqa: E402
 from utils.io import atomic_write_text  # noqa: E402
 from utils.lmdb_store import PairInfo, geometry_fingerprint, scan_pair_folder, write_pair_file  # noqa: E402
@@ -131,7 +131,7 @@ def sample_pair(config: Config, recipe: ResolvedRecipe, models: dict, item: dict
 
 # --------------------------------------------------------------------------------------------- main
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config_path", required=True, help="a recipe under configs/ (the teacher is real_score)")
     parser.add_argument("--caption_path", required=True, help="prompts, one per line (TI2V: image<TAB>prompt)")
     parser.add_argument("--output_folder", required=True, help="where the <index>.safetensors pairs go")

@@ -14,7 +14,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from utils.config import load_config, parse_cli  # noqa: E402
-from utils.errors import run_main  # noqa: E402
+from utils.errors import OneLineArgumentParser, UserError, run_main  # noqa: E402
 from utils.geometry import derive_geometry  # noqa: E402
 from utils.tables import format_table, human_bytes  # noqa: E402
 
@@ -110,12 +110,14 @@ CHECKS = {
 
 @run_main
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("check", choices=sorted(CHECKS), help="what to verify")
     parser.add_argument("--config_path", required=True, help="a recipe under configs/")
     parser.add_argument("--ckpt_dir", default=None, help="folder with real weights (optional)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     known, overrides = parse_cli(parser, argv)
+    if known.ckpt_dir is not None and not os.path.exists(known.ckpt_dir):
+        raise UserError(f"--ckpt_dir {known.ckpt_dir} does not exist: expected a checkpoint folder or weights file")
     config = load_config(known.config_path, overrides)
     return CHECKS[known.check](known, config)
 

@@ -193,3 +193,25 @@ def test_atomic_writes_get_the_usual_permissions(tmp_path):
     weights = atomic_save_safetensors(tmp_path / "w.safetensors", {"x": torch.zeros(2)})
     text = atomic_write_text(tmp_path / "t.txt", "x")
     assert (weights.stat().st_mode & 0o777) == (text.stat().st_mode & 0o777) == 0o666 & ~umask
+
+
+def test_command_line_mistakes_are_one_line(tmp_path, weights):
+    # a missing required flag or an unknown one: one line, not argparse's usage block
+    assert_one_line_error(run_script(["inference.py", "--config_path", TINY_DMD, "--prompt", "a cat"]), "--checkpoint")
+    assert_one_line_error(run_script(["inference.py", "--config_path", TINY_DMD, "--checkpoint", str(weights.parent),
+                                      "--prompt", "a", "--bogus"]), "--bogus")
+    assert_one_line_error(run_script(["scripts/create_lmdb.py", "--data_path", str(tmp_path)]), "--lmdb_path")
+    assert_one_line_error(run_script(["scripts/verify.py", "all", "--config_path", TINY_DMD, "--ckpt_dir",
+                                      str(tmp_path / "missing")]), "--ckpt_dir", "does not exist")
+
+
+def test_an_image_over_the_pixel_budget_is_refused_before_decoding(tmp_path):
+    from PIL import Image
+
+    from utils.datasets import MAX_IMAGE_PIXELS, load_image
+
+    huge = tmp_path / "huge.png"
+    Image.new("RGB", (9000, 8000)).save(huge)  # 72 M pixels, over the 67 M budget
+    assert 9000 * 8000 > MAX_IMAGE_PIXELS
+    with pytest.raises(UserError, match="9000x8000"):
+        load_image(huge, 32, 48)

@@ -92,14 +92,23 @@ class TextPromptDataset(Dataset):
 
 
 # --------------------------------------------------------------------------------------------- images
+MAX_IMAGE_PIXELS = 8192 * 8192  # a first frame larger than this is refused before it is decoded
+
+
 def load_image(path: str | os.PathLike, height: int, width: int) -> torch.Tensor:
     """An RGB image resized to cover height x width (aspect kept) and centre-cropped: float32 [3, H, W] in [-1, 1]."""
     from PIL import Image, UnidentifiedImageError
 
     path = Path(path)
     try:
-        with Image.open(path) as opened:
+        with Image.open(path) as opened:  # reads the header only: the size is known before any decoding
+            if opened.width * opened.height > MAX_IMAGE_PIXELS:
+                raise UserError(f"image {path} is {opened.width}x{opened.height} ({opened.width * opened.height / 1e6:.0f} M "
+                                f"pixels): expected at most {MAX_IMAGE_PIXELS / 1e6:.0f} M pixels (e.g. 8192x8192)")
             image = opened.convert("RGB")
+    except Image.DecompressionBombError:
+        raise UserError(f"image {path} is larger than PIL will decode: expected at most {MAX_IMAGE_PIXELS / 1e6:.0f} M "
+                        "pixels") from None
     except (OSError, UnidentifiedImageError, ValueError) as err:
         reason = "not found" if isinstance(err, FileNotFoundError) else "cannot be read as an image"
         raise UserError(f"image {path} {reason}: expected a PNG, JPEG or WebP file") from None

@@ -1,6 +1,7 @@
 """Errors meant for people, and the wrapper that turns them into one line and exit status 2."""
 from __future__ import annotations
 
+import argparse
 import functools
 import sys
 from typing import Callable, TypeVar
@@ -30,3 +31,10 @@ def run_main(main: F) -> F:
             sys.exit(USER_ERROR_EXIT_CODE)
 
     return wrapper  # type: ignore[return-value]
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are one line (through UserError, exit 2) instead of a usage block."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise UserError(f"{message} (see {self.prog} --help)")
