@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -74,7 +75,7 @@ def compile_blocks_default(model, device: str) -> bool:
 def _gpu_check(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(["bash", "scripts/gpu_check.sh", *args], cwd=REPO_ROOT, capture_output=True, text=True,
                           timeout=900, env={"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1",
-                                            "PYTHON": __import__("sys").executable})  # fmt: skip
+                                            "PYTHON": sys.executable})  # fmt: skip
 
 
 @pytest.mark.slow

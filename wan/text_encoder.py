@@ -52,14 +52,12 @@ def _read_official(path: Path) -> dict[str, torch.Tensor]:
 
 def _read_transformers_folder(path: Path, dtype: torch.dtype) -> UMT5EncoderModel:
     """A transformers UMT5EncoderModel folder (config.json + model*.safetensors [+ index]), read offline."""
-    import json as _json
-
     config_file = path / "config.json"
     if not config_file.is_file():
         raise UserError(f"text encoder folder {path} has no config.json: expected a diffusers text_encoder/ folder "
                         "(transformers UMT5EncoderModel) or the official models_t5_umt5-xxl-enc-bf16.pth")
     try:
-        model_type = _json.loads(config_file.read_text()).get("model_type")
+        model_type = json.loads(config_file.read_text()).get("model_type")
     except ValueError:
         raise UserError(f"{config_file} is not valid JSON") from None
     if model_type != "umt5":
