@@ -9,6 +9,7 @@ import torch
 
 from tests.helpers import REPO_ROOT, assert_one_line_error, run_script
 from utils.config import load_config
+from utils.errors import UserError
 from utils.geometry import derive_geometry
 from utils.lmdb_store import (
     OdeLmdbReader,
@@ -160,3 +161,79 @@ def test_scan_skips_unfinished_temp_files(tmp_path):
     infos = scan_pair_folder(tmp_path)
     assert [(i.index, i.prompt, i.seed) for i in infos] == [(3, "p", 3)]
     assert read_pair_tensors(infos[0].path)["ode_timesteps"].tolist() == TIMESTEPS.tolist()
+
+
+# --------------------------------------------------------------------------------------------- integrity
+def _tiny_db(tmp_path):
+    from tests.train_helpers import write_tiny_ode_lmdb
+
+    return write_tiny_ode_lmdb(load_config("configs/tiny/ode.yaml"), tmp_path / "pairs.lmdb")
+
+
+def _row_bytes(path, index):
+    reader = OdeLmdbReader(path)
+    try:
+        return reader.read(index).latents.tobytes(), reader.header["count"]
+    finally:
+        reader.close()
+
+
+def _train_on(db, tmp_path):
+    return run_script(["train.py", "--config_path", "configs/tiny/ode.yaml", "--logdir", str(tmp_path / "run"),
+                       "--disable-wandb", f"train.data_path={db}", "train.max_steps=2"])
+
+
+def test_a_truncated_database_is_one_line_at_open_not_a_signal(tmp_path):
+    db = _tiny_db(tmp_path)
+    size = db.stat().st_size
+    with open(db, "r+b") as handle:
+        handle.truncate(size // 2)
+    with pytest.raises(UserError, match="is truncated"):
+        OdeLmdbReader(db)
+    result = _train_on(db, tmp_path)
+    assert_one_line_error(result, "is truncated", str(size // 2))
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("damage", ["random bytes", "zeroed"])
+def test_damaged_rows_fail_their_checksum(tmp_path, damage):
+    db = _tiny_db(tmp_path)
+    content = bytearray(db.read_bytes())
+    _, count = _row_bytes(db, 0)
+    rng = np.random.default_rng(0)
+    for index in range(count):  # damage 64 bytes inside every row's stored latents
+        row, _ = _row_bytes(db, index)
+        start = content.find(row)
+        assert start >= 0
+        patch = rng.integers(0, 256, 64, dtype=np.uint8).tobytes() if damage == "random bytes" else bytes(64)
+        content[start + 100:start + 164] = patch
+        db.write_bytes(bytes(content))
+    reader = OdeLmdbReader(db)
+    with pytest.raises(UserError, match="row 0 fails its checksum"):
+        reader.read(0)
+    reader.close()
+    assert_one_line_error(_train_on(db, tmp_path), "is damaged", "fails its checksum", "create_lmdb.py",
+                          after_progress=True)
+
+
+def test_rows_carry_checksums_and_a_header_without_them_still_reads(tmp_path):
+    import lmdb
+
+    db = _tiny_db(tmp_path)
+    reader = OdeLmdbReader(db)
+    assert reader.header["version"] == 2 and len(reader.header["row_crc32"]) == reader.header["count"]
+    first = reader.read(0).latents.copy()
+    reader.close()
+    env = lmdb.open(str(db), subdir=False, lock=False)
+    with env.begin(write=True) as txn:  # rewrite as a version-1 database (before checksums)
+        import json
+
+        header = json.loads(txn.get(b"__header__"))
+        header["version"] = 1
+        del header["row_crc32"]
+        txn.put(b"__header__", json.dumps(header).encode())
+    env.close()
+    with pytest.warns(UserWarning, match="without row checksums"):
+        old = OdeLmdbReader(db)
+    assert np.array_equal(old.read(0).latents, first)
+    old.close()

@@ -7,11 +7,17 @@ and free-form extras (the teacher's name, for the record).
 
 LMDB layout (a single-file LMDB, `subdir=False`):
     b"__header__"        JSON: format, version, count, shape [P, F, C, H, W], dtype, trajectory_timesteps [P],
-                         keep_indices, geometry (latent_shape [F, C, H, W], vae, latent_channels), fingerprint
+                         keep_indices, geometry (latent_shape [F, C, H, W], vae, latent_channels), fingerprint,
+                         row_crc32 [count] (CRC-32 of each row's latents bytes followed by its prompt bytes)
     b"latents_%08d"      raw little-endian bytes of one [P, F, C, H, W] array in the header's dtype
     b"prompts_%08d"      the prompt, UTF-8
 Rows are numbered 0..count-1. The header is written from the full set of rows (never from one file), and
 nothing in it depends on time or file order, so building twice from the same pairs gives the same records.
+
+Integrity: opening checks that the file holds every page the database says it has (a truncated copy would
+otherwise kill the reader with SIGBUS on the first row past the end), and every row read is checked against
+its CRC-32, so damaged bytes are one clear error instead of training on garbage. Version 1 databases (no
+checksums) are still read, with a warning.
 """
 from __future__ import annotations
 
@@ -19,6 +25,8 @@ import hashlib
 import json
 import math
 import os
+import warnings
+import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +39,8 @@ from utils.geometry import Geometry
 from utils.io import atomic_save_safetensors
 
 FORMAT_NAME = "self-forcing-ode-pairs"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # 1: no row checksums
 HEADER_KEY = b"__header__"
 FINGERPRINT_LENGTH = 12  # hex characters: short enough to read, long enough never to collide by chance
 TIMESTEP_DECIMALS = 3  # timesteps enter the fingerprint rounded, so CPU and GPU schedules agree
@@ -170,6 +179,10 @@ def prompts_key(index: int) -> bytes:
     return b"prompts_%08d" % index
 
 
+def row_checksum(latents_bytes: bytes, prompt_bytes: bytes) -> int:
+    return zlib.crc32(prompt_bytes, zlib.crc32(latents_bytes))
+
+
 # --------------------------------------------------------------------------------------------- writing
 def write_ode_lmdb(path: str | os.PathLike, header: dict, rows: Iterable[tuple[str, np.ndarray]],
                    commit_every: int = 64) -> Path:
@@ -196,18 +209,23 @@ def write_ode_lmdb(path: str | os.PathLike, header: dict, rows: Iterable[tuple[s
     env = lmdb.open(str(tmp), map_size=map_size, subdir=False, lock=False, meminit=True)
     try:
         written = 0
+        checksums: list[int] = []
         txn = env.begin(write=True)
         for prompt, latents in rows:
             if tuple(latents.shape) != shape or latents.dtype != dtype:
                 raise ValueError(f"row {written}: latents {tuple(latents.shape)} {latents.dtype}, header says {shape} {dtype}")
-            txn.put(latents_key(written), np.ascontiguousarray(latents).astype(dtype.newbyteorder("<")).tobytes())
-            txn.put(prompts_key(written), prompt.encode("utf-8"))
+            latents_bytes = np.ascontiguousarray(latents).astype(dtype.newbyteorder("<")).tobytes()
+            prompt_bytes = prompt.encode("utf-8")
+            txn.put(latents_key(written), latents_bytes)
+            txn.put(prompts_key(written), prompt_bytes)
+            checksums.append(row_checksum(latents_bytes, prompt_bytes))
             written += 1
             if written % commit_every == 0:
                 txn.commit()
                 txn = env.begin(write=True)
         if written != header["count"]:
             raise ValueError(f"header says {header['count']} rows but {written} were written")
+        header = {**header, "row_crc32": checksums}
         txn.put(HEADER_KEY, json.dumps(header, sort_keys=True).encode("utf-8"))
         txn.commit()
         env.sync(True)
@@ -239,7 +257,13 @@ def _open_shared(path: Path):
         try:
             env = lmdb.open(key[0], subdir=False, readonly=True, lock=False, readahead=False, meminit=False)
         except lmdb.Error as err:
-            raise UserError(f"ODE LMDB {path} cannot be opened: {err}") from None
+            raise UserError(f"ODE LMDB {path} cannot be opened ({err}): rebuild it with scripts/create_lmdb.py") from None
+        needed = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
+        size = path.stat().st_size
+        if size < needed:
+            env.close()
+            raise UserError(f"ODE LMDB {path} is truncated: {size} bytes, its pages need {needed} "
+                            "(an interrupted copy?); copy it again or rebuild it with scripts/create_lmdb.py")
         _SHARED_ENVS[key] = [env, 0]
     _SHARED_ENVS[key][1] += 1
     return key, _SHARED_ENVS[key][0]
@@ -274,17 +298,37 @@ class OdeLmdbReader:
             self._key, self._env = _open_shared(self.path)
         return self._env
 
+    def _damaged(self, what: str) -> UserError:
+        return UserError(f"ODE LMDB {self.path} is damaged ({what}): rebuild it with scripts/create_lmdb.py")
+
+    def _get(self, key: bytes) -> bytes | None:
+        import lmdb
+
+        try:
+            with self._environment().begin() as txn:
+                return txn.get(key)
+        except lmdb.Error as err:  # a corrupted page of the B-tree
+            raise self._damaged(f"{type(err).__name__} reading {key.decode()}") from None
+
     def _read_header(self) -> dict:
-        with self._environment().begin() as txn:
-            raw = txn.get(HEADER_KEY)
+        raw = self._get(HEADER_KEY)
         if raw is None:
             raise UserError(f"ODE LMDB {self.path} has no header record: expected a database built by scripts/create_lmdb.py")
-        header = json.loads(raw.decode("utf-8"))
-        if header.get("format") != FORMAT_NAME or header.get("version") != FORMAT_VERSION:
+        try:
+            header = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise self._damaged("the header is not JSON") from None
+        if header.get("format") != FORMAT_NAME or header.get("version") not in READABLE_VERSIONS:
             raise UserError(
                 f"ODE LMDB {self.path} is format {header.get('format')} v{header.get('version')}: expected "
                 f"{FORMAT_NAME} v{FORMAT_VERSION} (rebuild it with scripts/create_lmdb.py)"
             )
+        checksums = header.get("row_crc32")
+        if checksums is None:
+            warnings.warn(f"ODE LMDB {self.path} is version {header['version']}, without row checksums: damaged rows "
+                          "cannot be detected (rebuild it with scripts/create_lmdb.py to add them)", stacklevel=3)
+        elif len(checksums) != header.get("count"):
+            raise self._damaged(f"{len(checksums)} checksums for {header.get('count')} rows")
         return header
 
     def __len__(self) -> int:
@@ -293,10 +337,16 @@ class OdeLmdbReader:
     def read(self, index: int) -> OdeRow:
         if not 0 <= index < len(self):
             raise IndexError(f"row {index} of {len(self)}")
-        with self._environment().begin() as txn:
-            latents = np.frombuffer(txn.get(latents_key(index)), dtype=self.dtype).reshape(self.shape)
-            prompt = txn.get(prompts_key(index)).decode("utf-8")
-        return OdeRow(prompt=prompt, latents=latents)
+        latents_bytes, prompt_bytes = self._get(latents_key(index)), self._get(prompts_key(index))
+        if latents_bytes is None or prompt_bytes is None:
+            raise self._damaged(f"row {index} is missing")
+        checksums = self.header.get("row_crc32")
+        if checksums is not None and row_checksum(latents_bytes, prompt_bytes) != checksums[index]:
+            raise self._damaged(f"row {index} fails its checksum")
+        if len(latents_bytes) != math.prod(self.shape) * self.dtype.itemsize:
+            raise self._damaged(f"row {index} holds {len(latents_bytes)} bytes, expected {self.shape} {self.dtype.name}")
+        latents = np.frombuffer(latents_bytes, dtype=self.dtype).reshape(self.shape)
+        return OdeRow(prompt=prompt_bytes.decode("utf-8", errors="replace"), latents=latents)
 
     def items(self) -> Iterable[tuple[bytes, bytes]]:
         """Every key/value pair in key order (for comparing two databases)."""
