@@ -1,21 +1,27 @@
 """Training checkpoints (torch.distributed.checkpoint) and the inference export in <logdir>/latest/.
 
 Layout under <logdir>/checkpoints/:
-    step_000123.tmp/   written by every rank (DCP shards + rng_rank{r}.pt), then renamed by rank 0 to
+    step_000123.tmp/   written by every rank (DCP shards + rng_rank{r}.pt), then checkpoint.json by rank 0
+                       (the recipe's identity and every file's size), then renamed by rank 0 to
     step_000123/       only once complete; then
     latest.txt         rewritten atomically to name it. A crash at any moment leaves the previous latest whole.
+A resume takes the step latest.txt names; when that folder is missing or damaged (a file gone or of another
+size than checkpoint.json says, or unloadable), it falls back to the newest earlier complete one with a
+warning. Pruning keeps the keep_last newest steps up to the one latest.txt names and never deletes that one.
 The export <logdir>/latest/ holds generator.safetensors (+ generator_ema.safetensors once EMA has started)
 with official Wan key names, config.json (architecture, for WanModel.from_pretrained) and config.yaml.
 """
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import random
+import re
 import shutil
 import warnings
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -31,6 +37,8 @@ from utils.io import atomic_save_safetensors, atomic_write_json, atomic_write_te
 # Test-only: the process exits (as if killed) in the middle of saving this step, after the shards are
 # written and before the rename; used by tests/test_train_resume.py to prove a crash keeps latest intact.
 EXIT_DURING_SAVE_ENV = "SF_TEST_EXIT_DURING_SAVE"
+MANIFEST_NAME = "checkpoint.json"
+STEP_FOLDER = re.compile(r"step_(\d+)")
 
 
 class ModelAndOptimizer(Stateful):
@@ -88,18 +96,67 @@ class CheckpointManager:
     def _dir(self, step: int) -> Path:
         return self.root / f"step_{step:06d}"
 
-    def latest_step(self) -> int | None:
-        """The step named by latest.txt, or None for a fresh run; a latest.txt naming a missing folder is an error."""
-        pointer = self.root / "latest.txt"
-        if not pointer.exists():
-            return None
-        name = pointer.read_text().strip()
-        if not (self.root / name).is_dir() or not name.startswith("step_"):
-            raise UserError(f"{pointer} names '{name}', which is not a checkpoint folder in {self.root}")
-        return int(name.removeprefix("step_"))
+    def steps(self) -> list[int]:
+        """Steps of the finished (renamed) checkpoint folders, ascending."""
+        if not self.root.is_dir():
+            return []
+        found = (STEP_FOLDER.fullmatch(p.name) for p in self.root.iterdir() if p.is_dir())
+        return sorted(int(m.group(1)) for m in found if m)
 
-    def save(self, step: int, state: dict[str, Any]) -> None:
-        """Collective: every rank writes its shards and its RNG; rank 0 publishes the folder."""
+    def problem(self, step: int) -> Optional[str]:
+        """Why step `step` cannot be resumed, or None when its folder is complete."""
+        folder = self._dir(step)
+        if not folder.is_dir():
+            return f"{folder.name} does not exist"
+        manifest = folder / MANIFEST_NAME
+        if not manifest.exists():  # written before manifests existed: complete if DCP's metadata is there
+            return None if (folder / ".metadata").exists() else f"{folder.name} has no {MANIFEST_NAME}"
+        try:
+            files = json.loads(manifest.read_text())["files"]
+        except (ValueError, KeyError, TypeError):
+            return f"{folder.name}/{MANIFEST_NAME} is unreadable"
+        for name, size in files.items():
+            path = folder / name
+            if not path.is_file():
+                return f"{folder.name}/{name} is missing"
+            if path.stat().st_size != size:
+                return f"{folder.name}/{name} has {path.stat().st_size} bytes, {size} were written"
+        return None
+
+    def recipe_of(self, step: int) -> Optional[dict[str, Any]]:
+        """The recipe identity stored with step `step` (None for checkpoints written before it was stored)."""
+        manifest = self._dir(step) / MANIFEST_NAME
+        return json.loads(manifest.read_text()).get("recipe") if manifest.exists() else None
+
+    def resume_candidates(self) -> tuple[list[int], Optional[str]]:
+        """Steps to try for a resume, best first, and a warning when latest.txt could not be followed.
+
+        Empty for a fresh run. latest.txt's step when complete; else the complete steps before it (any complete
+        step when latest.txt is junk or missing while step folders exist). None complete: one-line error.
+        """
+        pointer = self.root / "latest.txt"
+        steps = self.steps()
+        if not pointer.exists() and not steps:
+            return [], None
+        name = pointer.read_text(errors="replace").strip() if pointer.exists() else ""
+        match = STEP_FOLDER.fullmatch(name)
+        named = int(match.group(1)) if match else None
+        if named is not None and self.problem(named) is None:
+            return [named] + [s for s in reversed(steps) if s < named and self.problem(s) is None], None
+        if not pointer.exists():
+            reason = f"{self.root} has no latest.txt"
+        elif named is None:
+            reason = f"{pointer} holds '{name[:40]}', not a step folder name"
+        else:
+            reason = f"{pointer} names {name}, but {self.problem(named)}"
+        earlier = [s for s in reversed(steps) if (named is None or s < named) and self.problem(s) is None]
+        if not earlier:
+            raise UserError(f"{reason}, and no earlier complete checkpoint exists: restore it, or remove {self.root} "
+                            "to train from the start")
+        return earlier, f"{reason}; resuming from the previous complete checkpoint {self._dir(earlier[0]).name}"
+
+    def save(self, step: int, state: dict[str, Any], recipe: Optional[dict[str, Any]] = None) -> None:
+        """Collective: every rank writes its shards and its RNG; rank 0 writes the manifest and publishes the folder."""
         tmp = self.root / f"step_{step:06d}.tmp"
         if self.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -109,6 +166,9 @@ class CheckpointManager:
             dcp.save(state, checkpoint_id=str(tmp))
         torch.save(rng_state(), tmp / f"rng_rank{self.rank}.pt")
         barrier()
+        if self.rank == 0:
+            files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+            atomic_write_json(tmp / MANIFEST_NAME, {"step": step, "recipe": recipe, "files": files})
         if os.environ.get(EXIT_DURING_SAVE_ENV) == str(step):
             os._exit(17)
         if self.rank == 0:
@@ -116,13 +176,16 @@ class CheckpointManager:
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
             atomic_write_text(self.root / "latest.txt", final.name + "\n")
-            self._prune()
+            self._prune(step)
         barrier()
 
-    def _prune(self) -> None:
-        done = sorted(p for p in self.root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
-        for old in done[: -self.keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+    def _prune(self, latest: int) -> None:
+        """Keep the keep_last newest steps up to `latest` (which latest.txt names); later ones are stale leftovers."""
+        steps = self.steps()
+        kept = [s for s in steps if s <= latest][-self.keep_last:]
+        for step in steps:
+            if step not in kept and step != latest:
+                shutil.rmtree(self._dir(step), ignore_errors=True)
 
     def remove_partial(self) -> None:
         """Rank 0 drops folders a crash left half-written (never named by latest.txt)."""

@@ -19,11 +19,13 @@ import torch
 from model.objective import frozen
 from trainer.checkpoint import CheckpointManager, ModelAndOptimizer, full_state_dict, write_export
 from trainer.logger import TrainLogger, repair_metrics
+from trainer.run_folder import RunLock, check_same_recipe, recipe_identity
 from trainer.lora import merge_lora_state_dict
 from trainer.setup import ObjectiveFactory, TrainingSetup, build_training
 from trainer.steps import StepResult, injected_nan_steps, optimizer_step
 from utils.config import Config, to_yaml
 from utils.dist import DistInfo, barrier
+from utils.errors import UserError
 from utils.io import atomic_write_text
 from utils.memory import MemoryProfiler, lifetime_peak_bytes
 from utils.presets import arch_to_config_json
@@ -69,12 +71,25 @@ class Trainer:
         from model.objective import Models
 
         self.config, self.info, self.options = config, info, options
-        self.profiler = MemoryProfiler(options.profile_memory, info.device)
-        self.setup = build_training(config, info, build_objective, self.profiler)
+        # 1. Before any model is built: one run per logdir, and a resume only with the recipe it was trained with.
+        self.lock = RunLock(options.logdir).acquire() if info.is_main else None
+        try:
+            self.checkpoints = CheckpointManager(options.logdir, config.train.keep_last, info.rank)
+            self.recipe_identity = recipe_identity(config)
+            self.resume_steps, self.resume_warning = self.checkpoints.resume_candidates()
+            if self.resume_steps:
+                stored = self.checkpoints.recipe_of(self.resume_steps[0])
+                if stored is not None:
+                    where = f"{options.logdir} (checkpoint step {self.resume_steps[0]})"
+                    check_same_recipe(stored, self.recipe_identity, where)
+            self.profiler = MemoryProfiler(options.profile_memory, info.device)
+            self.setup = build_training(config, info, build_objective, self.profiler)
+        except BaseException:
+            self.release()
+            raise
         setup = self.setup
         self.models = Models(generator=setup.generator, real_score=setup.real_score, fake_score=setup.critic)
         self.state = TrainState(setup)
-        self.checkpoints = CheckpointManager(options.logdir, config.train.keep_last, info.rank)
         self.inject_nan = injected_nan_steps()
         # a single process has no FSDP2 policy to cast to bf16, so it autocasts instead
         single_bf16 = config.train.mixed_precision and info.world_size == 1
@@ -93,12 +108,29 @@ class Trainer:
             state["ema"] = setup.ema
         return state
 
+    def release(self) -> None:
+        """Give up the logdir's lock (the end of the run, or a failure before it started)."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
     def _resume(self) -> None:
+        """Load the newest loadable checkpoint; an unloadable one falls back to the one before, with a warning."""
         self.checkpoints.remove_partial()
-        latest = self.checkpoints.latest_step()
-        if latest is not None:
-            self.checkpoints.load(latest, self._checkpoint_state())
+        if self.resume_warning:
+            self.log.message(f"warning: {self.resume_warning}")
+        for position, step in enumerate(self.resume_steps):
+            try:
+                self.checkpoints.load(step, self._checkpoint_state())
+            except Exception as err:  # noqa: BLE001 - DCP raises many types for damaged files
+                reason = f"checkpoint step {step} cannot be loaded ({type(err).__name__}: {str(err).splitlines()[0][:200]})"
+                if position + 1 == len(self.resume_steps):
+                    raise UserError(f"{reason}, and no earlier complete checkpoint exists: remove "
+                                    f"{self.checkpoints.root} to train from the start") from None
+                self.log.message(f"warning: {reason}; trying step {self.resume_steps[position + 1]}")
+                continue
             self.log.message(f"resumed from {self.options.logdir / 'checkpoints'} at step {self.state.step}")
+            return
 
     def _export_weights(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
         weights = full_state_dict(model)
@@ -109,7 +141,7 @@ class Trainer:
     def save(self) -> None:
         """Checkpoint (collective) and refresh the inference export in <logdir>/latest/."""
         step = self.state.step
-        self.checkpoints.save(step, self._checkpoint_state())
+        self.checkpoints.save(step, self._checkpoint_state(), self.recipe_identity)
         weights = {"generator": self._export_weights(self.setup.generator)}
         ema = self.setup.ema
         if ema is not None and ema.started:
@@ -221,3 +253,4 @@ class Trainer:
             self.log.close()
             if self.options.profile_memory and info.is_main:
                 self.profiler.save(self.options.logdir / "memory_events.json")
+            self.release()
