@@ -31,6 +31,7 @@ from utils.errors import UserError
 from utils.geometry import Geometry, ResolvedRecipe, geometry_for
 from utils.memory import MemoryProfiler, current_bytes, lifetime_peak_bytes
 from utils.presets import ARCH_FIELDS, dit_folder, read_checkpoint_config
+from utils.temporal import temporal_report
 
 GENERATOR_FILE = "generator.safetensors"  # the trainer's export names
 GENERATOR_EMA_FILE = "generator_ema.safetensors"
@@ -133,6 +134,7 @@ class InferenceResult:
     nfe: int  # generator forwards (denoising steps + context passes)
     timings: dict = field(default_factory=dict)
     memory: dict = field(default_factory=dict)
+    temporal: dict = field(default_factory=dict)  # utils.temporal report of the pixels (seams, flicker, drift)
 
 
 # --------------------------------------------------------------------------------------------- pipeline
@@ -278,9 +280,14 @@ class CausalInferencePipeline:
         generate_events = [e for e in profiler.events if e["name"] == "generate"]
         peak = generate_events[-1]["peak_bytes"] if generate_events else lifetime_peak_bytes(self.device)
         memory = {"backend": profiler.backend, "base_bytes": self.base_memory_bytes, "peak_bytes": peak}
+        # 5. Temporal quality; drift segments have the training length, so a longer video compares its later
+        #    stretches with the first.
+        temporal = temporal_report(video, geometry.block_sizes, geometry.vae_stride[0],
+                                   segment_frames=self.resolved.geometry.num_pixel_frames)
         return InferenceResult(
             prompt=prompt, task=task, seed=seed, image=None if image is None else str(image), video=video,
             latents=output.latents.float().cpu(), geometry=geometry, nfe=output.nfe, timings=timings, memory=memory,
+            temporal=temporal,
         )
 
 

@@ -69,6 +69,7 @@ def build_record(result: InferenceResult, parameters: dict) -> dict:
         "geometry": geometry.to_dict(),
         "timings": {key: result.timings[key] for key in RECORD_TIMINGS},
         "memory": result.memory,
+        "temporal": result.temporal,
     }
 
 
