@@ -15,6 +15,7 @@ import torch
 
 from miniature.judge import adherence, score_clip
 from miniature.world import parse_caption
+from utils.temporal import temporal_report
 from utils.io import atomic_write_json, atomic_write_text
 from utils.tables import format_table
 
@@ -24,14 +25,26 @@ CRITERIA = {
     "nfe_ratio_min": 10.0,
     "speedup_min": 5.0,
 }
+# Goals of the temporal report (issue 16), shown beside the checks: seams no worse than 1.2x the teacher's
+# (the teacher makes the whole clip at once, so its "seams" at the student's block boundaries are the baseline),
+# and appearance at 4x the training length kept within 0.9x of the first segment's.
+TEMPORAL_GOALS = {"seam_ratio_vs_teacher_max": 1.2, "long_video_appearance_ratio_min": 0.9}
+LONG_VIDEO_FACTOR = 4
+
+
+def temporal_means(videos: Sequence[torch.Tensor], blocks: Sequence[int], stride: int) -> dict:
+    """Seam ratio and flicker of each clip at the student's block boundaries, averaged."""
+    reports = [temporal_report(v, blocks, stride) for v in videos]
+    return {key: sum(r[key] for r in reports) / len(reports) for key in ("seam_ratio", "flicker")}
 
 
 def summarise(name: str, videos: Sequence[torch.Tensor], captions: Sequence[str], nfe: Sequence[float],
-              seconds: Sequence[float], forward_calls: Sequence[int]) -> dict:
+              seconds: Sequence[float], forward_calls: Sequence[int], blocks: Sequence[int], stride: int) -> dict:
     """One model's line of the report; videos are [T, 3, H, W] in [-1, 1].
 
     nfe: denoiser evaluations each frame of the video goes through (the usual NFE: a forward over a
-    3-frame block counts for those frames only); forward_calls: network calls per video.
+    3-frame block counts for those frames only); forward_calls: network calls per video. blocks, stride: the
+    student's latent frames per block and the VAE's temporal stride, where seams are measured.
     """
     parsed = [parse_caption(c) for c in captions]
     scores = [score_clip(v, c) for v, c in zip(videos, parsed)]
@@ -43,6 +56,36 @@ def summarise(name: str, videos: Sequence[torch.Tensor], captions: Sequence[str]
         "seconds_per_video": statistics.median(seconds),  # median: the first video carries one-off warm-up costs
         "num_videos": len(videos),
         "per_item": {k: sum(s[k] for s in scores) / len(scores) for k in scores[0]},
+        **temporal_means(videos, blocks, stride),
+    }
+
+
+def long_video_summary(name: str, videos: Sequence[torch.Tensor], captions: Sequence[str], segment_frames: int) -> dict:
+    """Clips of LONG_VIDEO_FACTOR x the training length, judged per training-length segment.
+
+    The world's trajectories are defined for the training length: past it the true shape leaves the canvas, so
+    the motion items (direction, steadiness) judge the world's physics, not the model. Appearance, the judge's
+    background x shape colour, is what must not drift; the full adherence is listed for the record.
+    """
+    parsed = [parse_caption(c) for c in captions]
+    per_segment: list[dict[str, float]] = []
+    for start in range(0, len(videos[0]) - segment_frames + 1, segment_frames):
+        scores = [score_clip(v[start:start + segment_frames], c) for v, c in zip(videos, parsed)]
+        per_segment.append({
+            "start": start,
+            "appearance": sum(s["background"] * s["shape_colour"] for s in scores) / len(scores),
+            "adherence": sum(s["total"] for s in scores) / len(scores),
+        })
+    drifts = [temporal_report(v, [1], 1, segment_frames)["drift"] for v in videos]
+    first, last = per_segment[0]["appearance"], per_segment[-1]["appearance"]
+    return {
+        "model": name,
+        "num_frames": len(videos[0]),
+        "segment_frames": segment_frames,
+        "segments": per_segment,
+        "appearance_ratio": last / first if first else 0.0,
+        "drift_per_segment": [sum(d["segments"][i]["drift"] for d in drifts) / len(drifts)
+                              for i in range(len(per_segment))],
     }
 
 
@@ -91,27 +134,59 @@ def write_report(out_dir: Path, results: dict, settings: dict, name: str = "repo
             "speedup": s["speedup"] >= CRITERIA["speedup_min"],
         }
     checks["teacher_adherence"] = teacher["adherence"] >= CRITERIA["teacher_adherence_min"]
-    report = {**results, "criteria": CRITERIA, "checks": checks, "settings": settings}
+    long_video = results.pop("long_video", None)
+    goals = {}
+    for student in [k for k in ("ode_init", "dmd", "sid") if k in results]:
+        results[student]["seam_ratio_vs_teacher"] = results[student]["seam_ratio"] / teacher["seam_ratio"]
+        goals[f"{student}_seams"] = results[student]["seam_ratio_vs_teacher"] <= TEMPORAL_GOALS["seam_ratio_vs_teacher_max"]
+    if long_video is not None:
+        goals["long_video_appearance"] = long_video["appearance_ratio"] >= TEMPORAL_GOALS["long_video_appearance_ratio_min"]
+    report = {**results, "criteria": CRITERIA, "checks": checks, "settings": settings,
+              "long_video": long_video, "temporal_goals": TEMPORAL_GOALS, "goals": goals}
     atomic_write_json(out_dir / f"{name}.json", report)
     rows = [(k, f"{v['adherence']:.3f}", f"{v['nfe']:g}", f"{v['forward_calls']:.0f}", f"{v['seconds_per_video']:.3f}",
+             f"{v['seam_ratio']:.3f}", f"{v['flicker']:.3f}",
              " ".join(f"{n}={x:.2f}" for n, x in v["per_item"].items() if n != "total"))
             for k, v in results.items()]
     lines = [
         "# Quickstart: the miniature Self-Forcing distillation",
         "",
-        format_table(rows, header=("model", "adherence", "nfe", "forward calls", "s / video", "judge items")),
+        format_table(rows, header=("model", "adherence", "nfe", "forward calls", "s / video", "seam ratio", "flicker",
+                                   "judge items")),
         "",
         "nfe: denoiser evaluations each frame goes through (teacher: steps x CFG; causal student: steps + the",
         "context pass, each over one block of frames). forward calls: network calls per video. s / video:",
         "median seconds of sampling + VAE decode, models already loaded, same machine, same run.",
+        "seam ratio: frame change across the student's block boundaries over the change inside blocks (the",
+        "teacher, made at once, is the baseline); flicker: high-frequency temporal energy (0 steady, 1 alternating).",
         "",
+        *(_long_video_lines(long_video) if long_video else []),
         "## Checks",
         "",
         "```",
         json.dumps(checks, indent=2),
         "```",
         "",
+        "Temporal goals (reported, not part of the verdict): " + json.dumps(goals),
+        "",
         "Pictures: training_curves.png, frames.png; videos under videos/.",
     ]
     atomic_write_text(out_dir / f"{name}.md", "\n".join(lines) + "\n")
     return report
+
+
+def _long_video_lines(long_video: dict) -> list[str]:
+    segments = long_video["segments"]
+    rows = [(f"{s['start']}-{s['start'] + long_video['segment_frames'] - 1}", f"{s['appearance']:.3f}",
+             f"{s['adherence']:.3f}", f"{d:.4f}") for s, d in zip(segments, long_video["drift_per_segment"])]
+    return [
+        f"## Long video: {long_video['model']} rolled out to {long_video['num_frames']} frames "
+        f"({LONG_VIDEO_FACTOR}x training, rolling cache)",
+        "",
+        format_table(rows, header=("frames", "appearance", "adherence", "drift")),
+        "",
+        f"appearance (background x shape colour) of the last segment / the first: {long_video['appearance_ratio']:.3f}.",
+        "Past the training length the world's shapes leave the canvas, so full adherence there judges the",
+        "world's physics; drift: change of colour, contrast and sharpness against the first segment.",
+        "",
+    ]

@@ -26,6 +26,7 @@ sys.path.insert(0, str(REPO_ROOT))
 from utils.errors import UserError, run_main  # noqa: E402
 from utils.io import atomic_write_json, atomic_write_text  # noqa: E402
 
+LONG_VIDEO_PROMPTS = 6  # prompts rolled out to 4x the training length (the judge's first ones)
 RECIPES = {"ode": "configs/miniature/ode.yaml", "dmd": "configs/miniature/dmd.yaml", "sid": "configs/miniature/sid.yaml"}
 # --short: a shortened run for the end-to-end test (same chain, fewer prompts and steps; no quality bar).
 SHORT = {
@@ -76,35 +77,51 @@ def save_teacher_videos(folder: Path, videos: list, prompts: list[tuple[str, int
         write_mp4(folder / f"{index:02d}_{slugify(prompt)}.mp4", video, fps)
 
 
-def judge_student(out: Path, name: str, recipe: str, checkpoint: Path, prompts: list[tuple[str, int]], overrides: list[str],
-                  fresh: bool, vae) -> tuple[dict, list]:
-    """Generate the evaluation clips with inference.py (prompt i uses seed base + i) and judge them."""
-    from miniature.report import summarise
-
+def generate_clips(out: Path, name: str, recipe: str, checkpoint: Path, prompts: list[tuple[str, int]],
+                   overrides: list[str], fresh: bool, vae) -> tuple[list, list]:
+    """inference.py on the prompts (prompt i uses seed base + i); returns (records, decoded clips) in prompt order."""
     folder = out / "videos" / name
     if fresh and folder.exists():
         shutil.rmtree(folder)
-    prompt_file = out / "eval_prompts.txt"
-    base_seed = prompts[0][1]
+    prompt_file = out / f"{name}_prompts.txt"
+    atomic_write_text(prompt_file, "\n".join(p for p, _ in prompts) + "\n")
     run_stage(out, f"infer_{name}", ["inference.py", "--config_path", recipe, "--checkpoint", str(checkpoint),
-                                      "--data_path", str(prompt_file), "--seed", str(base_seed),
+                                      "--data_path", str(prompt_file), "--seed", str(prompts[0][1]),
                                       "--output_folder", str(folder), "--save_latents", *overrides], fresh)
-    records = sorted(folder.glob("*/inference_record.json"))
     by_prompt = {}
-    for record_path in records:
+    for record_path in sorted(folder.glob("*/inference_record.json")):
         record = json.loads(record_path.read_text())
         by_prompt[record["prompt"]] = (record, record_path.parent)
-    videos, captions, nfe, calls, seconds = [], [], [], [], []
-    for prompt, _seed in prompts:
-        record, video_folder = by_prompt[prompt]
-        videos.append(decode_saved_latents(video_folder, vae))
-        captions.append(prompt)
-        geometry = record["geometry"]
-        # every block gets the same forwards, each covering that block only: per frame, nfe = calls / blocks
-        nfe.append(record["nfe"] / len(geometry["block_sizes"]))
-        calls.append(record["nfe"])
-        seconds.append(record["timings"]["denoise_s"] + record["timings"]["vae_decode_s"])
-    return summarise(name, videos, captions, nfe, seconds, calls), videos
+    records = [by_prompt[prompt][0] for prompt, _ in prompts]
+    return records, [decode_saved_latents(by_prompt[prompt][1], vae) for prompt, _ in prompts]
+
+
+def judge_student(out: Path, name: str, recipe: str, checkpoint: Path, prompts: list[tuple[str, int]], overrides: list[str],
+                  fresh: bool, vae) -> tuple[dict, list]:
+    """Generate the evaluation clips with inference.py and judge them."""
+    from miniature.report import summarise
+
+    records, videos = generate_clips(out, name, recipe, checkpoint, prompts, overrides, fresh, vae)
+    geometry = records[0]["geometry"]
+    # every block gets the same forwards, each covering that block only: per frame, nfe = calls / blocks
+    nfe = [r["nfe"] / len(r["geometry"]["block_sizes"]) for r in records]
+    calls = [r["nfe"] for r in records]
+    seconds = [r["timings"]["denoise_s"] + r["timings"]["vae_decode_s"] for r in records]
+    summary = summarise(name, videos, [p for p, _ in prompts], nfe, seconds, calls, geometry["block_sizes"],
+                        geometry["vae_stride"][0])
+    return summary, videos
+
+
+def judge_long_video(out: Path, name: str, recipe: str, checkpoint: Path, prompts: list[tuple[str, int]],
+                     overrides: list[str], fresh: bool, vae, geometry) -> dict:
+    """The student rolled out to LONG_VIDEO_FACTOR x its training length (rolling cache), judged per segment."""
+    from miniature.report import LONG_VIDEO_FACTOR, long_video_summary
+    from utils.geometry import pixel_frames_for
+
+    frames = pixel_frames_for(LONG_VIDEO_FACTOR * geometry.num_latent_frames, geometry.vae_stride[0])
+    _, videos = generate_clips(out, f"{name}_long", recipe, checkpoint, prompts,
+                               [*overrides, "--num_output_frames", str(frames)], fresh, vae)
+    return long_video_summary(name, videos, [p for p, _ in prompts], geometry.num_pixel_frames)
 
 
 @run_main
@@ -169,11 +186,14 @@ def main(argv: list[str] | None = None) -> int:
     save_teacher_videos(out / "videos" / "teacher", videos, prompts, teacher_config.video.fps)
     from miniature.report import summarise
 
-    results = {"teacher": summarise("teacher", videos, [p for p, _ in prompts], nfe, seconds, forward_calls=nfe)}
     from pipeline.components import build_vae
     from utils.geometry import resolve_recipe
 
-    vae = build_vae(resolve_recipe(teacher_config, need_scores=True).vae)
+    resolved = resolve_recipe(teacher_config, need_scores=True)
+    student_geometry = resolved.geometry  # the teacher's clip is judged at the student's block boundaries
+    results = {"teacher": summarise("teacher", videos, [p for p, _ in prompts], nfe, seconds, forward_calls=nfe,
+                                    blocks=student_geometry.block_sizes, stride=student_geometry.vae_stride[0])}
+    vae = build_vae(resolved.vae)
     results["ode_init"], init_videos = judge_student(out, "ode_init", RECIPES["ode"], init_export, prompts, teacher_over,
                                                      args.fresh, vae)
     # the distilled student as deployed: its EMA weights; the raw weights beside them, for comparison
@@ -182,6 +202,9 @@ def main(argv: list[str] | None = None) -> int:
         out, args.loss, loss_recipe, out / args.loss / "latest", prompts, [*distilled_over, "--use_ema"], args.fresh, vae)
     results[f"{args.loss}_no_ema"], _ = judge_student(
         out, f"{args.loss}_no_ema", loss_recipe, out / args.loss / "latest", prompts, distilled_over, args.fresh, vae)
+    long_prompts = prompts[: LONG_VIDEO_PROMPTS]
+    results["long_video"] = judge_long_video(out, args.loss, loss_recipe, out / args.loss / "latest", long_prompts,
+                                             [*distilled_over, "--use_ema"], args.fresh, vae, student_geometry)
 
     # 6. Pictures and the report.
     from miniature.pictures import frame_strips, training_curves

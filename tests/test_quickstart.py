@@ -8,7 +8,7 @@ from tests.helpers import run_script
 from utils.io import atomic_save_safetensors, atomic_write_json
 from utils.presets import ARCH_FIELDS, arch_to_config_json, load_model_preset
 
-STAGES = ("ode_pairs", "lmdb", "ode_init", "dmd", "infer_ode_init", "infer_dmd", "infer_dmd_no_ema")
+STAGES = ("ode_pairs", "lmdb", "ode_init", "dmd", "infer_ode_init", "infer_dmd", "infer_dmd_no_ema", "infer_dmd_long")
 
 
 @pytest.fixture(scope="module")
@@ -36,13 +36,20 @@ def test_short_quickstart_runs_the_chain_and_reuses_stages(tmp_path, random_teac
     for name in ("teacher", "ode_init", "dmd", "dmd_no_ema"):
         line = report[name]
         assert 0.0 <= line["adherence"] <= 1.0 and line["num_videos"] == 2 and line["seconds_per_video"] > 0
+        assert line["seam_ratio"] > 0 and 0 <= line["flicker"] <= 1.5  # the temporal columns
+    # the long-video row: the DMD student at 4x its 9 latent frames (141 pixel frames), judged per 33-frame segment
+    long_video = report["long_video"]
+    assert long_video["num_frames"] == 141 and long_video["segment_frames"] == 33
+    assert len(long_video["segments"]) == 4 and long_video["drift_per_segment"][0] == 0
+    assert set(report["goals"]) == {"ode_init_seams", "dmd_seams", "long_video_appearance"}
     assert report["teacher"]["nfe"] == 16  # 8 steps x CFG (short run)
     # per frame: 4 steps + the context pass; 3 blocks of 3 frames -> 15 forward calls per video
     assert report["dmd"]["nfe"] == report["ode_init"]["nfe"] == 5
     assert report["dmd"]["forward_calls"] == 15 and report["teacher"]["forward_calls"] == 16
     for picture in ("training_curves.png", "frames.png", "report.md"):
         assert (out / picture).stat().st_size > 0
-    assert len(list((out / "videos").glob("*/*.mp4"))) + len(list((out / "videos").glob("*/*/video.mp4"))) == 8
+    assert "seam ratio" in (out / "report.md").read_text() and "## Long video" in (out / "report.md").read_text()
+    assert len(list((out / "videos").glob("*/*.mp4"))) + len(list((out / "videos").glob("*/*/video.mp4"))) == 10
     assert all((out / f"{stage}.done").exists() for stage in STAGES)
     # one log line covers the window of 4 iterations: the generator's loss (iterations 0 and 2) is averaged in
     (last,) = [json.loads(line) for line in (out / "dmd" / "metrics.jsonl").read_text().splitlines()]

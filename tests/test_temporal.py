@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from utils.temporal import block_transitions, drift, flicker, seam_ratio, temporal_report
+from utils.temporal import block_transitions, drift, flicker, reference_transitions, seam_ratio, temporal_report
 
 BLOCKS = (3, 3, 3, 3)  # latent frames per block; 12 latent frames = 45 pixel frames at temporal stride 4
 FRAMES = 45
@@ -29,16 +29,26 @@ def test_block_transitions_map_latent_blocks_to_pixel_frames():
     assert block_transitions(BLOCKS) == [2, 5, 8]  # latents: after frames 2, 5, 8
     assert block_transitions(BLOCKS, temporal_stride=4) == [8, 20, 32]  # pixels: latent 2 ends at pixel 8
     assert block_transitions((1, 3, 3), temporal_stride=4) == [0, 12]
+    # references: every other transition in latents; in pixels the other latent-frame boundaries (not 0 -> 1)
+    assert reference_transitions(BLOCKS, 1, 11) == [0, 1, 3, 4, 6, 7, 9, 10]
+    assert reference_transitions(BLOCKS, 4, 44) == [4, 12, 16, 24, 28, 36, 40]
 
 
 def test_a_jump_at_every_block_boundary_gives_a_high_seam_ratio():
     seams = block_transitions(BLOCKS, temporal_stride=4)
-    smooth = seam_ratio(moving_square(), seams)
-    jumpy = seam_ratio(moving_square(jump_after=seams), seams)
+    smooth = seam_ratio(moving_square(), BLOCKS, 4)
+    jumpy = seam_ratio(moving_square(jump_after=seams), BLOCKS, 4)
     assert 0.7 < smooth < 1.3
     assert jumpy > 3 * smooth
-    # a jump elsewhere than at the boundaries does not count as a seam
-    assert seam_ratio(moving_square(jump_after=[t + 2 for t in seams]), seams) < 1.0
+    # a jump at another latent-frame boundary is not a seam: it raises the reference instead
+    assert seam_ratio(moving_square(jump_after=[t + 4 for t in seams]), BLOCKS, 4) < 1.0
+
+
+def test_changes_between_latent_frames_alone_are_not_seams():
+    """A clip that changes only between latent frames (as a VAE decodes it) has seam ratio 1, not 4."""
+    steps = torch.tensor([0] + [1 + (t - 1) // 4 for t in range(1, FRAMES)], dtype=torch.float32)
+    video = steps.view(-1, 1, 1, 1).expand(-1, 3, 8, 8)
+    assert seam_ratio(video, BLOCKS, 4) == pytest.approx(1.0, rel=1e-5)
 
 
 def test_flicker_of_alternating_frames_is_high_and_of_steady_motion_low():

@@ -3,8 +3,10 @@
 Works on pixels [T, 3, H, W] or latents [F, C, h, w] (float; any range, compared with itself).
 
 - seam ratio: mean absolute change across the transitions between generation blocks, over the mean change
-  of the transitions inside blocks. About 1 when the boundaries cannot be told apart; a visible jump at
-  every boundary makes it large.
+  of the same kind of transitions inside blocks. About 1 when the boundaries cannot be told apart; a visible
+  jump at every boundary makes it large. In pixels the reference is the other latent-frame boundaries (a
+  Wan VAE decodes each latent frame to 4 pixel frames, and changes between latent frames differ from
+  changes within one, for any model), without the first (frame 0 is decoded alone).
 - flicker: high-frequency temporal energy, mean (x[t+1] - 2 x[t] + x[t-1])^2 over 4 x mean (x[t+1] - x[t])^2.
   0 for a still clip or steady motion, 1 for a clip alternating between two frames, 0.75 for white noise.
 - drift: the clip cut into segments (of the training length, or halves when it is not longer); for each
@@ -36,20 +38,31 @@ def block_transitions(block_sizes: Sequence[int], temporal_stride: int = 1) -> l
     return ends
 
 
+def reference_transitions(block_sizes: Sequence[int], temporal_stride: int, num_transitions: int) -> list[int]:
+    """Transitions inside blocks to compare seams with: every one in latents, the latent-frame boundaries in pixels."""
+    seams = set(block_transitions(block_sizes, temporal_stride))
+    if temporal_stride > 1:
+        candidates = range(temporal_stride, num_transitions, temporal_stride)  # latent k -> k+1 for k >= 1
+    else:
+        candidates = range(num_transitions)
+    return [t for t in candidates if t not in seams]
+
+
 def _frame_changes(video: Tensor) -> Tensor:
     """Mean absolute change of each transition t -> t+1: [T - 1] (frame by frame: no video-sized temporaries)."""
     return torch.stack([(video[t + 1].float() - video[t].float()).abs().mean() for t in range(len(video) - 1)]) \
         if len(video) > 1 else torch.zeros(0)
 
 
-def seam_ratio(video: Tensor, transitions: Sequence[int]) -> Optional[float]:
-    """Mean change across block transitions / mean change inside blocks (None without both kinds)."""
-    return _seam_ratio(_frame_changes(video), transitions)
+def seam_ratio(video: Tensor, block_sizes: Sequence[int], temporal_stride: int = 1) -> Optional[float]:
+    """Mean change across block transitions / mean change of the reference transitions inside blocks (None
+    without both kinds)."""
+    return _seam_ratio(_frame_changes(video), block_sizes, temporal_stride)
 
 
-def _seam_ratio(changes: Tensor, transitions: Sequence[int]) -> Optional[float]:
-    seams = [t for t in transitions if 0 <= t < len(changes)]
-    inside = [t for t in range(len(changes)) if t not in set(seams)]
+def _seam_ratio(changes: Tensor, block_sizes: Sequence[int], temporal_stride: int) -> Optional[float]:
+    seams = [t for t in block_transitions(block_sizes, temporal_stride) if 0 <= t < len(changes)]
+    inside = reference_transitions(block_sizes, temporal_stride, len(changes))
     if not seams or not inside:
         return None
     return float(changes[seams].mean() / (changes[inside].mean() + EPS))
@@ -111,7 +124,7 @@ def temporal_report(video: Tensor, block_sizes: Sequence[int], temporal_stride: 
     video = video.detach().cpu()
     changes = _frame_changes(video)
     return {
-        "seam_ratio": _seam_ratio(changes, block_transitions(block_sizes, temporal_stride)),
+        "seam_ratio": _seam_ratio(changes, block_sizes, temporal_stride),
         "flicker": flicker(video),
         "frame_change": float(changes.mean()) if len(changes) else None,
         "drift": drift(video, segment_frames),
