@@ -23,10 +23,25 @@ def read_metrics(logdir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+EVAL_KEYS = ("eval/adherence", "eval/seam_ratio", "eval/flicker", "eval/drift")
+
+
 def training_curves(path: Path, runs: dict[str, Path]) -> Path:
-    """One panel per run: every top-level logged loss (generator_loss, critic_loss), against the step."""
+    """One panel per run: every top-level logged loss (generator_loss, critic_loss), against the step; a second
+    row with the evaluation during training (adherence, seam ratio, flicker, drift) when a run logged it."""
     plt = _matplotlib()
-    fig, axes = plt.subplots(1, len(runs), figsize=(5 * len(runs), 3.5), squeeze=False)
+    evaluated = {name: [r for r in read_metrics(logdir) if any(k in r for k in EVAL_KEYS)] for name, logdir in runs.items()}
+    rows = 2 if any(evaluated.values()) else 1
+    fig, axes = plt.subplots(rows, len(runs), figsize=(5 * len(runs), 3.5 * rows), squeeze=False)
+    for axis, (name, records) in zip(axes[-1] if rows == 2 else [], evaluated.items()):
+        for key in EVAL_KEYS:
+            points = [(r["step"], r[key]) for r in records if key in r]
+            if points:
+                axis.plot(*zip(*points), marker=".", label=key.removeprefix("eval/"))
+        axis.set_title(f"{name}: evaluation during training")
+        axis.set_xlabel("step")
+        if records:
+            axis.legend(fontsize=7)
     for axis, (name, logdir) in zip(axes[0], runs.items()):
         rows = read_metrics(logdir)
         keys = sorted({k for row in rows for k, v in row.items()

@@ -33,7 +33,7 @@ SHORT = {
     "num_prompts": 8,
     "ode": ["train.max_steps=4", "train.batch_size=4", "train.save_iters=2", "ode.num_steps=8", "ode.keep_indices=[0,2,4,6,-1]"],
     "distill": ["train.max_steps=4", "train.batch_size=2", "train.save_iters=2", "train.ema_start_step=1",
-                "distill.dfake_gen_update_ratio=2"],
+                "distill.dfake_gen_update_ratio=2", "evaluation.every=2", "evaluation.num_prompts=2"],
     "teacher": ["teacher.num_steps=8"],
     "num_eval": 2,
 }
@@ -165,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     loss_recipe = RECIPES[args.loss]
     init_export = out / "ode_init" / "latest"
     distill_over = [*teacher_over, f"train.data_path={out / 'train_prompts.txt'}",
+                    f"evaluation.prompts={out / 'eval_prompts.txt'}",
                     f"generator.checkpoint={init_export / 'generator.safetensors'}", *(short["distill"] if short else [])]
 
     # 2. ODE pairs from the teacher, packed into one LMDB.

@@ -52,8 +52,11 @@ def test_short_quickstart_runs_the_chain_and_reuses_stages(tmp_path, random_teac
     assert len(list((out / "videos").glob("*/*.mp4"))) + len(list((out / "videos").glob("*/*/video.mp4"))) == 10
     assert all((out / f"{stage}.done").exists() for stage in STAGES)
     # one log line covers the window of 4 iterations: the generator's loss (iterations 0 and 2) is averaged in
-    (last,) = [json.loads(line) for line in (out / "dmd" / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (out / "dmd" / "metrics.jsonl").read_text().splitlines()]
+    (last,) = [r for r in records if "critic_loss" in r]
     assert last["step"] == 4 and "generator_loss" in last and "critic_loss" in last
+    # evaluation during training: the miniature judge and the temporal report at steps 2 and 4
+    assert [r["step"] for r in records if "eval/adherence" in r] == [2, 4]
     # a second run reuses every finished stage and still writes the report
     second = run_script(args, timeout=900)
     assert second.returncode == 0, second.stderr[-3000:]

@@ -17,7 +17,7 @@ from utils.config import Config, to_yaml
 from utils.errors import UserError
 from utils.io import atomic_write
 
-CURVE_KEYS = ("generator_loss", "critic_loss")
+CURVE_KEYS = ("generator_loss", "critic_loss", "eval/seam_ratio", "eval/flicker", "eval/drift", "eval/adherence")
 
 
 class TrainLogger:
@@ -115,7 +115,7 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 
 
 def plot_curves(metrics_path: Path, out_path: Path) -> None:
-    """Each logged loss against the step (finite values only)."""
+    """Each logged loss (and evaluation metric) against the step (finite values only)."""
     import matplotlib
 
     matplotlib.use("Agg")

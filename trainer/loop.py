@@ -18,9 +18,10 @@ import torch
 
 from model.objective import frozen
 from trainer.checkpoint import CheckpointManager, ModelAndOptimizer, full_state_dict, write_export
+from trainer.evaluation import TrainingEvaluator, check_evaluation
 from trainer.logger import TrainLogger, repair_metrics
-from trainer.run_folder import RunLock, check_same_recipe, recipe_identity
 from trainer.lora import merge_lora_state_dict
+from trainer.run_folder import RunLock, check_same_recipe, recipe_identity
 from trainer.setup import ObjectiveFactory, TrainingSetup, build_training
 from trainer.steps import StepResult, injected_nan_steps, optimizer_step
 from utils.config import Config, to_yaml
@@ -82,6 +83,7 @@ class Trainer:
                 if stored is not None:
                     where = f"{options.logdir} (checkpoint step {self.resume_steps[0]})"
                     check_same_recipe(stored, self.recipe_identity, where)
+            check_evaluation(config)
             self.profiler = MemoryProfiler(options.profile_memory, info.device)
             self.setup = build_training(config, info, build_objective, self.profiler)
         except BaseException:
@@ -97,6 +99,7 @@ class Trainer:
         self.autocast: Callable[[], contextlib.AbstractContextManager] = (
             (lambda: torch.autocast(device_type, dtype=torch.bfloat16)) if single_bf16 else contextlib.nullcontext
         )
+        self.evaluator = TrainingEvaluator(config, setup, self.autocast) if config.evaluation.every else None
 
     # ------------------------------------------------------------------------------------- state
     def _checkpoint_state(self) -> dict[str, Any]:
@@ -242,6 +245,8 @@ class Trainer:
                         "critic_updates": self.state.critic_updates,
                         "nonfinite_skipped": self.state.nonfinite_skipped,
                     })  # fmt: skip
+                if self.evaluator is not None and self.evaluator.due(done) and not diverged:
+                    self.log.log(done, self.evaluator.run())
                 if diverged:  # the run stops before saving: the last checkpoint holds the last good weights
                     raise TrainingDiverged(
                         f"{limit} iterations in a row had a NaN/Inf loss or gradient (last at step {step}); "

@@ -182,6 +182,21 @@ class TrainConfig:
 
 
 @dataclass
+class EvaluationConfig:
+    """Evaluation during training: every `every` iterations the generator (its EMA weights once EMA has started)
+    rolls out fixed prompts and seeds; the temporal report of the latents (seam ratio, flicker, drift), and the
+    miniature judge's adherence when `judge: miniature`, are logged with the losses and plotted. It draws from
+    its own seeded generators, so a run with evaluation trains exactly like one without.
+    0: off, as in the published recipes (they do not evaluate during training)."""
+
+    every: int = 0
+    prompts: Optional[str] = None  # prompt file; empty: the first num_prompts lines of train.data_path
+    num_prompts: int = 4
+    seed: int = 0  # prompt i uses seed + i
+    judge: Optional[str] = None  # "miniature": decode and score with the miniature world's judge
+
+
+@dataclass
 class LoggingConfig:
     """Console and JSONL always; wandb when enabled (its key comes from WANDB_API_KEY, never from here)."""
 
@@ -213,6 +228,7 @@ class Config:
     distill: DistillConfig = field(default_factory=DistillConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
@@ -361,6 +377,10 @@ def validate_choices(config: Config) -> None:
         ("distill.dfake_gen_update_ratio", config.distill.dfake_gen_update_ratio >= 1, "at least 1"),
         ("rollout.denoising_step_list", len(config.rollout.denoising_step_list) >= 1, "at least one timestep"),
         ("rollout.sink_size", config.rollout.sink_size >= 0, "0 or more frames"),
+        ("evaluation.every", config.evaluation.every >= 0, "0 (off) or a number of iterations"),
+        ("evaluation.num_prompts", config.evaluation.num_prompts >= 1, "at least 1"),
+        ("evaluation.seed", config.evaluation.seed >= 0, "0 or more"),
+        ("evaluation.judge", config.evaluation.judge in (None, "miniature"), "empty or miniature"),
     ]
     for key, ok, expected in checks:
         if not ok:
