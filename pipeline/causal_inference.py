@@ -135,6 +135,7 @@ class InferenceResult:
     timings: dict = field(default_factory=dict)
     memory: dict = field(default_factory=dict)
     temporal: dict = field(default_factory=dict)  # utils.temporal report of the pixels (seams, flicker, drift)
+    prompt_switches: list = field(default_factory=list)  # [{"block", "prompt", "recache"}] in the order taken
 
 
 # --------------------------------------------------------------------------------------------- pipeline
@@ -233,9 +234,14 @@ class CausalInferencePipeline:
         num_output_frames: Optional[int] = None,
         seed: int = 0,
         on_block: Optional[PixelCallback] = None,
+        prompt_switch: Optional[Callable[[int], Optional[tuple[str, bool]]]] = None,
     ) -> InferenceResult:
-        """One video for `prompt`; `on_block(index, pixels)` sees each block's pixels as soon as they exist."""
-        from pipeline.rollout import BlockRollout
+        """One video for `prompt`; `on_block(index, pixels)` sees each block's pixels as soon as they exist.
+
+        prompt_switch(index) -> (new prompt, recache) or None is asked before each block after the first: the
+        new prompt applies from that block on (streaming); every switch taken is listed in the result.
+        """
+        from pipeline.rollout import BlockRollout, PromptSwitch
         from wan.modules.kv_cache import KVCache
 
         geometry = self.check_request(image, num_output_frames)
@@ -261,12 +267,22 @@ class CausalInferencePipeline:
             kv_cache = KVCache.from_geometry(geometry, batch_size=1, dtype=self.dtype, device=self.device)
             rollout = BlockRollout(geometry, self.timesteps.to(self.device), self.config.rollout.context_noise)
 
-            # 3. Rollout with streaming decode of each finished block.
+            # 3. Rollout with streaming decode of each finished block (and prompt switches, when asked).
             stream = _StreamingDecode(self, profiler, start, on_block)
+            switches: list[dict] = []
+
+            def switch_hook(index: int) -> Optional[PromptSwitch]:
+                asked = prompt_switch(index) if prompt_switch is not None else None
+                if asked is None:
+                    return None
+                new_prompt, recache = asked
+                switches.append({"block": index, "prompt": new_prompt, "recache": bool(recache)})
+                return PromptSwitch(self.text_encoder.encode([new_prompt]).to(self.device, self.dtype), bool(recache))
+
             with profiler.phase("rollout"):
                 output = rollout.run(
                     stream.wrap(self.generator), noise, context, first_frame=first_frame, kv_cache=kv_cache,
-                    on_block=stream.on_block, noise_generator=renoise,
+                    on_block=stream.on_block, noise_generator=renoise, prompt_switch=switch_hook,
                 )
             video = torch.cat(stream.pixels, dim=1)[0].float().cpu()
         total_s = self._clock() - start
@@ -287,7 +303,7 @@ class CausalInferencePipeline:
         return InferenceResult(
             prompt=prompt, task=task, seed=seed, image=None if image is None else str(image), video=video,
             latents=output.latents.float().cpu(), geometry=geometry, nfe=output.nfe, timings=timings, memory=memory,
-            temporal=temporal,
+            temporal=temporal, prompt_switches=switches,
         )
 
 
@@ -329,14 +345,19 @@ class _StreamingDecode:
 
     def forward(self, generator: torch.nn.Module, commit: bool, *args, **kwargs) -> Tensor:
         """One generator forward as a named memory phase; context passes (commit=True) are timed."""
-        if commit:  # the context pass of the block emitted last
+        # a commit after the emitted block's own context pass re-caches for a prompt switch: it belongs to the
+        # next block's time, like its denoising steps
+        recache = commit and len(self.context_pass_s) >= len(self.pixels)
+        if recache:
+            name = f"block_{len(self.pixels)}/recache"
+        elif commit:  # the context pass of the block emitted last
             name = f"block_{len(self.pixels) - 1}/context_pass"
         else:
             name, self._step = f"block_{len(self.pixels)}/step_{self._step}", self._step + 1
         start = self.pipe._clock() if commit else 0.0
         with self.profiler.phase(name):
             flow = generator.forward_cached(*args, commit=commit, **kwargs)
-        if commit:
+        if commit and not recache:
             self.context_pass_s.append(self.pipe._clock() - start)
         return flow
 

@@ -70,6 +70,7 @@ def build_record(result: InferenceResult, parameters: dict) -> dict:
         "timings": {key: result.timings[key] for key in RECORD_TIMINGS},
         "memory": result.memory,
         "temporal": result.temporal,
+        "prompt_switches": result.prompt_switches,
     }
 
 

@@ -161,6 +161,7 @@ class BlockRollout:
         kv_cache: Optional[KVCache] = None,
         on_block: Optional[BlockCallback] = None,
         noise_generator: Optional[torch.Generator] = None,
+        prompt_switch: Optional[PromptSwitchHook] = None,
     ) -> RolloutOutput:
         """Roll out noise [B, F, C, H, W] into clean latents, block by block.
 
@@ -170,6 +171,7 @@ class BlockRollout:
         kv_cache: storage to reuse (reset here); a new one sized by the geometry otherwise.
         on_block(index, latents [B, f, C, H, W]) is called as soon as a block is final (streaming decode).
         noise_generator: RNG of the fresh re-noising noise (default: the global one).
+        prompt_switch(index) -> PromptSwitch or None, asked before every block after the first (inference).
         """
         # 1. Validate and plan the blocks; inference exits every block at the last step, without gradient.
         if noise.ndim != 5:
@@ -186,7 +188,7 @@ class BlockRollout:
         kv_cache.reset()
         shared = _Forward(generator, context, kv_cache, noise_generator)
         with torch.no_grad() if inference else contextlib.nullcontext():
-            return self._roll(shared, noise, blocks, exit_steps, grad_from_frame, first_frame, on_block)
+            return self._roll(shared, noise, blocks, exit_steps, grad_from_frame, first_frame, on_block, prompt_switch)
 
     def _roll(
         self,
@@ -197,6 +199,7 @@ class BlockRollout:
         grad_from_frame: int,
         first_frame: Optional[Tensor],
         on_block: Optional[BlockCallback],
+        prompt_switch: Optional[PromptSwitchHook] = None,
     ) -> RolloutOutput:
         batch, num_frames = noise.shape[:2]
         grad_allowed = torch.is_grad_enabled()  # an outer no_grad (e.g. the critic's rollout) wins
@@ -209,6 +212,12 @@ class BlockRollout:
         start = 0
         for index, size in enumerate(blocks):
             frames = slice(start, start + size)
+            # 2b. A new prompt from this block on; the cached frames re-encoded under it when asked.
+            switch = prompt_switch(index) if prompt_switch is not None and index > 0 else None
+            if switch is not None:
+                shared.context = switch.context
+                if switch.recache:
+                    nfe += self._recache(shared, outputs, blocks[:index], first_frame is not None)
             # 3. Frames held clean at t = 0 (the TI2V first frame): mask 0 there, 1 elsewhere.
             holds_first_frame = first_frame is not None and start == 0
             mask = torch.ones(batch, size, dtype=torch.float32, device=noise.device)
@@ -226,15 +235,40 @@ class BlockRollout:
             if on_block is not None:
                 on_block(index, block)
             # 4. Context pass: write the finished block's K/V into the cache (no gradient, detached).
-            with torch.no_grad():
-                context_t = self.context_noise * mask
-                block_in = block.detach()
-                if self.context_noise > 0:
-                    block_in = add_noise(block_in, shared.fresh_noise(block_in), context_t, self.num_train_timesteps)
-                shared.flow(block_in, context_t, start, commit=True)
+            self._context_pass(shared, block, start, mask)
             nfe += 1
             start += size
         return RolloutOutput(latents=torch.cat(outputs, dim=1), exit_timesteps=exit_timesteps, nfe=nfe)
+
+    def _context_pass(self, shared: "_Forward", block: Tensor, start: int, mask: Tensor) -> None:
+        """Write a finished block's K/V into the cache at the context timestep (no gradient, detached)."""
+        with torch.no_grad():
+            context_t = self.context_noise * mask
+            block_in = block.detach()
+            if self.context_noise > 0:
+                block_in = add_noise(block_in, shared.fresh_noise(block_in), context_t, self.num_train_timesteps)
+            shared.flow(block_in, context_t, start, commit=True)
+
+    def _recache(self, shared: "_Forward", outputs: list[Tensor], blocks: Sequence[int], held_first: bool) -> int:
+        """Re-run the context passes of the frames the cache holds under shared.context; returns the forwards.
+
+        The frames kept (sink and recent window) are recommitted at their own positions, per original block.
+        """
+        held = set(shared.kv_cache.slot_frames)
+        clean = torch.cat(outputs, dim=1)
+        shared.kv_cache.reset()
+        passes, start = 0, 0
+        for size in blocks:
+            frames = [f for f in range(start, start + size) if f in held]
+            if frames:
+                first, count = frames[0], len(frames)
+                mask = torch.ones(clean.shape[0], count, dtype=torch.float32, device=clean.device)
+                if held_first and first == 0:
+                    mask[:, 0] = 0.0  # the given TI2V frame stays clean
+                self._context_pass(shared, clean[:, first:first + count], first, mask)
+                passes += 1
+            start += size
+        return passes
 
     def _denoise_block(
         self,
@@ -261,6 +295,22 @@ class BlockRollout:
             next_t = self.timesteps[step + 1].item() * mask
             x = add_noise(x0, shared.fresh_noise(x0), next_t, self.num_train_timesteps)
         raise AssertionError("unreachable: the loop returns at the exit step")
+
+
+@dataclass
+class PromptSwitch:
+    """A new text context from a given block on (interactive streaming).
+
+    recache: re-encode the frames the KV cache holds (sink and recent window) under the new prompt before the
+    block, so the next blocks continue the scene under the new text; false: a plain switch (the cached keys keep
+    the old prompt's cross-attention imprint).
+    """
+
+    context: Tensor  # [B, L, D]
+    recache: bool = True
+
+
+PromptSwitchHook = Callable[[int], Optional[PromptSwitch]]
 
 
 @dataclass

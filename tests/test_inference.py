@@ -194,6 +194,32 @@ def test_rolling_window_with_sink_changes_later_blocks_only(recipe, checkpoint, 
     assert not torch.allclose(results[0].latents[:, trained:], results[1].latents[:, trained:], atol=1e-4)
 
 
+@pytest.mark.parametrize("rolling", [False, True])
+def test_a_prompt_switch_changes_the_blocks_from_its_block_on(recipe, pipe, rolling):
+    config, resolved = recipe
+    frames = config.video.num_frames + (2 * 3 * resolved.vae.stride[0] if rolling else 0)  # 4 blocks roll the cache
+    other = "a green square moving up on a white background"
+    base = pipe.generate(PROMPT, seed=5, num_output_frames=frames)
+    blocks = base.geometry.block_sizes
+    switch_at = len(blocks) - 1
+    start = sum(blocks[:switch_at])  # first latent frame of the switched block
+
+    def at(block, prompt, recache):
+        return lambda index: (prompt, recache) if index == block else None
+
+    recached = pipe.generate(PROMPT, seed=5, num_output_frames=frames, prompt_switch=at(switch_at, other, True))
+    plain = pipe.generate(PROMPT, seed=5, num_output_frames=frames, prompt_switch=at(switch_at, other, False))
+    for switched in (recached, plain):
+        assert torch.equal(switched.latents[:, :start], base.latents[:, :start])  # earlier blocks as they were
+        assert not torch.allclose(switched.latents[:, start:], base.latents[:, start:], atol=1e-3)
+    assert not torch.allclose(recached.latents[:, start:], plain.latents[:, start:], atol=1e-4)  # re-caching acts
+    assert recached.prompt_switches == [{"block": switch_at, "prompt": other, "recache": True}]
+    assert recached.nfe > plain.nfe == base.nfe  # the re-cache passes are counted
+    # re-caching under the same prompt rebuilds the same cache: the video is unchanged
+    same = pipe.generate(PROMPT, seed=5, num_output_frames=frames, prompt_switch=at(switch_at, PROMPT, True))
+    assert torch.allclose(same.latents, base.latents, atol=1e-5)
+
+
 # --------------------------------------------------------------------------------------------- outputs
 def test_output_folders_are_slugged_and_never_reused(tmp_path):
     from pipeline.inference_outputs import new_output_dir, slugify
