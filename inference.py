@@ -15,7 +15,6 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
 from omegaconf import OmegaConf
 
 from pipeline.causal_inference import (
@@ -24,6 +23,7 @@ from pipeline.causal_inference import (
     inference_geometry,
     resolve_generator_weights,
 )
+from pipeline.run_options import DTYPES, MAX_SEED, check_device, default_dtype
 from utils.config import load_config, parse_cli
 from utils.datasets import TextPromptDataset
 from utils.errors import OneLineArgumentParser, UserError, run_main
@@ -31,7 +31,6 @@ from utils.geometry import resolve_recipe
 from utils.io import check_output_folder
 from utils.memory import MemoryProfiler, torch_trace
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 MEMORY_EVENTS_FILE = "memory_events.json"
 
 
@@ -58,24 +57,6 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     return known, overrides
 
 
-MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed's range
-
-
-def check_device(name: str | None) -> torch.device:
-    """--device: cpu, cuda or cuda:N that exists here (default: cuda when available)."""
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"--device {name!r} is not a device name: expected cpu, cuda or cuda:N") from None
-    if device.type not in ("cpu", "cuda"):
-        raise UserError(f"--device {name!r}: expected cpu, cuda or cuda:N")
-    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
-        raise UserError(f"--device {name}: no such CUDA device here ({torch.cuda.device_count()} visible); use cpu")
-    return device
-
-
 @run_main
 def main(argv: list[str] | None = None) -> int:
     from pipeline.inference_outputs import save_result
@@ -97,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     geometry = inference_geometry(config, resolved, args.num_output_frames)
     check_image(args.image, config.video.task, geometry)
     resolve_generator_weights(args.checkpoint, args.use_ema, resolved.generator.arch)
-    dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    dtype = default_dtype(args.dtype, device)
 
     # 2. Load once.
     profiler = MemoryProfiler(enabled=args.profile_memory, device=device)

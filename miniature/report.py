@@ -15,9 +15,9 @@ import torch
 
 from miniature.judge import adherence, score_clip
 from miniature.world import parse_caption
-from utils.temporal import temporal_report
 from utils.io import atomic_write_json, atomic_write_text
 from utils.tables import format_table
+from utils.temporal import temporal_report
 
 CRITERIA = {
     "teacher_adherence_min": 0.9,

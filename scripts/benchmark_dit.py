@@ -21,13 +21,12 @@ sys.path.insert(0, str(REPO_ROOT))
 
 import torch  # noqa: E402
 
+from pipeline.run_options import DTYPES  # noqa: E402
 from utils.errors import UserError, run_main  # noqa: E402
 from utils.presets import ARCH_FIELDS, load_model_preset  # noqa: E402
 from wan.modules.attention import describe_backend  # noqa: E402
 from wan.modules.causal_model import CausalWanModel  # noqa: E402
 from wan.modules.kv_cache import KVCache  # noqa: E402
-
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 class CopyingKVCache(KVCache):

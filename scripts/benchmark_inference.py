@@ -32,6 +32,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 import torch  # noqa: E402
 
+from pipeline.run_options import DTYPES  # noqa: E402
 from scripts.bench_support import (  # noqa: E402
     SEED,
     RandomTextEncoder,
@@ -45,8 +46,6 @@ from utils.config import Config, load_config, parse_cli  # noqa: E402
 from utils.errors import UserError, run_main  # noqa: E402
 from utils.geometry import ResolvedRecipe, resolve_recipe  # noqa: E402
 from utils.tables import format_table  # noqa: E402
-
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def bench_causal(config: Config, resolved: ResolvedRecipe, vae, device: torch.device, dtype: torch.dtype,

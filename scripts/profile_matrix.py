@@ -27,10 +27,10 @@ sys.path.insert(0, str(REPO_ROOT))
 import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
+from pipeline.run_options import DTYPES  # noqa: E402
 from utils.errors import UserError, run_main  # noqa: E402
 from utils.tables import format_table, human_bytes  # noqa: E402
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 WORKLOADS = ("inference", "train_step")
 SEED = 0
 

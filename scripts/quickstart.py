@@ -186,7 +186,6 @@ def main(argv: list[str] | None = None) -> int:
     videos, nfe, seconds = sample_teacher_videos(teacher_config, prompts, torch.device("cpu"))
     save_teacher_videos(out / "videos" / "teacher", videos, prompts, teacher_config.video.fps)
     from miniature.report import summarise
-
     from pipeline.components import build_vae
     from utils.geometry import resolve_recipe
 

@@ -1,0 +1,103 @@
+"""Serve a causal student: a web page that plays video while it is generated, a WebSocket stream, a job API.
+
+    python serve.py --config_path <recipe> --checkpoint <export folder> [--use_ema] [--host 127.0.0.1]
+                    [--port 8000] [--max_active 1] [--max_queue 8] [--max_frames N] [--output_folder outputs/serve]
+                    [--device cuda] [--dtype bf16] [key=value ...]
+
+The pipeline (the same CausalInferencePipeline and rollout as inference.py) is loaded once; every finished
+video is written like inference.py's (video.mp4, frames.png, inference_record.json) under --output_folder.
+It binds to localhost unless --host says otherwise.
+"""
+from __future__ import annotations
+
+import socket
+import sys
+
+from utils.errors import OneLineArgumentParser, UserError, run_main
+
+
+def parse_args(argv: list[str] | None):
+    from pipeline.run_options import DTYPES
+    from utils.config import parse_cli
+
+    parser = OneLineArgumentParser(prog="serve.py", description=__doc__.splitlines()[0])
+    parser.add_argument("--config_path", required=True, help="the recipe (YAML)")
+    parser.add_argument("--checkpoint", default=None, help="export folder, safetensors file or official Wan folder")
+    parser.add_argument("--use_ema", action="store_true", help="the EMA weights of a trainer export")
+    parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default: localhost only)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--max_active", type=int, default=1, help="streams generated at once")
+    parser.add_argument("--max_queue", type=int, default=8, help="requests waiting behind them; more get 429")
+    parser.add_argument("--max_frames", type=int, default=None,
+                        help="longest video a request may ask for, in pixel frames (default: 20x the recipe's)")
+    parser.add_argument("--output_folder", default="outputs/serve", help="where finished videos are written")
+    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bf16 on cuda, fp32 on cpu")
+    return parse_cli(parser, argv)
+
+
+def check_port(host: str, port: int) -> None:
+    """The address must be free before minutes of loading are spent."""
+    if not 0 < port < 65536:
+        raise UserError(f"--port {port}: expected 1..65535")
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as err:
+            raise UserError(f"cannot listen on {host}:{port} ({err.strerror}): pick another --port or --host") from None
+
+
+@run_main
+def main(argv: list[str] | None = None) -> int:
+    args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    # 1. Every input checked before loading.
+    from pathlib import Path
+
+    from pipeline.causal_inference import CausalInferencePipeline, resolve_generator_weights
+    from pipeline.run_options import check_device, default_dtype
+    from utils.config import load_config
+    from utils.geometry import pixel_frames_for, resolve_recipe
+    from utils.io import check_output_folder
+
+    config = load_config(args.config_path, overrides)
+    resolved = resolve_recipe(config, need_scores=False, check_weights=False)
+    for name in ("max_active", "max_queue"):
+        if getattr(args, name) < (1 if name == "max_active" else 0):
+            raise UserError(f"--{name} {getattr(args, name)}: expected {'at least 1' if name == 'max_active' else '0 or more'}")
+    geometry = resolved.geometry
+    max_frames = args.max_frames or pixel_frames_for(20 * geometry.num_latent_frames, geometry.vae_stride[0])
+    if max_frames < 1:
+        raise UserError(f"--max_frames {max_frames}: expected a positive number of pixel frames")
+    check_output_folder(args.output_folder, "--output_folder")
+    device = check_device(args.device)
+    resolve_generator_weights(args.checkpoint, args.use_ema, resolved.generator.arch)
+    check_port(args.host, args.port)
+
+    # 2. Load once, then serve.
+    import uvicorn
+
+    from service.app import create_app
+    from service.jobs import JobManager
+
+    dtype = default_dtype(args.dtype, device)
+    pipe = CausalInferencePipeline(config, resolved, device, dtype, checkpoint=args.checkpoint, use_ema=args.use_ema)
+    parameters = {"config_path": args.config_path, "overrides": overrides, "checkpoint": args.checkpoint,
+                  "use_ema": args.use_ema, "device": str(device), "dtype": str(dtype).removeprefix("torch."),
+                  "served": True, "fps": config.video.fps}
+    manager = JobManager(pipe, Path(args.output_folder), max_active=args.max_active, max_queue=args.max_queue,
+                         max_frames=max_frames, parameters=parameters)
+    info = {"model": args.checkpoint or "recipe generator (random weights)", "device": str(device),
+            "width": geometry.width, "height": geometry.height, "num_frames": geometry.num_pixel_frames,
+            "fps": config.video.fps, "task": config.video.task}
+    app = create_app(manager, info)
+    print(f"serving on http://{args.host}:{args.port} (load {pipe.load_s:.1f} s)", flush=True)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning", ws_max_size=32 << 20)
+    finally:
+        manager.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

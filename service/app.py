@@ -1,0 +1,205 @@
+"""The HTTP and WebSocket surface of the streaming service (FastAPI).
+
+    GET  /                      the web page (static files, no build step)
+    GET  /health                {"status": "ok", model, device, active, queued, limits}
+    POST /jobs                  {"prompt", "seed"?, "num_frames"?, "image"? (base64)} -> 202 {"job_id", ...}
+    GET  /jobs/{id}             status, queue position, blocks done
+    GET  /jobs/{id}/video.mp4   the finished video; /jobs/{id}/record its inference record
+    DELETE /jobs/{id}           stop it
+    WS   /ws                    first message: a request as for POST /jobs; then the server sends "queued",
+                                "started", per block a JSON "block" message followed by one binary message
+                                (uint8 RGB frames [f, H, W, 3]), and "done" / "stopped" / "error". The client
+                                may send {"type": "switch_prompt", "prompt", "recache"} and {"type": "stop"}.
+Bad requests get {"error": "<one line>"} with a 4xx status (over WebSocket: an "error" message, then close).
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Optional
+
+from fastapi import FastAPI, Request, WebSocket, WebSocketDisconnect
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from service.jobs import MAX_PROMPT_CHARS, Job, JobManager, ServiceBusy, new_listener
+from utils.errors import UserError
+
+STATIC = Path(__file__).parent / "static"
+WS_POLICY_VIOLATION = 1008  # WebSocket close code for a refused request
+
+
+class GenerateRequest(BaseModel):
+    """One generation request; unknown fields are refused."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    prompt: str
+    seed: int = 0
+    num_frames: Optional[int] = None
+    image: Optional[str] = None  # base64 PNG, JPEG or WebP (a data: URL is accepted): the first frame (TI2V)
+
+
+class SwitchMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    type: str
+    prompt: Optional[str] = None
+    recache: bool = True
+
+
+def _one_line(err: ValidationError | RequestValidationError) -> str:
+    problems = []
+    for item in err.errors():
+        where = ".".join(str(part) for part in item.get("loc", ()) if part != "body") or "request"
+        problems.append(f"{where}: {item.get('msg', 'invalid')}")
+    return "; ".join(problems)
+
+
+def error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": " ".join(message.split())}, status_code=status)
+
+
+def create_app(manager: JobManager, info: dict) -> FastAPI:
+    app = FastAPI(title="Self-Forcing streaming service", docs_url=None, redoc_url=None)
+    app.state.manager = manager
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, err: RequestValidationError) -> JSONResponse:
+        return error(422, _one_line(err))
+
+    def admit(body: GenerateRequest, listener=None) -> Job:
+        request = manager.check(body.prompt, body.seed, body.num_frames, body.image)
+        return manager.submit(request, listener)
+
+    def find(job_id: str) -> Job | JSONResponse:
+        job = manager.jobs.get(job_id)
+        return job if job is not None else error(404, f"no job {job_id[:40]!r}")
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok", **info, **manager.status()}
+
+    @app.get("/config")
+    async def config() -> dict:
+        """What the page needs to know: frames, size, fps, limits."""
+        return {**info, "max_frames": manager.max_frames, "max_prompt_chars": MAX_PROMPT_CHARS}
+
+    @app.post("/jobs", status_code=202)
+    async def post_job(body: GenerateRequest):
+        try:
+            job = await asyncio.to_thread(admit, body)
+        except UserError as err:
+            return error(422, str(err))
+        except ServiceBusy as err:
+            return error(429, str(err))
+        return JSONResponse(job.summary(manager.position(job)), status_code=202)
+
+    @app.get("/jobs/{job_id}")
+    async def get_job(job_id: str):
+        job = find(job_id)
+        return job if isinstance(job, JSONResponse) else job.summary(manager.position(job))
+
+    @app.delete("/jobs/{job_id}")
+    async def delete_job(job_id: str):
+        job = find(job_id)
+        if isinstance(job, JSONResponse):
+            return job
+        manager.stop(job)
+        return job.summary(manager.position(job))
+
+    @app.get("/jobs/{job_id}/video.mp4")
+    async def video(job_id: str):
+        job = find(job_id)
+        if isinstance(job, JSONResponse):
+            return job
+        if job.status != "done" or job.folder is None:
+            return error(409, f"job {job_id} is {job.status}: the video exists once it is done")
+        return FileResponse(job.folder / "video.mp4", media_type="video/mp4", filename=f"{job.folder.name}.mp4")
+
+    @app.get("/jobs/{job_id}/record")
+    async def record(job_id: str):
+        job = find(job_id)
+        if isinstance(job, JSONResponse):
+            return job
+        if job.status != "done" or job.record is None:
+            return error(409, f"job {job_id} is {job.status}: the record exists once it is done")
+        return job.record
+
+    @app.websocket("/ws")
+    async def stream(socket: WebSocket) -> None:
+        await socket.accept()
+        try:
+            body = GenerateRequest.model_validate(json.loads(await socket.receive_text()))
+            listener = new_listener()
+            job = await asyncio.to_thread(admit, body, listener)
+        except (ValidationError, json.JSONDecodeError) as err:
+            message = _one_line(err) if isinstance(err, ValidationError) else "the first message is not JSON"
+            await _refuse(socket, 422, message)
+            return
+        except UserError as err:
+            await _refuse(socket, 422, str(err))
+            return
+        except ServiceBusy as err:
+            await _refuse(socket, 429, str(err))
+            return
+        except WebSocketDisconnect:
+            return
+        await socket.send_json({"type": "queued", "job_id": job.id, "queue_position": manager.position(job)})
+        await _relay(socket, manager, job, listener[1])
+
+    app.mount("/", StaticFiles(directory=STATIC, html=True), name="page")
+    return app
+
+
+async def _refuse(socket: WebSocket, status: int, message: str) -> None:
+    await socket.send_json({"type": "error", "status": status, "error": " ".join(message.split())})
+    await socket.close(code=WS_POLICY_VIOLATION)
+
+
+async def _relay(socket: WebSocket, manager: JobManager, job: Job, events: asyncio.Queue) -> None:
+    """Send the job's events until it ends; read the client's switches and stops; a disconnect stops the job."""
+
+    async def send() -> None:
+        while True:
+            event = await events.get()
+            if isinstance(event, bytes):
+                await socket.send_bytes(event)
+                continue
+            await socket.send_json(event)
+            if event["type"] in ("done", "stopped", "error"):
+                return
+
+    async def receive() -> None:
+        while True:
+            try:
+                message = SwitchMessage.model_validate(json.loads(await socket.receive_text()))
+            except (ValidationError, json.JSONDecodeError) as err:
+                text = _one_line(err) if isinstance(err, ValidationError) else "a message that is not JSON"
+                await socket.send_json({"type": "warning", "status": 422, "error": text})
+                continue
+            if message.type == "stop":
+                manager.stop(job)
+            elif message.type == "switch_prompt" and message.prompt and message.prompt.strip():
+                job.switches.append((message.prompt.strip()[:MAX_PROMPT_CHARS], message.recache))
+            else:
+                await socket.send_json({"type": "warning", "status": 422,
+                                        "error": "expected {type: stop} or {type: switch_prompt, prompt, recache}"})
+
+    sender, receiver = asyncio.create_task(send()), asyncio.create_task(receive())
+    try:
+        done, _ = await asyncio.wait({sender, receiver}, return_when=asyncio.FIRST_COMPLETED)
+        if receiver in done:  # the client went away (or broke the socket): free its slot
+            manager.stop(job)
+            sender.cancel()
+            receiver.exception()  # retrieved: a disconnect is the normal end here
+        else:
+            receiver.cancel()
+            await socket.close()
+    except (WebSocketDisconnect, RuntimeError):
+        manager.stop(job)
+    finally:
+        for task in (sender, receiver):
+            task.cancel()
+        job.listeners[:] = [entry for entry in job.listeners if entry[1] is not events]

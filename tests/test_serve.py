@@ -1,0 +1,324 @@
+"""The streaming service on the miniature model: frames stream before the video is done and equal offline
+inference, prompt switches, side-by-side sessions, disconnects, bad input, the job API and the page in a browser.
+
+The served model is the miniature at its real size (configs/miniature, the shipped miniature weights loaded as
+the causal generator): what is tested is the serving, which does not depend on how well the weights were trained.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.browser import Browser, find_chromium, free_port
+from tests.helpers import REPO_ROOT, assert_one_line_error, run_script
+
+RECIPE = "configs/miniature/dmd.yaml"
+WEIGHTS = "checkpoints/miniature/teacher"
+PROMPT = "a red circle moving left on a blue background"
+OTHER = "a green square moving up on a white background"
+LONG = 141  # pixel frames: 4x the miniature's 9 latent frames, 12 blocks, the cache rolls
+
+
+class Server:
+    def __init__(self, tmp: Path, *extra: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.out = tmp / "served"
+        env = {**os.environ, "PYTHONPATH": REPO_ROOT, "OMP_NUM_THREADS": "1"}
+        self.log = open(tmp / "server.log", "w")
+        self.process = subprocess.Popen(
+            [sys.executable, "serve.py", "--config_path", RECIPE, "--checkpoint", WEIGHTS, "--port", str(self.port),
+             "--output_folder", str(self.out), *extra], cwd=REPO_ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                if self.get("/health")["status"] == "ok":
+                    return
+            except OSError:
+                time.sleep(0.2)
+            assert self.process.poll() is None, (tmp / "server.log").read_text()
+        raise TimeoutError("the server did not answer /health")
+
+    def request(self, method: str, path: str, body: dict | None = None) -> tuple[int, bytes]:
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(self.url + path, data=data, method=method,
+                                         headers={"content-type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=60) as answer:
+                return answer.status, answer.read()
+        except urllib.error.HTTPError as err:
+            return err.code, err.read()
+
+    def get(self, path: str) -> dict:
+        status, body = self.request("GET", path)
+        return json.loads(body)
+
+    def stream(self, request: dict, on_message=None) -> dict:
+        """One WebSocket session to its end: blocks (header, frames, received_at) and every JSON message."""
+        from websockets.sync.client import connect
+
+        blocks, messages, header = [], [], None
+        with connect(f"ws://127.0.0.1:{self.port}/ws", max_size=None) as socket:
+            socket.send(json.dumps(request))
+            while True:
+                message = socket.recv(timeout=120)
+                if isinstance(message, bytes):
+                    frames = np.frombuffer(message, np.uint8).reshape(header["frames"], 32, 32, 3)
+                    blocks.append({**header, "pixels": frames, "received_at": time.time()})
+                    continue
+                message = json.loads(message)
+                messages.append(message)
+                if message["type"] == "block":
+                    header = message
+                if on_message is not None and on_message(socket, message) == "close":
+                    break
+                if message["type"] in ("done", "stopped", "error"):
+                    break
+        return {"blocks": blocks, "messages": messages, "last": messages[-1]}
+
+    def close(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+        self.log.close()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("serve")
+    running = Server(tmp, "--max_active", "2", "--max_queue", "1")
+    yield running
+    running.close()
+
+
+def video_of(result: dict) -> np.ndarray:
+    return np.concatenate([block["pixels"] for block in result["blocks"]])
+
+
+# --------------------------------------------------------------------------------------------- streaming
+def test_frames_stream_before_the_video_is_done_and_equal_offline_inference(server, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    from pipeline.components import build_vae
+    from utils.config import load_config
+    from utils.geometry import resolve_recipe
+    from utils.video_io import to_uint8_frames
+
+    result = server.stream({"prompt": PROMPT, "seed": 7, "num_frames": LONG})
+    assert result["last"]["type"] == "done", result["last"]
+    blocks = result["blocks"]
+    assert len(blocks) == 12 and sum(b["frames"] for b in blocks) == LONG
+    # the first block reached the client before the server had generated the last one
+    assert blocks[0]["received_at"] < blocks[-1]["server_time"]
+
+    # inference.py, same recipe, weights, prompt and seed
+    out = tmp_path / "offline"
+    proc = run_script(["inference.py", "--config_path", RECIPE, "--checkpoint", WEIGHTS, "--prompt", PROMPT, "--seed", "7",
+                       "--num_output_frames", str(LONG), "--output_folder", str(out), "--save_latents"])
+    assert proc.returncode == 0, proc.stderr
+    (folder,) = out.iterdir()
+    config = load_config(os.path.join(REPO_ROOT, RECIPE))
+    vae = build_vae(resolve_recipe(config, need_scores=False, check_weights=False).vae)
+    with torch.no_grad():
+        offline = to_uint8_frames(vae.decode_to_pixel(load_file(folder / "latents.safetensors")["latents"][None])[0])
+    streamed = video_of(result)
+    assert streamed.shape == offline.shape
+    difference = np.abs(streamed.astype(int) - offline.astype(int))
+    assert difference.max() <= 1 and (difference == 0).mean() > 0.99  # one decode vs block-wise: rounding only
+    # the served record is the offline one's, timings apart
+    record = server.get(f"/jobs/{result['last']['job_id']}/record")
+    offline_record = json.loads((folder / "inference_record.json").read_text())
+    assert record["nfe"] == offline_record["nfe"] and record["temporal"]["seam_ratio"] == pytest.approx(
+        offline_record["temporal"]["seam_ratio"], rel=1e-3)
+
+
+def test_a_prompt_switch_changes_the_blocks_from_where_it_took_effect(server):
+    plain = server.stream({"prompt": PROMPT, "seed": 3, "num_frames": LONG})
+
+    def switch_after_block_2(socket, message):
+        if message["type"] == "block" and message["index"] == 2:
+            socket.send(json.dumps({"type": "switch_prompt", "prompt": OTHER, "recache": True}))
+
+    switched = server.stream({"prompt": PROMPT, "seed": 3, "num_frames": LONG}, switch_after_block_2)
+    assert switched["last"]["type"] == "done"
+    (taken,) = [m for m in switched["messages"] if m["type"] == "prompt_switched"]
+    block = taken["block"]
+    assert 3 <= block < 12 and taken == {"type": "prompt_switched", "block": block, "prompt": OTHER, "recache": True}
+    assert switched["last"]["prompt_switches"] == [{"block": block, "prompt": OTHER, "recache": True}]
+    for index in range(12):
+        same = np.array_equal(switched["blocks"][index]["pixels"], plain["blocks"][index]["pixels"])
+        assert same == (index < block), index
+
+
+def test_two_sessions_run_side_by_side(server):
+    import threading
+
+    results = {}
+
+    def run(name, seed):
+        results[name] = server.stream({"prompt": PROMPT, "seed": seed, "num_frames": LONG})
+
+    threads = [threading.Thread(target=run, args=(name, seed)) for name, seed in (("a", 1), ("b", 2))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    a, b = results["a"], results["b"]
+    assert a["last"]["type"] == b["last"]["type"] == "done"
+    # interleaved: each got its first block before the other's last one
+    assert a["blocks"][0]["received_at"] < b["blocks"][-1]["received_at"]
+    assert b["blocks"][0]["received_at"] < a["blocks"][-1]["received_at"]
+    assert not np.array_equal(video_of(a), video_of(b))  # own noise, own cache
+
+
+def test_a_disconnect_frees_the_slot_for_the_next_in_queue(server):
+    import contextlib
+    import threading
+
+    from websockets.sync.client import connect
+
+    longest = server.get("/config")["max_frames"]
+    stack = contextlib.ExitStack()
+    hold = [stack.enter_context(connect(f"ws://127.0.0.1:{server.port}/ws", max_size=None)) for _ in range(2)]
+    for socket in hold:
+        socket.send(json.dumps({"prompt": PROMPT, "seed": 0, "num_frames": longest}))
+    for socket in hold:  # wait until each is generating
+        while json.loads(socket.recv(timeout=60)).get("type") != "block":
+            pass
+    waiting = {}
+
+    def third():
+        waiting["result"] = server.stream({"prompt": OTHER, "seed": 1})
+
+    thread = threading.Thread(target=third)
+    thread.start()
+    time.sleep(1.0)
+    assert server.get("/health")["queued"] == 1
+    hold[0].close()  # the client goes away mid-stream
+    thread.join(timeout=60)
+    result = waiting["result"]
+    assert result["last"]["type"] == "done"
+    kinds = [m["type"] for m in result["messages"]]
+    assert result["messages"][0] == {"type": "queued", "job_id": result["last"]["job_id"], "queue_position": 1}
+    assert "started" in kinds  # it waited, then took the freed slot
+    hold[1].close()
+    deadline = time.time() + 30
+    while server.get("/health")["active"] and time.time() < deadline:
+        time.sleep(0.1)
+    stack.close()
+    assert server.get("/health")["active"] == 0  # stopped at the next block, not at the video's end
+
+
+# --------------------------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize("body,fragment", [
+    ({"prompt": ""}, "prompt is empty"),
+    ({"prompt": "x" * 10000}, "at most 2000"),
+    ({"prompt": PROMPT, "image": base64.b64encode(b"not an image at all").decode()}, "cannot be read as an image"),
+    ({"prompt": PROMPT, "image": "%%% not base64"}, "not base64"),
+    ({"prompt": PROMPT, "num_frames": 0}, "num_frames 0"),
+    ({"prompt": PROMPT, "num_frames": 10**6}, "num_frames 1000000"),
+    ({"prompt": PROMPT, "num_frames": 34}, "34"),
+    ({"prompt": PROMPT, "seed": -1}, "seed -1"),
+    ({"prompt": PROMPT, "colour": "red"}, "colour"),
+    ({"prompt": 5}, "prompt"),
+])
+def test_bad_requests_get_a_4xx_json_error_and_the_server_keeps_serving(server, body, fragment):
+    status, answer = server.request("POST", "/jobs", body)
+    assert status == 422, answer
+    assert fragment in json.loads(answer)["error"]
+    refused = server.stream(body)
+    assert refused["last"]["type"] == "error" and refused["last"]["status"] == 422 and fragment in refused["last"]["error"]
+    assert server.get("/health")["status"] == "ok"
+
+
+def test_too_many_sessions_get_429_and_the_job_api_works(server):
+    longest = server.get("/config")["max_frames"]
+    jobs = []
+    for _ in range(3):  # two running, one waiting: the limits of this server
+        status, answer = server.request("POST", "/jobs", {"prompt": PROMPT, "num_frames": longest})
+        assert status == 202, answer
+        jobs.append(json.loads(answer))
+    status, answer = server.request("POST", "/jobs", {"prompt": PROMPT})
+    assert status == 429 and "try later" in json.loads(answer)["error"]
+    assert jobs[2]["queue_position"] == 1
+    status, _ = server.request("GET", f"/jobs/{jobs[0]['job_id']}/video.mp4")
+    assert status == 409  # not done yet
+    for job in jobs:
+        assert server.request("DELETE", f"/jobs/{job['job_id']}")[0] == 200
+    # a normal job now runs to the end: poll, then fetch the mp4 and its record
+    status, answer = server.request("POST", "/jobs", {"prompt": PROMPT, "seed": 4})
+    job_id = json.loads(answer)["job_id"]
+    deadline = time.time() + 120
+    while server.get(f"/jobs/{job_id}")["status"] not in ("done", "failed") and time.time() < deadline:
+        time.sleep(0.1)
+    summary = server.get(f"/jobs/{job_id}")
+    assert summary["status"] == "done" and summary["blocks_done"] == summary["num_blocks"] == 3
+    status, video = server.request("GET", summary["video_url"])
+    assert status == 200 and video[4:8] == b"ftyp"
+    record = server.get(summary["record_url"])
+    assert record["prompt"] == PROMPT and record["seed"] == 4 and "temporal" in record
+    assert server.request("GET", "/jobs/nope")[0] == 404
+    for job in jobs:
+        assert server.get(f"/jobs/{job['job_id']}")["status"] == "stopped"
+
+
+# --------------------------------------------------------------------------------------------- the page
+def test_the_page_plays_the_stream_in_a_real_browser(server, tmp_path):
+    binary = find_chromium()
+    if binary is None and os.environ.get("SF_SKIP_BROWSER") == "1":
+        pytest.skip("SF_SKIP_BROWSER=1 and no chromium")
+    assert binary is not None, "chromium is missing: `make test` installs it (apt-get install chromium), or set CHROMIUM"
+    browser = Browser(binary)
+    try:
+        browser.goto(server.url + "/")
+        assert browser.evaluate("document.title") == "Self-Forcing streaming"
+        browser.wait_for("document.getElementById('frames').value !== ''")  # /config loaded
+        blank = browser.evaluate("document.getElementById('canvas').toDataURL()")
+        browser.type_into("#prompt", PROMPT)
+        browser.evaluate(f"document.getElementById('frames').value = {LONG}")
+        browser.evaluate("document.getElementById('start').click()")
+        browser.wait_for("window.sfState.framesDrawn > 0")
+        mid = browser.evaluate("JSON.stringify(window.sfState)")
+        changed = browser.evaluate("document.getElementById('canvas').toDataURL()") != blank
+        browser.screenshot(tmp_path / "streaming.png")
+        browser.wait_for("window.sfState.status === 'done'", timeout=120)
+        state = json.loads(browser.evaluate("JSON.stringify(window.sfState)"))
+        browser.screenshot(tmp_path / "done.png")
+        if os.environ.get("SF_SCREENSHOT_DIR"):  # keep a copy for people (docs), when asked
+            browser.screenshot(Path(os.environ["SF_SCREENSHOT_DIR"]) / "serve_page.png")
+    finally:
+        browser.close()
+    assert changed, "the canvas did not change"
+    # the first frame was drawn before the server had finished the video
+    assert state["firstFrameDrawnAt"] < state["generationDoneAt"], mid
+    assert state["blocksReceived"] == state["numBlocks"] == 12 and state["framesReceived"] == LONG
+    assert (tmp_path / "streaming.png").stat().st_size > 1000 and (tmp_path / "done.png").stat().st_size > 1000
+
+
+# --------------------------------------------------------------------------------------------- command line
+def test_serve_command_line_errors_are_one_line(tmp_path):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert_one_line_error(run_script(["serve.py", "--config_path", RECIPE, "--checkpoint", WEIGHTS, "--port", str(port),
+                                          "--output_folder", str(tmp_path / "o")]), f"cannot listen on 127.0.0.1:{port}")
+    assert_one_line_error(run_script(["serve.py", "--config_path", RECIPE, "--checkpoint", str(tmp_path / "none")]),
+                          "none")
+    assert_one_line_error(run_script(["serve.py", "--config_path", RECIPE, "--max_active", "0"]), "--max_active 0")
+    assert not (tmp_path / "o").exists()
