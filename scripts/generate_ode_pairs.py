@@ -97,8 +97,10 @@ def build_models(config: Config, recipe: ResolvedRecipe, device: torch.device, p
         models["text_encoder"] = build_text_encoder(config, device=text_encoder_device(config, device), dtype=dtype,
                                                     seed=config.train.seed)
     with profiler.component("teacher"):
-        models["teacher"] = build_dit(recipe.real_score, causal=False, attention_backend=config.attention_backend,
-                                      device=device, dtype=dtype, seed=config.train.seed).eval()
+        # ode.causal_teacher: the teacher is a causal model (teacher forcing), sampled block by block
+        models["teacher"] = build_dit(recipe.real_score, causal=config.ode.causal_teacher,
+                                      attention_backend=config.attention_backend, device=device, dtype=dtype,
+                                      seed=config.train.seed).eval()
     if config.video.task == "ti2v":
         with profiler.component("vae"):
             models["vae"] = build_vae(recipe.vae, device=device, dtype=dtype)
@@ -108,6 +110,7 @@ def build_models(config: Config, recipe: ResolvedRecipe, device: torch.device, p
 @torch.no_grad()
 def sample_pair(config: Config, recipe: ResolvedRecipe, models: dict, item: dict, seed: int, device: torch.device):
     """One prompt's TeacherSample (trajectory [1, P, F, C, H, W])."""
+    from pipeline.causal_teacher_sampling import sample_causal_teacher
     from pipeline.teacher_sampling import sample_teacher
 
     # 1. Text: the prompt and the negative prompt for CFG.
@@ -123,6 +126,12 @@ def sample_pair(config: Config, recipe: ResolvedRecipe, models: dict, item: dict
         first_frame = models["vae"].encode_to_latent(item["image"][None, :, None].to(device)).float()
     # 4. Teacher sampling with CFG, keeping the configured points.
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        if config.ode.causal_teacher:
+            return sample_causal_teacher(
+                models["teacher"], noise, cond, uncond, config.ode, recipe.geometry,
+                num_train_timesteps=config.flow.num_train_timesteps, first_frame=first_frame,
+                keep_indices=config.ode.keep_indices, boundary=recipe.real_score.moe_boundary,
+            )
         return sample_teacher(
             models["teacher"], noise, cond, uncond, config.ode, num_train_timesteps=config.flow.num_train_timesteps,
             first_frame=first_frame, keep_indices=config.ode.keep_indices, boundary=recipe.real_score.moe_boundary,

@@ -8,7 +8,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from trainer.data_position import ShardedSampler
-from utils.config import Config
+from utils.config import PAIR_TRAINERS, Config
 from utils.datasets import ImageTextDataset, OdeLmdbDataset, TextPromptDataset, collate
 from utils.errors import UserError
 from utils.geometry import Geometry
@@ -17,7 +17,7 @@ from utils.geometry import Geometry
 def build_dataset(config: Config, geometry: Geometry) -> Dataset:
     """ODE regression reads the pair LMDB; score distillation a prompt file (image<TAB>prompt lines for TI2V)."""
     train = config.train
-    if train.trainer == "ode":
+    if train.trainer in PAIR_TRAINERS:
         return OdeLmdbDataset(train.data_path, geometry)
     if config.video.task == "ti2v":
         if train.image_root is None:

@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from utils.config import Config
+from utils.config import PAIR_TRAINERS, Config
 from utils.errors import UserError
 from utils.temporal import temporal_report
 
@@ -22,7 +22,7 @@ def evaluation_prompts(config: Config) -> list[str]:
     """The first evaluation.num_prompts lines of evaluation.prompts (or of the training prompt file)."""
     evaluation, train = config.evaluation, config.train
     source = evaluation.prompts or train.data_path
-    if source is None or train.trainer == "ode" and evaluation.prompts is None:
+    if source is None or train.trainer in PAIR_TRAINERS and evaluation.prompts is None:
         raise UserError("evaluation.every is set but evaluation.prompts is empty: expected a prompt file "
                         "(ODE regression reads an LMDB, so its prompts must be named)")
     path = Path(source)

@@ -15,7 +15,7 @@ from trainer.data_position import ShardedSampler
 from trainer.ema import ParameterEMA
 from trainer.lora import apply_lora
 from trainer.parallel import CpuOffloaded, build_mesh, parallelize
-from utils.config import Config
+from utils.config import PAIR_TRAINERS, Config
 from utils.dist import DistInfo
 from utils.errors import UserError
 from utils.geometry import Geometry, ResolvedRecipe, resolve_recipe
@@ -62,7 +62,7 @@ def check_recipe(config: Config, world_size: int) -> ResolvedRecipe:
     recipe = resolve_recipe(config)
     accumulation_steps(config, world_size)
     if config.train.data_path is None:
-        what = "an ODE-pair LMDB" if config.train.trainer == "ode" else "a prompt file"
+        what = "an ODE-pair LMDB" if config.train.trainer in PAIR_TRAINERS else "a prompt file"
         raise UserError(f"train.data_path is empty: expected {what}")
     if config.train.lora_rank < 0:
         raise UserError(f"train.lora_rank={config.train.lora_rank}: expected 0 (full fine-tuning) or a positive rank")

@@ -97,6 +97,10 @@ class OdeConfig(SamplingConfig):
     shift: float = 8.0
     guidance_scale: float = 6.0
     keep_indices: List[int] = field(default_factory=lambda: [0, 12, 24, 36, -1])  # trajectory points kept; -1 = clean
+    # false (published): the bidirectional teacher makes the pairs. true ("causal ODE init", the remedy reported
+    # for seams at block boundaries): real_score is a causal teacher (train.trainer=teacher_forcing) sampled
+    # block by block with KV caches (conditional and unconditional), each block with the full sampler and CFG
+    causal_teacher: bool = False
 
 
 @dataclass
@@ -155,7 +159,9 @@ class OptimConfig:
 class TrainConfig:
     """The loop: stage, batch, length, checkpoints, precision and memory options."""
 
-    trainer: str = "score_distillation"  # ode (ODE regression -> ode_init) or score_distillation (DMD/SiD)
+    # ode (ODE regression -> ode_init), score_distillation (DMD/SiD), or teacher_forcing (the teacher turned causal
+    # and tuned on clean context from the ODE LMDB's clean videos: the causal teacher of ode.causal_teacher)
+    trainer: str = "score_distillation"
     seed: int = 0  # global seed (never "random")
     batch_size: int = 1  # per GPU, per micro-step
     # global batch; gradient accumulation = total / (batch_size * world); empty: no accumulation
@@ -177,8 +183,11 @@ class TrainConfig:
     # Self-Forcing/CausVid method): a block at t = 0 has no loss and is clean context for later blocks, as the KV
     # cache holds at inference. false: noisy points only (every block gets a loss; not the published method)
     ode_clean_context: bool = True
-    data_path: Optional[str] = None  # ODE LMDB (trainer=ode) or a prompt file (score distillation)
+    data_path: Optional[str] = None  # ODE LMDB (trainer=ode, teacher_forcing) or a prompt file (score distillation)
     image_root: Optional[str] = None  # TI2V: folder of first-frame images named in the prompt file
+
+
+PAIR_TRAINERS = ("ode", "teacher_forcing")  # the trainers that read an ODE-pair LMDB and train the generator alone
 
 
 @dataclass
@@ -242,7 +251,7 @@ CHOICES = {
     "ode.guidance_form": ("standard", "dmd"),
     "distill.distribution_loss": ("dmd", "sid"),
     "distill.guidance_form": ("standard", "dmd"),
-    "train.trainer": ("ode", "score_distillation"),
+    "train.trainer": ("ode", "score_distillation", "teacher_forcing"),
     "train.sharding_strategy": ("full", "hybrid_full"),
     "text_encoder.device": ("auto", "cpu", "cuda"),
     "logging.wandb_mode": ("online", "offline"),

@@ -1,0 +1,63 @@
+"""Teacher forcing: the bidirectional teacher turned causal and tuned to denoise a block given the clean blocks
+before it (the causal teacher of "causal ODE init": its ODE pairs have no seams to teach).
+
+Per sample one target block is drawn, with a timestep from the shifted flow schedule; the blocks before it are
+clean (t = 0) context, as the KV cache holds them at inference; the blocks after it are clean too and, behind
+the block-causal mask, cannot affect it. One block-causal forward; the loss is the flow-matching MSE
+(v = noise - x0) on the target block's frames. The clean videos are the last points of the ODE pairs (the
+bidirectional teacher's samples), so the stage needs no other data.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from model.objective import Batch, Logs, Models, Objective
+from utils.errors import UserError
+from utils.geometry import Geometry
+
+
+class TeacherForcing(Objective):
+    has_critic = False
+    name = "teacher_forcing"
+
+    def __init__(self, geometry: Geometry, num_train_timesteps: int, timestep_shift: float):
+        if len(set(geometry.block_sizes)) != 1:
+            raise UserError("teacher forcing runs the block-causal forward, which needs equal blocks: "
+                            "rollout.independent_first_frame must be false for train.trainer=teacher_forcing")
+        self.geometry = geometry
+        self.num_train_timesteps = num_train_timesteps
+        self.shift = timestep_shift
+
+    def draw_timesteps(self, batch: int, device: torch.device) -> Tensor:
+        """Flow timesteps [B] in (0, num_train_timesteps]: uniform sigma warped by the schedule's shift."""
+        u = torch.rand(batch, device=device).clamp_min(1e-3)
+        sigma = self.shift * u / (1 + (self.shift - 1) * u)
+        return sigma * self.num_train_timesteps
+
+    def generator_loss(self, models: Models, batch: Batch) -> tuple[Tensor, Logs]:
+        if batch.ode_latents is None:
+            raise UserError("teacher forcing needs clean videos in the batch: use an ODE LMDB (its clean points)")
+        clean = batch.ode_latents[:, -1]  # [B, F, C, H, W]
+        g = self.geometry
+        num_samples, device = clean.shape[0], clean.device
+        # 1. A target block and its timestep per sample; every other frame clean at t = 0.
+        block_of_frame = torch.tensor([b for b, size in enumerate(g.block_sizes) for _ in range(size)], device=device)
+        target = torch.randint(0, g.num_blocks, (num_samples,), device=device)
+        is_target = block_of_frame[None] == target[:, None]  # [B, F]
+        if batch.first_frame is not None:  # TI2V: the given frame stays clean and is never a target
+            is_target[:, 0] = False
+        timesteps = self.draw_timesteps(num_samples, device)
+        per_frame = torch.where(is_target, timesteps[:, None], torch.zeros_like(timesteps[:, None]))
+        sigma = (per_frame / self.num_train_timesteps)[..., None, None, None]
+        noise = torch.randn_like(clean)
+        x_t = (1 - sigma) * clean + sigma * noise
+        # 2. One block-causal forward (the rollout's window and sink), 3. flow-matching MSE on the target frames.
+        rolling = g.cache_frames < g.num_latent_frames
+        flow = models.generator.forward_block_causal(x_t.to(clean.dtype), per_frame, batch.context, g.num_frame_per_block,
+                                                     window_frames=g.cache_frames if rolling else None,
+                                                     sink_frames=g.sink_frames if rolling else 0)
+        squared = (flow.float() - (noise - clean).float()).pow(2).mean(dim=(2, 3, 4))  # [B, F]
+        loss = squared[is_target].mean()
+        return loss, {"flow_loss": float(loss.detach()), "target_block": float(target.float().mean()),
+                      "timestep": float(timesteps.mean())}
