@@ -42,9 +42,9 @@ def through_inference(args, out: Path) -> list[dict]:
 
 
 def through_server(args, out: Path) -> list[dict]:
-    from websockets.sync.client import connect
-
     import socket as sockets
+
+    from websockets.sync.client import connect
 
     with sockets.socket() as probe:
         probe.bind(("127.0.0.1", 0))

@@ -43,8 +43,9 @@ class Browser:
         self.profile = tempfile.mkdtemp(prefix="chromium-")
         port = free_port()
         self.process = subprocess.Popen(
-            [binary, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run", "--window-size=1000,1000",
-             f"--remote-debugging-port={port}", f"--user-data-dir={self.profile}", "about:blank"],
+            [binary, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+             "--window-size=1000,1000", f"--remote-debugging-port={port}", f"--user-data-dir={self.profile}",
+             "about:blank"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         deadline = time.time() + 60
