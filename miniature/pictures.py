@@ -42,6 +42,10 @@ def training_curves(path: Path, runs: dict[str, Path]) -> Path:
         axis.set_xlabel("step")
         if records:
             axis.legend(fontsize=7)
+        else:
+            axis.text(0.5, 0.5, "not evaluated during training", ha="center", va="center", transform=axis.transAxes)
+            axis.set_xticks([])
+            axis.set_yticks([])
     for axis, (name, logdir) in zip(axes[0], runs.items()):
         rows = read_metrics(logdir)
         keys = sorted({k for row in rows for k, v in row.items()

@@ -27,7 +27,8 @@ from utils.errors import UserError, run_main  # noqa: E402
 from utils.io import atomic_write_json, atomic_write_text  # noqa: E402
 
 LONG_VIDEO_PROMPTS = 6  # prompts rolled out to 4x the training length (the judge's first ones)
-RECIPES = {"ode": "configs/miniature/ode.yaml", "dmd": "configs/miniature/dmd.yaml", "sid": "configs/miniature/sid.yaml"}
+RECIPES = {"ode": "configs/miniature/ode.yaml", "dmd": "configs/miniature/dmd.yaml", "sid": "configs/miniature/sid.yaml",
+           "causal_teacher": "configs/miniature/causal_teacher.yaml", "ode_causal": "configs/miniature/ode_causal.yaml"}
 # --short: a shortened run for the end-to-end test (same chain, fewer prompts and steps; no quality bar).
 SHORT = {
     "num_prompts": 8,
@@ -35,6 +36,7 @@ SHORT = {
     "distill": ["train.max_steps=4", "train.batch_size=2", "train.save_iters=2", "train.ema_start_step=1",
                 "distill.dfake_gen_update_ratio=2", "evaluation.every=2", "evaluation.num_prompts=2"],
     "teacher": ["teacher.num_steps=8"],
+    "causal_teacher": ["train.max_steps=2", "train.save_iters=2"],
     "num_eval": 2,
 }
 
@@ -127,9 +129,12 @@ def judge_long_video(out: Path, name: str, recipe: str, checkpoint: Path, prompt
 @run_main
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=REPO_ROOT / "outputs/quickstart", help="where everything goes")
+    parser.add_argument("--out", type=Path, default=None, help="where everything goes (default: outputs/quickstart)")
     parser.add_argument("--fresh", action="store_true", help="start over instead of reusing finished stages")
     parser.add_argument("--loss", choices=("dmd", "sid"), default="dmd", help="the score-distillation loss")
+    parser.add_argument("--ode_teacher", choices=("bidirectional", "causal"), default="bidirectional",
+                        help="causal: causal ODE init (issue 16): the teacher is tuned causal with teacher forcing and "
+                             "makes the ODE pairs block by block (default out: outputs/quickstart_causal)")
     parser.add_argument("--short", action="store_true", help="a shortened run (tests): fewer prompts and steps")
     parser.add_argument("--strict", action="store_true", help="exit with status 1 when a check of the report fails")
     parser.add_argument("--teacher", type=Path, default=None,
@@ -143,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     from miniature.world import all_captions
     from utils.config import load_config
 
-    out = args.out.resolve()
+    default_out = "outputs/quickstart" if args.ode_teacher == "bidirectional" else "outputs/quickstart_causal"
+    out = (args.out or REPO_ROOT / default_out).resolve()
     if args.fresh and out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -174,6 +180,21 @@ def main(argv: list[str] | None = None) -> int:
                                  "--num_prompts", str(num_prompts), *ode_over], args.fresh)
     run_stage(out, "lmdb", ["scripts/create_lmdb.py", "--data_path", str(out / "ode_pairs"), "--lmdb_path",
                             str(out / "ode_pairs.lmdb")], args.fresh)
+    if args.ode_teacher == "causal":
+        # 2b. Causal ODE init: the teacher turned causal (teacher forcing on the pairs' clean videos) makes the
+        #     pairs again, block by block; ODE regression then reads those.
+        causal_teacher = out / "causal_teacher" / "latest"
+        run_stage(out, "causal_teacher", ["train.py", "--config_path", RECIPES["causal_teacher"], "--logdir",
+                                          str(out / "causal_teacher"), "--disable-wandb", *ode_over,
+                                          *(short["causal_teacher"] if short else [])], args.fresh)
+        causal_over = [*teacher_over, f"real_score.checkpoint={causal_teacher}", *(short["ode"] if short else [])]
+        run_stage(out, "ode_pairs_causal", ["scripts/generate_ode_pairs.py", "--config_path", RECIPES["ode_causal"],
+                                            "--caption_path", str(out / "train_prompts.txt"), "--output_folder",
+                                            str(out / "ode_pairs_causal"), "--num_prompts", str(num_prompts),
+                                            *causal_over], args.fresh)
+        run_stage(out, "lmdb_causal", ["scripts/create_lmdb.py", "--data_path", str(out / "ode_pairs_causal"),
+                                       "--lmdb_path", str(out / "ode_pairs_causal.lmdb")], args.fresh)
+        ode_over = [*ode_over, f"train.data_path={out / 'ode_pairs_causal.lmdb'}"]
     # 3. ODE regression -> ode_init; 4. score distillation on self-forcing rollouts.
     run_stage(out, "ode_init", ["train.py", "--config_path", RECIPES["ode"], "--logdir", str(out / "ode_init"),
                                 "--disable-wandb", *ode_over], args.fresh)
@@ -212,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     training_curves(out / "training_curves.png", {"ode_init": out / "ode_init", args.loss: out / args.loss})
     frame_strips(out / "frames.png", {"teacher": videos[0], "ode_init": init_videos[0], args.loss: distilled_videos[0]},
                  title=prompts[0][0])
-    settings = {"loss": args.loss, "short": args.short, "num_train_prompts": num_prompts, "num_eval": len(prompts),
+    settings = {"loss": args.loss, "ode_teacher": args.ode_teacher, "short": args.short, "num_train_prompts": num_prompts, "num_eval": len(prompts),
                 "seconds_total": time.perf_counter() - start}
     name = "report" if args.loss == "dmd" else f"report_{args.loss}"  # a SiD run keeps the DMD report
     report = write_report(out, results, settings, name=name)
