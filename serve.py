@@ -62,9 +62,10 @@ def main(argv: list[str] | None = None) -> int:
 
     config = load_config(args.config_path, overrides)
     resolved = resolve_recipe(config, need_scores=False, check_weights=False)
-    for name in ("max_active", "max_queue"):
-        if getattr(args, name) < (1 if name == "max_active" else 0):
-            raise UserError(f"--{name} {getattr(args, name)}: expected {'at least 1' if name == 'max_active' else '0 or more'}")
+    if args.max_active < 1:
+        raise UserError(f"--max_active {args.max_active}: expected at least 1 stream")
+    if args.max_queue < 0:
+        raise UserError(f"--max_queue {args.max_queue}: expected 0 or more waiting requests")
     geometry = resolved.geometry
     max_frames = args.max_frames or pixel_frames_for(20 * geometry.num_latent_frames, geometry.vae_stride[0])
     if max_frames < 1:

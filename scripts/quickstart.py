@@ -233,7 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     training_curves(out / "training_curves.png", {"ode_init": out / "ode_init", args.loss: out / args.loss})
     frame_strips(out / "frames.png", {"teacher": videos[0], "ode_init": init_videos[0], args.loss: distilled_videos[0]},
                  title=prompts[0][0])
-    settings = {"loss": args.loss, "ode_teacher": args.ode_teacher, "short": args.short, "num_train_prompts": num_prompts, "num_eval": len(prompts),
+    settings = {"loss": args.loss, "ode_teacher": args.ode_teacher, "short": args.short,
+                "num_train_prompts": num_prompts, "num_eval": len(prompts),
                 "seconds_total": time.perf_counter() - start}
     name = "report" if args.loss == "dmd" else f"report_{args.loss}"  # a SiD run keeps the DMD report
     report = write_report(out, results, settings, name=name)

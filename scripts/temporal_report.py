@@ -62,10 +62,11 @@ def main(argv: list[str] | None = None) -> int:
     folder = Path(args.folder)
     if not folder.is_dir():
         raise UserError(f"{folder} is not a folder: expected a folder of generated videos")
-    for name in ("block_frames", "temporal_stride", "segment_frames"):
-        value = getattr(args, name)
+    counts = {"--block_frames": args.block_frames, "--temporal_stride": args.temporal_stride,
+              "--segment_frames": args.segment_frames}
+    for flag, value in counts.items():
         if value is not None and value < 1:
-            raise UserError(f"--{name} {value}: expected a positive count")
+            raise UserError(f"{flag} {value}: expected a positive count")
     videos = sorted(p for p in folder.rglob("*.mp4") if not any(part.startswith(".") for part in p.parts))
     if not videos:
         raise UserError(f"{folder} holds no .mp4 videos")

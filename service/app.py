@@ -109,23 +109,24 @@ def create_app(manager: JobManager, info: dict) -> FastAPI:
         manager.stop(job)
         return job.summary(manager.position(job))
 
+    def finished(job_id: str, what: str) -> Job | JSONResponse:
+        """The job when it is done; 404 for an unknown one, 409 while it is not done."""
+        job = find(job_id)
+        if isinstance(job, JSONResponse) or job.status == "done":
+            return job
+        return error(409, f"job {job_id} is {job.status}: the {what} exists once it is done")
+
     @app.get("/jobs/{job_id}/video.mp4")
     async def video(job_id: str):
-        job = find(job_id)
+        job = finished(job_id, "video")
         if isinstance(job, JSONResponse):
             return job
-        if job.status != "done" or job.folder is None:
-            return error(409, f"job {job_id} is {job.status}: the video exists once it is done")
         return FileResponse(job.folder / "video.mp4", media_type="video/mp4", filename=f"{job.folder.name}.mp4")
 
     @app.get("/jobs/{job_id}/record")
     async def record(job_id: str):
-        job = find(job_id)
-        if isinstance(job, JSONResponse):
-            return job
-        if job.status != "done" or job.record is None:
-            return error(409, f"job {job_id} is {job.status}: the record exists once it is done")
-        return job.record
+        job = finished(job_id, "record")
+        return job if isinstance(job, JSONResponse) else job.record
 
     @app.websocket("/ws")
     async def stream(socket: WebSocket) -> None:
