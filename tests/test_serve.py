@@ -1,8 +1,9 @@
-"""The streaming service on the miniature model: frames stream before the video is done and equal offline
+"""The streaming service on the miniature student: frames stream before the video is done and equal offline
 inference, prompt switches, side-by-side sessions, disconnects, bad input, the job API and the page in a browser.
 
-The served model is the miniature at its real size (configs/miniature, the shipped miniature weights loaded as
-the causal generator): what is tested is the serving, which does not depend on how well the weights were trained.
+The student is a short DMD run made here (configs/miniature/dmd.yaml from the shipped miniature weights, a few
+iterations, its EMA export): the miniature at its real size, trained by the real trainer. What is tested is the
+serving, which does not depend on how long it was trained.
 """
 from __future__ import annotations
 
@@ -23,22 +24,38 @@ from tests.browser import Browser, find_chromium, free_port
 from tests.helpers import REPO_ROOT, assert_one_line_error, run_script
 
 RECIPE = "configs/miniature/dmd.yaml"
-WEIGHTS = "checkpoints/miniature/teacher"
+TEACHER = "checkpoints/miniature/teacher"
 PROMPT = "a red circle moving left on a blue background"
 OTHER = "a green square moving up on a white background"
 LONG = 141  # pixel frames: 4x the miniature's 9 latent frames, 12 blocks, the cache rolls
 
 
+@pytest.fixture(scope="module")
+def student(tmp_path_factory) -> str:
+    """A miniature DMD student: 4 iterations of the real recipe from the shipped weights; its export folder."""
+    from miniature.world import all_captions
+
+    tmp = tmp_path_factory.mktemp("student")
+    (tmp / "prompts.txt").write_text("\n".join(c.text for c in all_captions()[:16]) + "\n")
+    result = run_script(["train.py", "--config_path", RECIPE, "--logdir", str(tmp / "dmd"), "--disable-wandb",
+                         f"generator.checkpoint={TEACHER}", f"train.data_path={tmp / 'prompts.txt'}", "train.max_steps=4",
+                         "train.batch_size=1", "train.save_iters=4", "train.ema_start_step=0", "distill.dfake_gen_update_ratio=2",
+                         "evaluation.every=0"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    return str(tmp / "dmd" / "latest")
+
+
 class Server:
-    def __init__(self, tmp: Path, *extra: str) -> None:
+    def __init__(self, tmp: Path, weights: str, *extra: str) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.out = tmp / "served"
         env = {**os.environ, "PYTHONPATH": REPO_ROOT, "OMP_NUM_THREADS": "1"}
         self.log = open(tmp / "server.log", "w")
         self.process = subprocess.Popen(
-            [sys.executable, "serve.py", "--config_path", RECIPE, "--checkpoint", WEIGHTS, "--port", str(self.port),
-             "--output_folder", str(self.out), *extra], cwd=REPO_ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+            [sys.executable, "serve.py", "--config_path", RECIPE, "--checkpoint", weights, "--use_ema", "--port",
+             str(self.port), "--output_folder", str(self.out), *extra],
+            cwd=REPO_ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.time() + 120
         while time.time() < deadline:
             try:
@@ -96,9 +113,9 @@ class Server:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(tmp_path_factory, student):
     tmp = tmp_path_factory.mktemp("serve")
-    running = Server(tmp, "--max_active", "2", "--max_queue", "1")
+    running = Server(tmp, student, "--max_active", "2", "--max_queue", "1")
     yield running
     running.close()
 
@@ -108,7 +125,7 @@ def video_of(result: dict) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------------- streaming
-def test_frames_stream_before_the_video_is_done_and_equal_offline_inference(server, tmp_path):
+def test_frames_stream_before_the_video_is_done_and_equal_offline_inference(server, student, tmp_path):
     import torch
     from safetensors.torch import load_file
 
@@ -126,7 +143,8 @@ def test_frames_stream_before_the_video_is_done_and_equal_offline_inference(serv
 
     # inference.py, same recipe, weights, prompt and seed
     out = tmp_path / "offline"
-    proc = run_script(["inference.py", "--config_path", RECIPE, "--checkpoint", WEIGHTS, "--prompt", PROMPT, "--seed", "7",
+    proc = run_script(["inference.py", "--config_path", RECIPE, "--checkpoint", student, "--use_ema", "--prompt", PROMPT,
+                       "--seed", "7",
                        "--num_output_frames", str(LONG), "--output_folder", str(out), "--save_latents"])
     assert proc.returncode == 0, proc.stderr
     (folder,) = out.iterdir()
@@ -316,7 +334,7 @@ def test_serve_command_line_errors_are_one_line(tmp_path):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        assert_one_line_error(run_script(["serve.py", "--config_path", RECIPE, "--checkpoint", WEIGHTS, "--port", str(port),
+        assert_one_line_error(run_script(["serve.py", "--config_path", RECIPE, "--checkpoint", TEACHER, "--port", str(port),
                                           "--output_folder", str(tmp_path / "o")]), f"cannot listen on 127.0.0.1:{port}")
     assert_one_line_error(run_script(["serve.py", "--config_path", RECIPE, "--checkpoint", str(tmp_path / "none")]),
                           "none")
