@@ -21,6 +21,7 @@ from pipeline.causal_inference import (
     CausalInferencePipeline,
     check_image,
     inference_geometry,
+    recipe_for_checkpoint,
     resolve_generator_weights,
 )
 from pipeline.run_options import DTYPES, MAX_SEED, check_device, default_dtype
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args, overrides = parse_args(argv)
     # 1. Check every input before loading anything.
-    config = load_config(args.config_path, overrides)
+    config = recipe_for_checkpoint(load_config(args.config_path, overrides), args.checkpoint)
     resolved = resolve_recipe(config, need_scores=False, check_weights=False)  # --checkpoint replaces the generator's
     prompts = [args.prompt] if args.prompt is not None else TextPromptDataset(args.data_path).prompts
     if args.prompt is not None and not args.prompt.strip():

@@ -54,13 +54,13 @@ def main(argv: list[str] | None = None) -> int:
     # 1. Every input checked before loading.
     from pathlib import Path
 
-    from pipeline.causal_inference import CausalInferencePipeline, resolve_generator_weights
+    from pipeline.causal_inference import CausalInferencePipeline, recipe_for_checkpoint, resolve_generator_weights
     from pipeline.run_options import check_device, default_dtype
     from utils.config import load_config
     from utils.geometry import pixel_frames_for, resolve_recipe
     from utils.io import check_output_folder
 
-    config = load_config(args.config_path, overrides)
+    config = recipe_for_checkpoint(load_config(args.config_path, overrides), args.checkpoint)
     resolved = resolve_recipe(config, need_scores=False, check_weights=False)
     if args.max_active < 1:
         raise UserError(f"--max_active {args.max_active}: expected at least 1 stream")

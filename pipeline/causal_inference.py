@@ -86,6 +86,20 @@ def resolve_generator_weights(checkpoint: str | Path | None, use_ema: bool, reci
     return GeneratorWeights(file, arch)
 
 
+def recipe_for_checkpoint(config: Config, checkpoint: str | Path | None) -> Config:
+    """The recipe as run with --checkpoint, which replaces the generator's weights.
+
+    A recipe whose generator is named only by a checkpoint (the training run's initialisation, e.g. an ODE-init
+    export that exists only where that run was made) takes the architecture from the given checkpoint instead.
+    """
+    if checkpoint is None or config.generator.checkpoint is None:
+        return config
+    path = Path(checkpoint)
+    if not path.exists():
+        raise UserError(f"checkpoint {path} does not exist: expected a trainer export folder or a weights file")
+    return dataclasses.replace(config, generator=dataclasses.replace(config.generator, checkpoint=str(path)))
+
+
 def list_like(value: object) -> object:
     return list(value) if isinstance(value, (list, tuple)) else value
 
