@@ -89,10 +89,12 @@ def resolve_generator_weights(checkpoint: str | Path | None, use_ema: bool, reci
 def recipe_for_checkpoint(config: Config, checkpoint: str | Path | None) -> Config:
     """The recipe as run with --checkpoint, which replaces the generator's weights.
 
-    A recipe whose generator is named only by a checkpoint (the training run's initialisation, e.g. an ODE-init
-    export that exists only where that run was made) takes the architecture from the given checkpoint instead.
+    A recipe whose generator is named by a checkpoint that is absent here (the training run's initialisation,
+    e.g. an ODE-init export that exists only where that run was made) takes the architecture from the given
+    checkpoint instead. When the recipe's checkpoint exists, its architecture stays the recipe's, and a
+    --checkpoint of another model is refused against it.
     """
-    if checkpoint is None or config.generator.checkpoint is None:
+    if checkpoint is None or config.generator.checkpoint is None or Path(config.generator.checkpoint).exists():
         return config
     path = Path(checkpoint)
     if not path.exists():
