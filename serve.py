@@ -60,12 +60,12 @@ def main(argv: list[str] | None = None) -> int:
     from utils.geometry import pixel_frames_for, resolve_recipe
     from utils.io import check_output_folder
 
-    config = recipe_for_checkpoint(load_config(args.config_path, overrides), args.checkpoint)
-    resolved = resolve_recipe(config, need_scores=False, check_weights=False)
     if args.max_active < 1:
         raise UserError(f"--max_active {args.max_active}: expected at least 1 stream")
     if args.max_queue < 0:
         raise UserError(f"--max_queue {args.max_queue}: expected 0 or more waiting requests")
+    config = recipe_for_checkpoint(load_config(args.config_path, overrides), args.checkpoint)
+    resolved = resolve_recipe(config, need_scores=False, check_weights=False)
     geometry = resolved.geometry
     max_frames = args.max_frames or pixel_frames_for(20 * geometry.num_latent_frames, geometry.vae_stride[0])
     if max_frames < 1:

@@ -151,7 +151,7 @@ def test_frames_stream_before_the_video_is_done_and_equal_offline_inference(serv
                        "--num_output_frames", str(LONG), "--output_folder", str(out), "--save_latents"])
     assert proc.returncode == 0, proc.stderr
     (folder,) = out.iterdir()
-    config = load_config(os.path.join(REPO_ROOT, RECIPE))
+    config = load_config(os.path.join(REPO_ROOT, RECIPE), [f"generator.checkpoint={student}"])
     vae = build_vae(resolve_recipe(config, need_scores=False, check_weights=False).vae)
     with torch.no_grad():
         offline = to_uint8_frames(vae.decode_to_pixel(load_file(folder / "latents.safetensors")["latents"][None])[0])
