@@ -11,6 +11,7 @@ import asyncio
 import base64
 import binascii
 import collections
+import json
 import logging
 import tempfile
 import threading
@@ -199,7 +200,7 @@ class JobManager:
             job.publish({"type": "queued", "job_id": job.id, "queue_position": index + 1})
 
     def _run(self, job: Job) -> None:
-        from pipeline.inference_outputs import save_result
+        from pipeline.inference_outputs import RECORD_FILE, save_result
         from utils.video_io import to_uint8_frames
 
         request = job.request
@@ -238,9 +239,7 @@ class JobManager:
             parameters = {**self.parameters, "seed": request.seed, "num_output_frames": geometry.num_pixel_frames,
                           "image": None if request.image_path is None else "uploaded"}
             job.folder = save_result(result, self.output_folder, parameters, fps=self.pipe.config.video.fps)
-            from pipeline.inference_outputs import build_record
-
-            job.record = build_record(result, parameters)
+            job.record = json.loads((job.folder / RECORD_FILE).read_text())  # the record as written, not built twice
             job.status = "done"
             job.publish({"type": "done", "job_id": job.id, "video_url": f"/jobs/{job.id}/video.mp4",
                          "record_url": f"/jobs/{job.id}/record", "timings": result.timings,
