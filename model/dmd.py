@@ -33,4 +33,4 @@ class DMD(ScoreDistillation):
 
     def distribution_loss(self, x: Tensor, real_x0: Tensor, fake_x0: Tensor) -> tuple[Tensor, Logs]:
         loss, grad = dmd_loss(x, real_x0, fake_x0)
-        return loss, {"dmd_loss": float(loss.detach()), "dmd_grad_norm": float(grad.norm())}
+        return loss, {"dmd_loss": loss.detach(), "dmd_grad_norm": grad.norm()}

@@ -8,13 +8,13 @@ from __future__ import annotations
 import contextlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Union
 
 from torch import Tensor, nn
 
 from utils.errors import UserError
 
-Logs = dict[str, float]
+Logs = dict[str, Union[float, Tensor]]  # 0-dim tensors are read (float) by the loop, once per step
 
 
 @dataclass

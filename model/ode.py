@@ -16,6 +16,7 @@ from torch import Tensor
 from model.objective import Batch, Logs, Models, Objective
 from pipeline.rollout import predict_x0
 from utils.errors import UserError
+from utils.fake import real_values
 from utils.geometry import Geometry
 
 
@@ -45,12 +46,18 @@ class OdeRegression(Objective):
                 f"ODE latents {list(latents.shape)} with {timesteps.numel()} timesteps: expected [B, P, {shape}] "
                 "with one timestep per point"
             )
-        if float(timesteps[-1]) != 0.0:
-            raise UserError(f"the last ODE trajectory point must be the clean latent (t = 0), got t = {float(timesteps[-1])}")
+        with real_values():  # the kept timesteps are given values, real even in a memory estimate's fake step
+            last = float(timesteps[-1])
+        if last != 0.0:
+            raise UserError(f"the last ODE trajectory point must be the clean latent (t = 0), got t = {last}")
         return latents, timesteps.to(latents.device, torch.float32)
 
     def draw_points(self, timesteps: Tensor, generator: Optional[torch.Generator] = None) -> list[int]:
         """One kept point per block: noisy (t != 0) ones, or any with clean context; at least one block noisy."""
+        with real_values():
+            return self._draw_points(timesteps, generator)
+
+    def _draw_points(self, timesteps: Tensor, generator: Optional[torch.Generator]) -> list[int]:
         noisy = torch.nonzero(timesteps.cpu() != 0).flatten()
         if noisy.numel() == 0:
             raise UserError("the ODE pairs keep no noisy trajectory point (every timestep is 0)")
@@ -90,4 +97,4 @@ class OdeRegression(Objective):
             raise UserError("every frame of the ODE batch is at t = 0: nothing to regress")
         squared = (x0.float() - clean.float()).pow(2).mean(dim=(2, 3, 4))  # [B, F]
         loss = squared[noisy].mean()
-        return loss, {"ode_loss": float(loss.detach()), "ode_timestep": float(per_frame[noisy].mean())}
+        return loss, {"ode_loss": loss.detach(), "ode_timestep": per_frame[noisy].mean()}

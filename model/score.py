@@ -116,7 +116,7 @@ class ScoreDistillation(Objective):
         # 3. The objective's loss on the generated frames.
         frames = batch.generated_frames
         loss, logs = self.distribution_loss(x[:, frames], real_x0[:, frames], fake_x0[:, frames])
-        logs.update(score_timestep=float(timestep.mean()), exit_step=sum(sample.exit_steps) / len(sample.exit_steps))
+        logs.update(score_timestep=timestep.mean(), exit_step=sum(sample.exit_steps) / len(sample.exit_steps))
         return loss, logs
 
     def critic_loss(self, models: Models, batch: Batch) -> tuple[Tensor, Logs]:
@@ -129,4 +129,4 @@ class ScoreDistillation(Objective):
         frames = batch.generated_frames
         target = noise[:, frames] - x[:, frames]
         loss = (flow[:, frames].float() - target.float()).pow(2).mean()
-        return loss, {"critic_loss": float(loss.detach()), "critic_timestep": float(timestep.mean())}
+        return loss, {"critic_loss": loss.detach(), "critic_timestep": timestep.mean()}

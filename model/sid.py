@@ -39,4 +39,4 @@ class SiD(ScoreDistillation):
 
     def distribution_loss(self, x: Tensor, real_x0: Tensor, fake_x0: Tensor) -> tuple[Tensor, Logs]:
         loss = sid_loss(x, real_x0, fake_x0, self.alpha)
-        return loss, {"sid_loss": float(loss.detach())}
+        return loss, {"sid_loss": loss.detach()}

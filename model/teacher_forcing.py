@@ -59,5 +59,5 @@ class TeacherForcing(Objective):
                                                      sink_frames=g.sink_frames if rolling else 0)
         squared = (flow.float() - (noise - clean).float()).pow(2).mean(dim=(2, 3, 4))  # [B, F]
         loss = squared[is_target].mean()
-        return loss, {"flow_loss": float(loss.detach()), "target_block": float(target.float().mean()),
-                      "timestep": float(timesteps.mean())}
+        return loss, {"flow_loss": loss.detach(), "target_block": target.float().mean(),
+                      "timestep": timesteps.mean()}

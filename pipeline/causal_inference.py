@@ -259,6 +259,7 @@ class CausalInferencePipeline:
         """
         from pipeline.rollout import BlockRollout, PromptSwitch
         from wan.modules.kv_cache import KVCache
+        from wan.modules.sequence_parallel import sp_size_of
 
         geometry = self.check_request(image, num_output_frames)
         task = self.task_for(image)
@@ -280,7 +281,8 @@ class CausalInferencePipeline:
                 (1, *geometry.latent_shape[1:]), generator=torch.Generator().manual_seed(seed), dtype=torch.float32
             ).to(self.device)
             renoise = torch.Generator(self.device).manual_seed(seed)
-            kv_cache = KVCache.from_geometry(geometry, batch_size=1, dtype=self.dtype, device=self.device)
+            kv_cache = KVCache.from_geometry(geometry, batch_size=1, dtype=self.dtype, device=self.device,
+                                             sp_size=sp_size_of(self.generator))
             rollout = BlockRollout(geometry, self.timesteps.to(self.device), self.config.rollout.context_noise)
 
             # 3. Rollout with streaming decode of each finished block (and prompt switches, when asked).

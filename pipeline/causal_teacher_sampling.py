@@ -45,13 +45,15 @@ def sample_causal_teacher(
 ) -> TeacherSample:
     """Like sample_teacher, for a CausalWanModel: noise [B, F, C, H, W] in the geometry's blocks."""
     from wan.modules.kv_cache import KVCache
+    from wan.modules.sequence_parallel import sp_size_of
 
     if boundary is not None:
         raise UserError("ode.causal_teacher with a mixture-of-experts teacher is not supported: the causal teacher is "
                         "one causal model (train.trainer=teacher_forcing)")
     batch = noise.shape[0]
     dtype = next(model.parameters()).dtype
-    caches = [(context, KVCache.from_geometry(geometry, batch, dtype=dtype, device=noise.device)) for context in (cond, uncond)]
+    caches = [(context, KVCache.from_geometry(geometry, batch, dtype=dtype, device=noise.device, sp_size=sp_size_of(model)))
+              for context in (cond, uncond)]
     latents, trajectories, nfe, start = [], [], 0, 0
     point_timesteps = None
     for size in geometry.block_sizes:

@@ -7,12 +7,14 @@ the same way everywhere: weights from the checkpoint when one is named, a seeded
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import torch
 from torch import nn
 
 from utils.config import Config
 from utils.errors import UserError
+from utils.fake import fake_mode_active
 from utils.presets import ModelSpec, VaeSpec, load_text_encoder_preset
 
 # Seed offsets keep the random init of each role distinct but reproducible.
@@ -38,6 +40,9 @@ def build_dit(
             raise UserError(f"{spec.role} '{spec.name}' is a mixture of experts: it can only be a (bidirectional) teacher")
         from wan.moe import MoEWanModel
 
+        if not spec.checkpoint and fake_mode_active():  # a memory estimate: both experts, no weights
+            return MoEWanModel(WanModel(**spec.arch, attention_backend=attention_backend),
+                               WanModel(**spec.arch, attention_backend=attention_backend), spec.moe_boundary)
         if not spec.checkpoint:
             raise UserError(f"{spec.role} '{spec.name}' is a mixture of experts: set {spec.role}.checkpoint to its folder")
         return MoEWanModel.from_pretrained(
@@ -54,7 +59,16 @@ def build_dit(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + ROLE_SEED.get(spec.role, 0))
         model = cls(**spec.arch, attention_backend=attention_backend)
-    return model.to(device=device, dtype=dtype)
+    return place(model, device, dtype)
+
+
+def place(model: nn.Module, device: str | torch.device, dtype: Optional[torch.dtype] = None) -> nn.Module:
+    """model.to(device, dtype), skipped when every parameter is already there (fake tensors cannot be swapped)."""
+    device = torch.device(device)
+    params = list(model.parameters())
+    if all(p.device == device and (dtype is None or p.dtype == dtype) for p in params):
+        return model
+    return model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
 
 
 def build_vae(vae: VaeSpec, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> nn.Module:
@@ -73,6 +87,11 @@ def build_vae(vae: VaeSpec, *, device: str | torch.device = "cpu", dtype: torch.
 def text_encoder_device(config: Config, run_device: torch.device) -> torch.device:
     choice = config.text_encoder.device
     return run_device if choice == "auto" else torch.device(choice)
+
+
+def text_encoder_dtype(config: Config) -> torch.dtype:
+    """bf16 for umT5-XXL (its published weights are bf16, 11 GB; fp32 would double them), fp32 for tiny presets."""
+    return torch.bfloat16 if load_text_encoder_preset(config.text_encoder.preset)["kind"] == "umt5" else torch.float32
 
 
 def build_text_encoder(config: Config, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,

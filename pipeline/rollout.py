@@ -22,10 +22,12 @@ import torch
 from torch import Tensor
 
 from utils.config import Config, FlowConfig
-from utils.dist import broadcast_int_list, rank
+from utils.dist import broadcast_int_list
 from utils.errors import UserError
+from utils.fake import real_values
 from utils.geometry import Geometry
 from wan.modules.kv_cache import KVCache
+from wan.modules.sequence_parallel import sp_size_of
 
 BlockCallback = Callable[[int, Tensor], None]
 
@@ -66,13 +68,14 @@ def draw_exit_steps(
     last_step_only: bool,
     generator: Optional[torch.Generator] = None,
 ) -> list[int]:
-    """One exit step index per block, drawn on rank 0 and broadcast so every rank rolls out alike."""
+    """One exit step index per block; rank 0's draw is broadcast so every rank rolls out alike.
+
+    Every rank draws (and discards all but rank 0's), so the ranks of a sequence group, seeded alike, stay alike."""
     if last_step_only:
         return [num_steps - 1] * num_blocks
-    steps = [0] * num_blocks
-    if rank() == 0:
+    with real_values():  # Python values even when a memory estimate runs the step on fake tensors
         drawn = torch.randint(0, num_steps, (num_blocks,), generator=generator).tolist()
-        steps = [drawn[0]] * num_blocks if same_step_across_blocks else drawn
+    steps = [drawn[0]] * num_blocks if same_step_across_blocks else drawn
     return broadcast_int_list(steps)
 
 
@@ -110,6 +113,7 @@ class BlockRollout:
             raise UserError(f"rollout.context_noise is {context_noise}: expected 0..{num_train_timesteps - 1}")
         self.geometry = geometry
         self.timesteps = timesteps.to(torch.float32).cpu()
+        self.timestep_values = self.timesteps.tolist()  # Python floats for the per-step loop
         self.context_noise = context_noise
         self.num_train_timesteps = num_train_timesteps
 
@@ -184,7 +188,8 @@ class BlockRollout:
         self._check(noise, context, blocks, exit_steps, first_frame)
         grad_from_frame = 0 if grad_last_frames is None else max(num_frames - grad_last_frames, 0)
         if kv_cache is None:
-            kv_cache = KVCache.from_geometry(self.geometry, noise.shape[0], dtype=noise.dtype, device=noise.device)
+            kv_cache = KVCache.from_geometry(self.geometry, noise.shape[0], dtype=noise.dtype, device=noise.device,
+                                            sp_size=sp_size_of(generator))
         kv_cache.reset()
         shared = _Forward(generator, context, kv_cache, noise_generator)
         with torch.no_grad() if inference else contextlib.nullcontext():
@@ -283,7 +288,7 @@ class BlockRollout:
         """Steps 0..exit_step of one block; only the exit step may keep gradient. Returns the block's x0."""
         x = block_noise if clean_head is None else torch.cat([clean_head.to(block_noise.dtype), block_noise[:, 1:]], dim=1)
         for step in range(exit_step + 1):
-            step_t = self.timesteps[step].item() * mask
+            step_t = self.timestep_values[step] * mask
             with torch.set_grad_enabled(keep_grad and step == exit_step):
                 flow = shared.flow(x, step_t, start, commit=False)
                 x0 = predict_x0(x, flow, step_t, self.num_train_timesteps)
@@ -292,7 +297,7 @@ class BlockRollout:
             if step == exit_step:
                 return x0
             # Re-noise to the next step's timestep with fresh noise (the held frame stays clean: mask 0).
-            next_t = self.timesteps[step + 1].item() * mask
+            next_t = self.timestep_values[step + 1] * mask
             x = add_noise(x0, shared.fresh_noise(x0), next_t, self.num_train_timesteps)
         raise AssertionError("unreachable: the loop returns at the exit step")
 

@@ -1,7 +1,7 @@
 """Training checkpoints (torch.distributed.checkpoint) and the inference export in <logdir>/latest/.
 
 Layout under <logdir>/checkpoints/:
-    step_000123.tmp/   written by every rank (DCP shards + rng_rank{r}.pt), then checkpoint.json by rank 0
+    step_000123.tmp/   written by every rank (DCP shards + rng_dp{d}.pt), then checkpoint.json by rank 0
                        (the recipe's identity and every file's size), then renamed by rank 0 to
     step_000123/       only once complete; then
     latest.txt         rewritten atomically to name it. A crash at any moment leaves the previous latest whole.
@@ -88,10 +88,16 @@ def _single_process_quiet() -> Iterator[None]:
 
 
 class CheckpointManager:
-    def __init__(self, logdir: str | Path, keep_last: int, rank: int) -> None:
+    """Random states are stored per data-parallel rank (rng_dp{d}.pt, by the first rank of each sequence group, whose
+    ranks draw alike), so a run resumed with another sp_size gives each data shard the states it had."""
+
+    def __init__(self, logdir: str | Path, keep_last: int, rank: int, data_rank: Optional[int] = None,
+                 writes_rng: bool = True) -> None:
         self.root = Path(logdir) / "checkpoints"
         self.keep_last = keep_last
         self.rank = rank
+        self.data_rank = rank if data_rank is None else data_rank
+        self.writes_rng = writes_rng
 
     def _dir(self, step: int) -> Path:
         return self.root / f"step_{step:06d}"
@@ -164,7 +170,8 @@ class CheckpointManager:
         barrier()
         with _single_process_quiet():
             dcp.save(state, checkpoint_id=str(tmp))
-        torch.save(rng_state(), tmp / f"rng_rank{self.rank}.pt")
+        if self.writes_rng:
+            torch.save(rng_state(), tmp / f"rng_dp{self.data_rank}.pt")
         barrier()
         if self.rank == 0:
             files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
@@ -199,9 +206,10 @@ class CheckpointManager:
         folder = self._dir(step)
         with _single_process_quiet():
             dcp.load(state, checkpoint_id=str(folder))
-        rng_file = folder / f"rng_rank{self.rank}.pt"
-        if rng_file.exists():
-            set_rng_state(torch.load(rng_file, weights_only=True))
+        for rng_file in (folder / f"rng_dp{self.data_rank}.pt", folder / f"rng_rank{self.rank}.pt"):  # then: older runs
+            if rng_file.exists():
+                set_rng_state(torch.load(rng_file, weights_only=True))
+                break
 
 
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

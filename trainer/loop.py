@@ -75,7 +75,9 @@ class Trainer:
         # 1. Before any model is built: one run per logdir, and a resume only with the recipe it was trained with.
         self.lock = RunLock(options.logdir).acquire() if info.is_main else None
         try:
-            self.checkpoints = CheckpointManager(options.logdir, config.train.keep_last, info.rank)
+            sp_size = config.parallel.sp_size
+            self.checkpoints = CheckpointManager(options.logdir, config.train.keep_last, info.rank,
+                                                 data_rank=info.rank // sp_size, writes_rng=info.rank % sp_size == 0)
             self.recipe_identity = recipe_identity(config)
             self.resume_steps, self.resume_warning = self.checkpoints.resume_candidates()
             if self.resume_steps:
@@ -204,8 +206,10 @@ class Trainer:
     # ------------------------------------------------------------------------------------- loop
     def train(self) -> None:
         config, info, setup = self.config, self.info, self.setup
-        torch.manual_seed(config.train.seed + info.rank)  # distinct noise per rank; restored on resume
-        random.seed(config.train.seed + info.rank)
+        # distinct noise per data-parallel rank (a sequence group draws alike: it shares one sample); restored on resume
+        data_rank = setup.data_parallel.rank
+        torch.manual_seed(config.train.seed + data_rank)
+        random.seed(config.train.seed + data_rank)
         self.log = TrainLogger(self.options.logdir, is_main=info.is_main, config=config, use_wandb=self.options.use_wandb,
                                start_step=0, max_steps=config.train.max_steps)
         self._resume()  # before anything is written into the logdir: a failed resume leaves it as it was
@@ -214,7 +218,7 @@ class Trainer:
             if dropped:
                 self.log.message(f"metrics.jsonl: dropped {dropped} line(s) after step {self.state.step} or half-written")
             atomic_write_text(self.options.logdir / "config.yaml", to_yaml(config))
-        samples_per_step = config.train.batch_size * info.world_size * setup.micro_steps
+        samples_per_step = config.train.batch_size * setup.data_parallel.size * setup.micro_steps
         limit = config.train.max_consecutive_nonfinite
         window: list[float] = []
         window_metrics: dict[str, list[float]] = {}  # every metric averaged over the logging window

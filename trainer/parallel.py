@@ -6,6 +6,9 @@ and the rollout call (predict_flow, forward_block_causal, forward_cached) are re
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Optional
+
 import torch
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
@@ -18,6 +21,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_f
 
 from utils.dist import DistInfo
 from utils.errors import UserError
+from wan.modules.sequence_parallel import SequenceParallel
 
 FORWARD_METHODS = ("predict_flow", "forward_block_causal", "forward_cached")
 
@@ -42,6 +46,41 @@ def build_mesh(info: DistInfo, sharding_strategy: str) -> DeviceMesh | None:
     return init_device_mesh(device_type, (info.num_nodes, info.local_world_size), mesh_dim_names=("replicate", "shard"))
 
 
+@dataclass(frozen=True)
+class DataParallel:
+    """This rank's data-parallel place: ranks of one sequence group share a sample, so they share an index."""
+
+    rank: int
+    size: int
+    sequence: Optional[SequenceParallel] = None  # this rank's sequence group; None when sp_size is 1
+
+
+def check_sp_layout(info: DistInfo, sp_size: int, sharding_strategy: str) -> None:
+    """sp_size must divide the ranks (and, when sharding within nodes, the ranks of a node: groups stay on a node)."""
+    if info.world_size % sp_size:
+        raise UserError(f"parallel.sp_size={sp_size} does not divide the {info.world_size} rank(s) of this run: "
+                        f"launch a multiple of {sp_size} ranks")
+    if sharding_strategy == "hybrid_full" and info.num_nodes > 1 and info.local_world_size % sp_size:
+        raise UserError(f"parallel.sp_size={sp_size} does not divide the {info.local_world_size} ranks per node: a "
+                        "sequence group must stay within a node")
+
+
+def build_data_parallel(info: DistInfo, sp_size: int, sharding_strategy: str) -> DataParallel:
+    """Consecutive ranks form a sequence group (within a node); data-parallel index = rank // sp_size."""
+    check_sp_layout(info, sp_size, sharding_strategy)
+    if sp_size == 1:
+        return DataParallel(info.rank, info.world_size)
+    mesh = init_device_mesh(info.device.type, (info.world_size // sp_size, sp_size), mesh_dim_names=("dp", "sp"))
+    return DataParallel(info.rank // sp_size, info.world_size // sp_size, SequenceParallel.from_group(mesh.get_group("sp")))
+
+
+def attach_sequence_parallel(model: nn.Module, sequence: Optional[SequenceParallel]) -> nn.Module:
+    """Split the model's forwards over the sequence group (a CPU-offloaded teacher's inner model included)."""
+    inner = model.model if isinstance(model, CpuOffloaded) else model
+    inner.set_sequence_parallel(sequence)
+    return model
+
+
 def apply_activation_checkpointing(model: nn.Module) -> None:
     """Recompute each transformer block's activations in backward instead of storing them."""
     for index, block in enumerate(model.blocks):
@@ -59,7 +98,10 @@ def shard_model(model: nn.Module, mesh: DeviceMesh, mixed_precision: bool) -> nn
         fully_shard(block.cross_attn, mesh=mesh, mp_policy=policy)
         register_fsdp_forward_method(block.cross_attn, "key_value")
         fully_shard(block, mesh=mesh, mp_policy=policy)
-    fully_shard(model, mesh=mesh, mp_policy=policy)
+    # The root's own parameters (embeddings, head) are resharded after forward too: kept unsharded, they keep the
+    # requires_grad they had when gathered, so a critic first run frozen (in the generator step) would never get
+    # gradients for them again (found by the sequence-parallel equivalence test).
+    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=True)
     for method in FORWARD_METHODS:
         if hasattr(model, method):
             register_fsdp_forward_method(model, method)

@@ -9,12 +9,26 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-from pipeline.components import build_dit, build_text_encoder, build_vae, text_encoder_device
+from pipeline.components import (
+    build_dit,
+    build_text_encoder,
+    build_vae,
+    place,
+    text_encoder_device,
+    text_encoder_dtype,
+)
 from trainer.data import BatchSource, build_dataset
 from trainer.data_position import ShardedSampler
 from trainer.ema import ParameterEMA
 from trainer.lora import apply_lora
-from trainer.parallel import CpuOffloaded, build_mesh, parallelize
+from trainer.parallel import (
+    CpuOffloaded,
+    DataParallel,
+    attach_sequence_parallel,
+    build_data_parallel,
+    build_mesh,
+    parallelize,
+)
 from utils.config import PAIR_TRAINERS, Config
 from utils.dist import DistInfo
 from utils.errors import UserError
@@ -37,6 +51,7 @@ class TrainingSetup:
     batches: BatchSource
     objective: Any
     micro_steps: int  # gradient-accumulation micro-steps per optimizer step
+    data_parallel: DataParallel  # this rank's data shard (sequence groups share one)
 
     @property
     def geometry(self) -> Geometry:
@@ -44,15 +59,20 @@ class TrainingSetup:
 
 
 def accumulation_steps(config: Config, world_size: int) -> int:
-    """total_batch_size / (batch_size * world), which must be whole; no total means no accumulation."""
-    per_step = config.train.batch_size * world_size
+    """total_batch_size / (batch_size * data-parallel ranks), which must be whole; no total means no accumulation.
+
+    Data-parallel ranks = world / parallel.sp_size: a sequence group works on one sample."""
+    sp_size = config.parallel.sp_size
+    data_ranks = max(world_size // sp_size, 1)
+    per_step = config.train.batch_size * data_ranks
     total = config.train.total_batch_size
     if total is None:
         return 1
     if total < per_step or total % per_step:
+        ranks = "data-parallel ranks (ranks / parallel.sp_size)" if sp_size > 1 else "ranks"
         raise UserError(
-            f"train.total_batch_size={total} is not a whole multiple of batch_size x ranks = "
-            f"{config.train.batch_size} x {world_size} = {per_step}"
+            f"train.total_batch_size={total} is not a whole multiple of batch_size x {ranks} = "
+            f"{config.train.batch_size} x {data_ranks} = {per_step}"
         )
     return total // per_step
 
@@ -83,24 +103,34 @@ def _trainable(model: nn.Module, config: Config) -> nn.Module:
     return model.requires_grad_(True)
 
 
-def build_training(
-    config: Config, info: DistInfo, build_objective: ObjectiveFactory, profiler: MemoryProfiler
-) -> TrainingSetup:
-    recipe = check_recipe(config, info.world_size)
-    device, seed = info.device, config.train.seed
-    mesh = build_mesh(info, config.train.sharding_strategy)
+@dataclass
+class ModelSet:
+    """The trained and frozen networks of a run, placed, wrapped and sharded, with their optimizers and EMA."""
+
+    generator: nn.Module
+    real_score: Optional[nn.Module]
+    critic: Optional[nn.Module]
+    generator_optimizer: torch.optim.Optimizer
+    critic_optimizer: Optional[torch.optim.Optimizer]
+    ema: Optional[ParameterEMA]
+
+
+def build_models(config: Config, recipe: ResolvedRecipe, device: torch.device, mesh, sequence,
+                 profiler: MemoryProfiler) -> ModelSet:
+    """Generator, teacher and critic as training uses them (also run on fake tensors by the memory estimate)."""
+    seed = config.train.seed
     wrap = dict(mixed_precision=config.train.mixed_precision, gradient_checkpointing=config.train.gradient_checkpointing)
     backend = config.attention_backend
-    score_distillation = config.train.trainer == "score_distillation"
 
     # 1. Generator: causal, trainable (whole or LoRA), then checkpointing and sharding.
     with profiler.component("generator"):
         generator = build_dit(recipe.generator, causal=True, attention_backend=backend, device=device, seed=seed)
         generator = parallelize(_trainable(generator, config), mesh, **wrap)
+        attach_sequence_parallel(generator, sequence)
 
     # 2. Scores: the frozen teacher (optionally kept on the CPU) and the trainable critic, initialised from the teacher.
     real_score = critic = None
-    if score_distillation:
+    if config.train.trainer == "score_distillation":
         with profiler.component("real_score"):
             real_score = build_dit(recipe.real_score, causal=False, attention_backend=backend, device="cpu", seed=seed)
             real_score.requires_grad_(False).eval()
@@ -108,12 +138,14 @@ def build_training(
             critic = build_dit(recipe.fake_score, causal=False, attention_backend=backend, device="cpu", seed=seed)
             if not recipe.fake_score.checkpoint and recipe.fake_score.arch == recipe.real_score.arch:
                 critic.load_state_dict(real_score.state_dict())  # no critic weights named: start from the teacher
-            critic = parallelize(_trainable(critic.to(device), config), mesh, **wrap)
+            critic = parallelize(_trainable(place(critic, device), config), mesh, **wrap)
+            attach_sequence_parallel(critic, sequence)
         if config.train.real_score_cpu:
             real_score = CpuOffloaded(real_score, device)
         else:
-            real_score = parallelize(real_score.to(device), mesh, mixed_precision=config.train.mixed_precision,
+            real_score = parallelize(place(real_score, device), mesh, mixed_precision=config.train.mixed_precision,
                                      gradient_checkpointing=False)
+        attach_sequence_parallel(real_score, sequence)
 
     # 3. Optimizers and the generator's EMA.
     optim = config.optim
@@ -124,30 +156,44 @@ def build_training(
         critic_optimizer = _adamw([p for p in critic.parameters() if p.requires_grad], optim.lr_critic,
                                   (optim.beta1_critic, optim.beta2_critic), optim.weight_decay)
     ema = ParameterEMA(generator, config.train.ema_weight, config.train.ema_start_step) if config.train.ema_weight > 0 else None
+    return ModelSet(generator, real_score, critic, generator_optimizer, critic_optimizer, ema)
+
+
+def build_training(
+    config: Config, info: DistInfo, build_objective: ObjectiveFactory, profiler: MemoryProfiler
+) -> TrainingSetup:
+    recipe = check_recipe(config, info.world_size)
+    device, seed = info.device, config.train.seed
+    data_parallel = build_data_parallel(info, config.parallel.sp_size, config.train.sharding_strategy)
+    mesh = build_mesh(info, config.train.sharding_strategy)
+    models = build_models(config, recipe, device, mesh, data_parallel.sequence, profiler)
+    score_distillation = config.train.trainer == "score_distillation"
 
     # 4. Text encoder (frozen, possibly on the CPU), the VAE for TI2V first frames, and the data.
     with profiler.component("text_encoder"):
-        text_encoder = build_text_encoder(config, device=text_encoder_device(config, device), seed=seed)
+        text_encoder = build_text_encoder(config, device=text_encoder_device(config, device), seed=seed,
+                                          dtype=text_encoder_dtype(config))
         text_encoder.requires_grad_(False).eval()
     vae = None
     if config.video.task == "ti2v" and score_distillation:
         with profiler.component("vae"):
             vae = build_vae(recipe.vae, device=device)
     dataset = build_dataset(config, recipe.geometry)
-    sampler = ShardedSampler(len(dataset), config.train.batch_size, info.rank, info.world_size, seed)
+    sampler = ShardedSampler(len(dataset), config.train.batch_size, data_parallel.rank, data_parallel.size, seed)
     batches = BatchSource(dataset, sampler, text_encoder, config.text_encoder.negative_prompt, device,
                           ti2v=config.video.task == "ti2v", vae=vae)
 
     return TrainingSetup(
         info=info,
         recipe=recipe,
-        generator=generator,
-        real_score=real_score,
-        critic=critic,
-        generator_optimizer=generator_optimizer,
-        critic_optimizer=critic_optimizer,
-        ema=ema,
+        generator=models.generator,
+        real_score=models.real_score,
+        critic=models.critic,
+        generator_optimizer=models.generator_optimizer,
+        critic_optimizer=models.critic_optimizer,
+        ema=models.ema,
         batches=batches,
         objective=build_objective(config, recipe.geometry),
         micro_steps=accumulation_steps(config, info.world_size),
+        data_parallel=data_parallel,
     )

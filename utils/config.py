@@ -191,6 +191,19 @@ PAIR_TRAINERS = ("ode", "teacher_forcing")  # the trainers that read an ODE-pair
 
 
 @dataclass
+class ParallelConfig:
+    """Splitting one sample over several ranks (training, teacher sampling for ODE pairs, inference).
+
+    Ulysses sequence parallelism: the `sp_size` ranks of a sequence group share one sample (prompt, noise, exit
+    steps), each holding 1/sp_size of its tokens and, inside self-attention, all tokens of 1/sp_size of the heads
+    (the KV cache too). sp_size divides the heads of every DiT in the recipe and the tokens of a latent frame; the
+    data-parallel size is ranks / sp_size, so the global batch is batch_size x ranks / sp_size x accumulation."""
+
+    sp_size: int = 1  # ranks per sample; 1: off (the published recipes)
+    cfg_parallel: bool = False  # teacher sampling: the conditional and unconditional passes on two rank groups
+
+
+@dataclass
 class EvaluationConfig:
     """Evaluation during training: every `every` iterations the generator (its EMA weights once EMA has started)
     rolls out fixed prompts and seeds; the temporal report of the latents (seam ratio, flicker, drift), and the
@@ -237,6 +250,7 @@ class Config:
     distill: DistillConfig = field(default_factory=DistillConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 

@@ -173,6 +173,18 @@ def compute_geometry(
     )
 
 
+def check_sequence_parallel(size: int, num_heads: int, frame_seq_length: int, what: str = "the model") -> None:
+    """sp_size must divide the heads (Ulysses splits them) and the tokens of a latent frame (each rank a slice)."""
+    if size < 1:
+        raise UserError(f"parallel.sp_size={size}: expected 1 (off) or more ranks per sample")
+    if num_heads % size:
+        raise UserError(f"parallel.sp_size={size} does not divide the {num_heads} attention heads of {what}: "
+                        f"expected a divisor of {num_heads}")
+    if frame_seq_length % size:
+        raise UserError(f"parallel.sp_size={size} does not divide the {frame_seq_length} tokens of a latent frame of "
+                        f"{what}: expected a divisor of {frame_seq_length}")
+
+
 @dataclass(frozen=True)
 class ResolvedRecipe:
     """A recipe's models, VAE and the generator's geometry, all checked against each other."""
@@ -228,6 +240,10 @@ def resolve_recipe(config: Config, *, need_scores: Optional[bool] = None, check_
         fake = resolve_model("fake_score", fake_ref, check_weights)
         _check_latent_space(generator, fake, vae)
     geometry = geometry_for(config, generator, vae)
+    for spec in (generator, real, fake):
+        if spec is not None:
+            check_sequence_parallel(config.parallel.sp_size, spec.arch["num_heads"], geometry.frame_seq_length,
+                                    f"{spec.role} '{spec.name}'")
     stated = config.video.image_or_video_shape
     if stated is not None and tuple(stated) != geometry.latent_shape:
         raise UserError(

@@ -30,6 +30,10 @@ class MoEWanModel(nn.Module):
     def config(self) -> dict:
         return self.high.config
 
+    def set_sequence_parallel(self, sequence_parallel) -> None:
+        for expert in (self.high, self.low):
+            expert.set_sequence_parallel(sequence_parallel)
+
     def expert_for(self, timestep: torch.Tensor) -> WanModel:
         """The expert for a call; every sample must fall on the same side of the boundary.
 

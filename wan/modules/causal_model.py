@@ -65,11 +65,12 @@ class CausalWanModel(WanModel):
             sink_tokens=sink_frames * frame_tokens,
             block_ends=ends,
         )
-        attend = functools.partial(attention, backend=self.attention_backend, mask=mask)
+        attend = self.self_attention_rule(functools.partial(attention, backend=self.attention_backend, mask=mask), grid)
         context_kv = self.context_key_values(context)
-        tokens = self.run_blocks(tokens, e0, self.rope(grid, x.device), context_kv, [attend] * len(self.blocks))
+        tokens, freqs, e, e0 = self.shard_sequence(tokens, self.rope(grid, x.device), e, e0, grid)
+        tokens = self.run_blocks(tokens, e0, freqs, context_kv, [attend] * len(self.blocks))
         # 3. Head.
-        return unpatchify(self.head(tokens, e), grid, self.patch_size, self.out_dim)
+        return unpatchify(self.gather_sequence(self.head(tokens, e), grid), grid, self.patch_size, self.out_dim)
 
     def forward_cached(
         self,
@@ -93,14 +94,17 @@ class CausalWanModel(WanModel):
         e, e0 = self.embed_time(timestep)
         freqs = self.rope(grid, x.device, start_frame=start_frame)
         context_kv = kv_cache.cross_attention(context, lambda: self.context_key_values(context))
-        # 2. Blocks: self-attention over the cache window plus the block itself.
+        tokens, freqs, e, e0 = self.shard_sequence(tokens, freqs, e, e0, grid)
+        # 2. Blocks: self-attention over the cache window plus the block itself (under sequence parallelism the
+        #    cache holds every token of this rank's heads).
         plan = kv_cache.plan(start_frame, num_frames)
-        attend = [self._cached_attend(kv_cache, layer, plan, commit) for layer in range(len(self.blocks))]
+        attend = [self.self_attention_rule(self._cached_attend(kv_cache, layer, plan, commit), grid)
+                  for layer in range(len(self.blocks))]
         tokens = self.run_blocks(tokens, e0, freqs, context_kv, attend)
         if commit:
             kv_cache.commit(plan)
         # 3. Head.
-        return unpatchify(self.head(tokens, e), grid, self.patch_size, self.out_dim)
+        return unpatchify(self.gather_sequence(self.head(tokens, e), grid), grid, self.patch_size, self.out_dim)
 
     def _cached_attend(self, kv_cache: KVCache, layer: int, plan: CachePlan, commit: bool) -> SelfAttend:
         view = kv_cache.layer_view(layer, plan, commit)
@@ -115,7 +119,7 @@ class CausalWanModel(WanModel):
         return attend
 
     def _check_cache(self, kv_cache: KVCache, batch_size: int, grid: tuple[int, int, int]) -> None:
-        expected = (len(self.blocks), batch_size, grid[1] * grid[2], self.config["num_heads"], self.head_dim)
+        expected = (len(self.blocks), batch_size, grid[1] * grid[2], self.heads_per_rank, self.head_dim)
         actual = (kv_cache.num_layers, kv_cache.batch_size, kv_cache.frame_seq_length, kv_cache.num_heads, kv_cache.head_dim)
         if expected != actual:
             raise UserError(

@@ -73,14 +73,17 @@ class KVCache:
         self.reset()
 
     @classmethod
-    def from_geometry(cls, geometry, batch_size: int, dtype: torch.dtype, device: torch.device | str) -> "KVCache":
-        """Sized from a `utils.geometry.Geometry` (cache_frames is the video, or the local window)."""
+    def from_geometry(
+        cls, geometry, batch_size: int, dtype: torch.dtype, device: torch.device | str, sp_size: int = 1
+    ) -> "KVCache":
+        """Sized from a `utils.geometry.Geometry` (cache_frames is the video, or the local window); under sequence
+        parallelism over `sp_size` ranks each holds all tokens of its num_heads / sp_size heads."""
         return cls(
             num_layers=geometry.num_layers,
             batch_size=batch_size,
             max_frames=geometry.cache_frames,
             frame_seq_length=geometry.frame_seq_length,
-            num_heads=geometry.num_heads,
+            num_heads=geometry.num_heads // sp_size,
             head_dim=geometry.head_dim,
             dtype=dtype,
             device=device,

@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 
 from utils.errors import UserError
+from utils.geometry import check_sequence_parallel
 from wan.modules.attention import attention, check_backend
 from wan.modules.block import SelfAttend, WanAttentionBlock
 from wan.modules.embeddings import (
@@ -27,6 +28,7 @@ from wan.modules.embeddings import (
     unpatchify,
 )
 from wan.modules.rope import rope_grid
+from wan.modules.sequence_parallel import SequenceParallel
 
 MODEL_TYPES = ("t2v", "ti2v")
 
@@ -81,6 +83,8 @@ class WanModel(nn.Module):
             for _ in range(num_layers)
         )
         self.head = Head(dim, out_dim, self.patch_size, eps)
+        # Ulysses sequence parallelism (set by `set_sequence_parallel`); None: the whole sequence on this rank.
+        self.sequence_parallel: SequenceParallel | None = None
 
     @classmethod
     def from_pretrained(
@@ -95,6 +99,44 @@ class WanModel(nn.Module):
         from wan.loading import load_pretrained
 
         return load_pretrained(cls, path, dtype=dtype, device=device, attention_backend=attention_backend, arch=arch)
+
+    # ---- sequence parallelism -----------------------------------------------------------------
+
+    def set_sequence_parallel(self, sequence_parallel: SequenceParallel | None) -> None:
+        """Split every forward's tokens over a sequence group (None: off); heads must divide by its size."""
+        if sequence_parallel is not None and self.config["num_heads"] % sequence_parallel.size:
+            raise UserError(f"parallel.sp_size={sequence_parallel.size} does not divide the model's "
+                            f"{self.config['num_heads']} attention heads")
+        self.sequence_parallel = sequence_parallel
+
+    @property
+    def heads_per_rank(self) -> int:
+        """Self-attention heads this rank attends (and caches): all of them, or its share under sequence parallelism."""
+        size = 1 if self.sequence_parallel is None else self.sequence_parallel.size
+        return self.config["num_heads"] // size
+
+    def shard_sequence(
+        self, tokens: torch.Tensor, freqs: torch.Tensor, e: torch.Tensor, e0: torch.Tensor, grid: tuple[int, int, int]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """This rank's tokens, RoPE angles and (per-token) time conditioning; everything when not sequence-parallel."""
+        sp = self.sequence_parallel
+        if sp is None:
+            return tokens, freqs, e, e0
+        frame_tokens = grid[1] * grid[2]
+        check_sequence_parallel(sp.size, self.config["num_heads"], frame_tokens)
+        if e.shape[1] == tokens.shape[1]:  # one timestep per token: split like the tokens
+            e, e0 = sp.shard(e, frame_tokens), sp.shard(e0, frame_tokens)
+        return sp.shard(tokens, frame_tokens), sp.shard_frames(freqs, frame_tokens), e, e0
+
+    def self_attention_rule(self, attend: SelfAttend, grid: tuple[int, int, int]) -> SelfAttend:
+        """`attend` over all tokens; under sequence parallelism wrapped in the Ulysses all-to-alls."""
+        sp = self.sequence_parallel
+        return attend if sp is None else sp.wrap(attend, grid[1] * grid[2])
+
+    def gather_sequence(self, tokens: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+        """The head's output of every token, on every rank of the sequence group."""
+        sp = self.sequence_parallel
+        return tokens if sp is None else sp.gather(tokens, grid[1] * grid[2])
 
     # ---- pieces shared with the causal model -------------------------------------------------
 
@@ -149,12 +191,14 @@ class WanModel(nn.Module):
         e, e0 = self.embed_time(self.timestep_groups(timestep, grid))
         context_kv = self.context_key_values(context)
 
+        tokens, freqs, e, e0 = self.shard_sequence(tokens, self.rope(grid, x.device), e, e0, grid)
+
         # 2. Blocks with full bidirectional attention.
-        full = functools.partial(attention, backend=self.attention_backend)
-        tokens = self.run_blocks(tokens, e0, self.rope(grid, x.device), context_kv, [full] * len(self.blocks))
+        full = self.self_attention_rule(functools.partial(attention, backend=self.attention_backend), grid)
+        tokens = self.run_blocks(tokens, e0, freqs, context_kv, [full] * len(self.blocks))
 
         # 3. Head and unpatchify.
-        return unpatchify(self.head(tokens, e), grid, self.patch_size, self.out_dim)
+        return unpatchify(self.gather_sequence(self.head(tokens, e), grid), grid, self.patch_size, self.out_dim)
 
     def forward(
         self, x: list[torch.Tensor], t: torch.Tensor, context: list[torch.Tensor], seq_len: int
