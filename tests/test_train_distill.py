@@ -41,3 +41,24 @@ def test_sid_ratio_and_injected_nan_is_skipped_and_counted(tmp_path):
     exported = load_file(tmp_path / "latest" / "generator.safetensors")
     assert "blocks.0.ffn.0.weight" in exported and not any("lora" in key for key in exported)
 
+
+
+@pytest.mark.distributed
+def test_mixed_precision_on_two_ranks_trains_every_parameter_of_both_models(tmp_path):
+    """The published recipes' setting (bf16 through FSDP2) on 2 ranks: the critic, first called frozen in the generator
+    step, still gets fp32 gradients for every parameter, its embeddings and head included (both once failed)."""
+    import torch
+
+    from tests.train_helpers import checkpoint_tensors
+
+    proc = torchrun_train(DMD, tmp_path, f"train.data_path={PROMPTS}", "train.max_steps=4", "train.save_iters=2",
+                          "train.mixed_precision=true", "distill.dfake_gen_update_ratio=1")
+    assert_ok(proc)
+    before = checkpoint_tensors(tmp_path / "checkpoints" / "step_000002")
+    after = checkpoint_tensors(tmp_path / "checkpoints" / "step_000004")
+    for model in ("generator", "critic"):
+        weights = [key for key in after if key.startswith(f"{model}.model.")]
+        assert len(weights) > 60
+        unchanged = [key for key in weights if torch.equal(before[key], after[key])]
+        assert not unchanged, (model, unchanged)
+        assert all(after[key].dtype == torch.float32 for key in weights)

@@ -105,6 +105,11 @@ def shard_model(model: nn.Module, mesh: DeviceMesh, mixed_precision: bool) -> nn
     for method in FORWARD_METHODS:
         if hasattr(model, method):
             register_fsdp_forward_method(model, method)
+    # FSDP2 fixes each parameter group's gradient dtypes at its lazy initialisation, from the parameters trainable
+    # then. It would run at the first forward, which for the critic is frozen (the generator step): its groups then
+    # had no trainable parameter and bf16 gradients later met fp32 shards (every multi-rank mixed-precision score
+    # distillation stopped at the first critic backward). Initialise now, in the training state.
+    model._get_fsdp_state()._lazy_init()
     return model
 
 
