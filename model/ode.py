@@ -91,10 +91,15 @@ class OdeRegression(Objective):
                                                      window_frames=g.cache_frames if rolling else None,
                                                      sink_frames=g.sink_frames if rolling else 0)
         x0 = predict_x0(x_t, flow, per_frame, self.num_train_timesteps)
-        # 3. MSE to the clean latent on frames that were noisy.
-        noisy = per_frame != 0  # [B, F]
-        if not bool(noisy.any()):
+        # 3. MSE to the clean latent on frames that were noisy (known from the drawn points: no data-dependent shapes).
+        with real_values():
+            values = timesteps.tolist()
+        noisy_list = [values[point] != 0 for point, size in zip(points, g.block_sizes) for _ in range(size)]
+        if batch.first_frame is not None:
+            noisy_list[0] = False
+        if not any(noisy_list):
             raise UserError("every frame of the ODE batch is at t = 0: nothing to regress")
+        noisy = torch.tensor(noisy_list, device=x0.device, dtype=torch.float32).expand(x0.shape[0], -1)  # [B, F]
         squared = (x0.float() - clean.float()).pow(2).mean(dim=(2, 3, 4))  # [B, F]
-        loss = squared[noisy].mean()
-        return loss, {"ode_loss": loss.detach(), "ode_timestep": per_frame[noisy].mean()}
+        loss = (squared * noisy).sum() / noisy.sum()
+        return loss, {"ode_loss": loss.detach(), "ode_timestep": (per_frame * noisy).sum() / noisy.sum()}
