@@ -12,6 +12,7 @@ Everything that can be wrong is checked before a model is loaded, and a failed r
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -76,6 +77,19 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"--seed {args.seed}: expected 0..{MAX_SEED - len(prompts)} (prompt i of a file uses seed + i)")
     check_output_folder(args.output_folder, "--output_folder")
     device = check_device(args.device)
+    # Under torchrun: groups of parallel.sp_size ranks make each video together (Ulysses sequence parallelism),
+    # groups share out the prompts, and each group's first rank writes its videos.
+    groups = None
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from pipeline.parallel_sampling import build_sampling_groups
+        from utils.dist import init_distributed
+
+        info = init_distributed("cuda" if device.type == "cuda" else "cpu")
+        device = info.device
+        groups = build_sampling_groups(info, config.parallel.sp_size, cfg_parallel=False)
+    elif config.parallel.sp_size > 1:
+        raise UserError(f"parallel.sp_size={config.parallel.sp_size} needs that many ranks: launch inference.py with "
+                        f"torchrun --nproc_per_node {config.parallel.sp_size}")
     geometry = inference_geometry(config, resolved, args.num_output_frames)
     check_image(args.image, config.video.task, geometry)
     resolve_generator_weights(args.checkpoint, args.use_ema, resolved.generator.arch)
@@ -85,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     profiler = MemoryProfiler(enabled=args.profile_memory, device=device)
     pipe = CausalInferencePipeline(config, resolved, device, dtype, checkpoint=args.checkpoint, use_ema=args.use_ema,
                                    profiler=profiler)
+    if groups is not None and groups.sequence is not None:
+        pipe.generator.set_sequence_parallel(groups.sequence)
     parameters = {
         "config_path": args.config_path, "overrides": overrides, "checkpoint": args.checkpoint, "use_ema": args.use_ema,
         "image": args.image, "seed": args.seed, "num_output_frames": geometry.num_pixel_frames,
@@ -96,9 +112,13 @@ def main(argv: list[str] | None = None) -> int:
 
     # 3. Generate and save each video.
     for index, prompt in enumerate(prompts):
+        if groups is not None and index % groups.count != groups.index:
+            continue
         with torch_trace(args.trace_path if index == 0 else None, device):
             # prompt i of a prompt file uses seed + i: distinct noise per video, reproducible per line
             result = pipe.generate(prompt, image=args.image, num_output_frames=args.num_output_frames, seed=args.seed + index)
+        if groups is not None and not groups.writer:
+            continue
         folder = save_result(result, args.output_folder, parameters, fps=config.video.fps, save_latents=args.save_latents)
         if args.profile_memory:
             profiler.save(Path(folder) / MEMORY_EVENTS_FILE)
@@ -106,6 +126,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{folder}: {result.video.shape[0]} frames, {timings['fps']:.2f} fps, "
               f"first block {timings['first_block_latency_s']:.3f} s", flush=True)
     profiler.close()
+    if groups is not None:
+        from utils.dist import cleanup
+
+        cleanup()
     return 0
 
 

@@ -121,13 +121,18 @@ def sample_teacher(
         if step_index in kept:
             points[step_index] = x
         timestep = (step_timesteps[step_index].to(noise.device) * frame_mask).expand(batch, num_frames)
-        v = denoiser.predict_flow(x, timestep, cond).to(x.dtype)
-        nfe += 1
         if uses_uncond(step_index, sampling, num_high_noise_steps=num_high_noise_steps):
-            v_uncond = denoiser.predict_flow(x, timestep, uncond).to(x.dtype)
-            nfe += 1
+            if hasattr(denoiser, "predict_cfg_pair"):  # CFG-parallel: both passes at once on two ranks
+                v, v_uncond = (out.to(x.dtype) for out in denoiser.predict_cfg_pair(x, timestep, cond, uncond))
+            else:
+                v = denoiser.predict_flow(x, timestep, cond).to(x.dtype)
+                v_uncond = denoiser.predict_flow(x, timestep, uncond).to(x.dtype)
+            nfe += 2
             scale = guidance_scale_at(step_index, sampling, num_high_noise_steps=num_high_noise_steps)
             v = combine_cfg(v, v_uncond, scale, sampling.guidance_form)
+        else:
+            v = denoiser.predict_flow(x, timestep, cond).to(x.dtype)
+            nfe += 1
         x = sampler.step(v, step_index, x)
         if first_frame is not None:
             x = torch.cat([first_frame, x[:, 1:]], dim=1)

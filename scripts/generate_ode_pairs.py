@@ -153,6 +153,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
 
 @run_main
 def main(argv: list[str] | None = None) -> int:
+    from pipeline.parallel_sampling import CfgParallelDenoiser, build_sampling_groups
     from utils import dist
     from utils.memory import MemoryProfiler
 
@@ -160,6 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     args, overrides = parse_args(argv)
     config = load_config(args.config_path, overrides)
     recipe = resolve_recipe(config, need_scores=True)
+    if config.parallel.cfg_parallel and config.ode.causal_teacher:
+        raise UserError("parallel.cfg_parallel with ode.causal_teacher is not supported: the causal teacher keeps a KV "
+                        "cache per branch on every rank; use parallel.sp_size instead")
     timesteps = trajectory_timesteps(config.ode, config.flow.num_train_timesteps)
     fingerprint = geometry_fingerprint(recipe.geometry, timesteps.tolist())
     prompts_data = read_prompts(args, config)
@@ -178,7 +182,9 @@ def main(argv: list[str] | None = None) -> int:
             leftover.unlink()
     done = {pair.index for pair in finished if pair.index < num_prompts}
     remaining = dist.broadcast_int_list([i for i in range(num_prompts) if i not in done])
-    mine = remaining[info.rank::info.world_size]
+    # Sample groups (parallel.sp_size x 2 with parallel.cfg_parallel ranks) share each prompt; groups share out prompts.
+    groups = build_sampling_groups(info, config.parallel.sp_size, config.parallel.cfg_parallel)
+    mine = remaining[groups.index::groups.count]
     if info.is_main:
         output.mkdir(parents=True, exist_ok=True)
         atomic_write_text(output / "config.yaml", to_yaml(config))
@@ -189,6 +195,10 @@ def main(argv: list[str] | None = None) -> int:
     written, nfe, start = 0, 0, time.perf_counter()
     if mine:
         models = build_models(config, recipe, info.device, profiler)
+        if groups.sequence is not None:
+            models["teacher"].set_sequence_parallel(groups.sequence)
+        if groups.cfg_group is not None:
+            models["teacher"] = CfgParallelDenoiser(models["teacher"], groups.cfg_group, groups.cfg_branch)
         start = time.perf_counter()
         with profiler.phase("sampling"):
             for index in tqdm(mine, desc="ode pairs", disable=not info.is_main):
@@ -196,10 +206,11 @@ def main(argv: list[str] | None = None) -> int:
                 sample = sample_pair(config, recipe, models, prompts_data[index], seed, info.device)
                 if not torch.allclose(sample.trajectory_timesteps.cpu(), timesteps):
                     raise RuntimeError(f"sampled trajectory timesteps {sample.trajectory_timesteps} != planned {timesteps}")
-                write_pair_file(output, index, sample.trajectory[0], timesteps, prompt=prompts[index], seed=seed,
-                                geometry=recipe.geometry, keep_indices=config.ode.keep_indices,
-                                extra={"teacher": recipe.real_score.name})
-                written, nfe = written + 1, nfe + sample.nfe
+                if groups.writer:
+                    write_pair_file(output, index, sample.trajectory[0], timesteps, prompt=prompts[index], seed=seed,
+                                    geometry=recipe.geometry, keep_indices=config.ode.keep_indices,
+                                    extra={"teacher": recipe.real_score.name})
+                    written, nfe = written + 1, nfe + sample.nfe
                 if exit_after and written >= exit_after:
                     os._exit(CRASH_EXIT_CODE)
     seconds = time.perf_counter() - start

@@ -284,3 +284,35 @@ def test_prompt_file_gives_each_line_its_own_seed_and_saves_latents(tmp_path, ch
     own = (decoded - mp4("a cat walks in the park")).abs().mean()
     other = (decoded - mp4("a dog runs in the city")).abs().mean()
     assert decoded.shape == mp4("a cat walks in the park").shape and own < 0.5 * other, (own, other)
+
+
+@pytest.mark.distributed
+def test_two_ranks_with_sequence_parallelism_make_the_same_video(tmp_path, checkpoint, recipe):
+    """torchrun --nproc_per_node 2 inference.py ... parallel.sp_size=2: one video made by both ranks, written once."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from tests.helpers import REPO_ROOT
+
+    args = ["--config_path", RECIPE, "--checkpoint", str(checkpoint), "--prompt", "a red circle moving left",
+            "--seed", "3", "--save_latents", "--device", "cpu"]
+    single = tmp_path / "single"
+    proc = run_script(["inference.py", *args, "--output_folder", str(single)])
+    assert proc.returncode == 0, proc.stderr
+    split = tmp_path / "sp2"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               os.path.join(REPO_ROOT, "inference.py"), *args, "--output_folder", str(split), "parallel.sp_size=2"]
+    env = {**os.environ, "PYTHONPATH": REPO_ROOT, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (one,), (two,) = list(single.iterdir()), list(split.iterdir())  # written once, by the group's first rank
+    a = load_file(str(one / "latents.safetensors"))["latents"]
+    b = load_file(str(two / "latents.safetensors"))["latents"]
+    assert a.abs().max() > 0.1 and (a - b).abs().max() <= 1e-4 * a.abs().max()
+    # alone, sp_size 2 is refused before loading anything
+    proc = run_script(["inference.py", *args, "--output_folder", str(tmp_path / "alone"), "parallel.sp_size=2"])
+    assert_one_line_error(proc, "parallel.sp_size=2 needs that many ranks", "torchrun --nproc_per_node 2")
+    assert not (tmp_path / "alone").exists()

@@ -167,3 +167,24 @@ def test_ti2v_keeps_the_encoded_image_as_the_clean_first_frame(tmp_path, capsys)
         assert all(torch.equal(latents[p, 0], latents[-1, 0]) for p in range(NUM_POINTS))  # frame 0 clean throughout
         assert not torch.equal(latents[0, 1], latents[-1, 1])  # later frames are denoised
     assert not torch.equal(red[-1, 0], blue[-1, 0])  # the image decides frame 0
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("parallel", ["parallel.sp_size=2", "parallel.cfg_parallel=true"], ids=["sp2", "cfg-parallel"])
+def test_two_ranks_sharing_each_sample_equal_the_single_rank_sampler(single_run, captions, tmp_path, parallel):
+    """Sequence parallelism and CFG-parallel: 2 ranks make each sample together, the group's first rank writes it."""
+    folder = tmp_path / "pairs"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               os.path.join(REPO_ROOT, "scripts/generate_ode_pairs.py"), "--config_path", RECIPE,
+               "--caption_path", str(captions), "--output_folder", str(folder), parallel]
+    env = {**os.environ, "PYTHONPATH": REPO_ROOT, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"{len(PROMPTS)} generated" in proc.stdout
+    a, b = folder_contents(single_run), folder_contents(folder)
+    assert sorted(a) == sorted(b)
+    for name in a:
+        assert a[name][0] == b[name][0], name
+        assert torch.equal(a[name][1]["ode_timesteps"], b[name][1]["ode_timesteps"])
+        single, shared = a[name][1]["ode_latents"].float(), b[name][1]["ode_latents"].float()
+        assert (single - shared).abs().max() <= 2e-3 * single.abs().max(), name  # float16 files, fp32 sampling
