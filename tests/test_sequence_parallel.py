@@ -120,3 +120,11 @@ def test_sp_size_that_does_not_fit_is_one_line_before_work(tmp_path):
     assert_one_line_error(train(tmp_path / "ranks", "parallel.sp_size=2"),
                           "parallel.sp_size=2 does not divide the 1 rank(s) of this run")
     assert not any((tmp_path / name).exists() for name in ("heads", "tokens", "ranks"))
+
+
+def test_two_data_ranks_times_two_sequence_ranks_equal_two_data_ranks(tmp_path):
+    """dp 2 x sp 2 on 4 ranks trains like dp 2 on 2 ranks: the same shards, seeds and exit steps, each sample split."""
+    dp, dp_sp = tmp_path / "dp2", tmp_path / "dp2_sp2"
+    assert_ok(torchrun_train(DMD, dp, *STEPS, nproc=2))
+    assert_ok(torchrun_train(DMD, dp_sp, *STEPS, "parallel.sp_size=2", nproc=4, timeout=600))
+    assert_same_training(dp, dp_sp, ("generator.model.", "critic.model.", "ema.shadow.", "generator.optim."))
