@@ -50,7 +50,8 @@ def _stub_text_encoder(config) -> None:
     from scripts.bench_support import RandomTextEncoder
 
     arch = load_model_preset(config.generator.preset)
-    trainer.setup.build_text_encoder = lambda config, device, seed: RandomTextEncoder(arch["text_len"], arch["text_dim"], device)
+    trainer.setup.build_text_encoder = lambda config, device, seed, dtype=None: RandomTextEncoder(
+        arch["text_len"], arch["text_dim"], device)
 
 
 def _build_on_gpu(device) -> None:

@@ -10,7 +10,8 @@ in turn (teacher / text encoder on the CPU, activation checkpointing, sp_size, L
 
     torchrun --nproc_per_node N scripts/estimate_memory.py --config_path ... --measure
 
-measures the same step with real tensors (random weights) on the launched ranks instead: rank 0's table.
+measures the same step with real tensors (random weights) on the launched ranks instead: rank 0's table;
+--compare (one process) prints the estimate for one rank beside the step measured on this machine's device.
 """
 from __future__ import annotations
 
@@ -59,6 +60,35 @@ def candidates(config, nproc_per_node: int) -> list[tuple[str, list[str]]]:
     return found
 
 
+def compare(config, args, overrides) -> int:
+    """Estimated vs measured step peak for one rank (scripts/gpu_check.py's memory item)."""
+    import torch
+
+    from trainer.memory_estimate import estimate, measure_step
+    from utils.dist import DistInfo
+    from utils.tables import human_bytes
+
+    started = time.perf_counter()
+    estimated = estimate(config, 1, 1)
+    estimate_s = time.perf_counter() - started
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    measured = measure_step(config, DistInfo(0, 1, 0, 1, device), fake=False)
+    result = {"config_path": args.config_path, "overrides": overrides, "device": str(device),
+              "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+              "estimated_step_peak_bytes": estimated.step_peak_bytes, "measured_step_peak_bytes": measured.step_peak_bytes,
+              "cuda_max_allocated_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+              "estimate_seconds": estimate_s, "ratio": estimated.step_peak_bytes / measured.step_peak_bytes}
+    print(f"step peak: estimated {human_bytes(estimated.step_peak_bytes)}, measured {human_bytes(measured.step_peak_bytes)} "
+          f"on {result['device_name']} (ratio {result['ratio']:.3f}; estimate took {estimate_s:.0f} s)")
+    if args.json_out:
+        from utils.io import atomic_write_json
+
+        atomic_write_json(args.json_out, result)
+    return 0
+
+
 @run_main
 def main(argv: list[str] | None = None) -> int:
     parser = OneLineArgumentParser(prog="estimate_memory.py", description=__doc__.splitlines()[0])
@@ -71,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no_suggest", action="store_true", help="do not look for a change that fits")
     parser.add_argument("--measure", action="store_true",
                         help="under torchrun: run the step with real tensors on the launched ranks and report rank 0")
+    parser.add_argument("--compare", action="store_true",
+                        help="one process: estimate for 1 rank, then measure the same step on this machine's device")
     args, overrides = parser.parse_known_args(argv)
     bad = [o for o in overrides if "=" not in o or o.startswith("-")]
     if bad:
@@ -83,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
 
     config = load_config(args.config_path, overrides)
     started = time.perf_counter()
+    if args.compare:
+        return compare(config, args, overrides)
     if args.measure:
         from utils.dist import cleanup, init_distributed
 

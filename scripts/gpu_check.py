@@ -9,7 +9,8 @@ Items, in order (each in its own process, so one failure or OOM costs only that 
      each: end-to-end FPS, denoise-only FPS, time to the first block, peak memory, per attention backend
      (sdpa, flash when installed, flex) and compilation (inference.compile) off / on;
   3. one DMD iteration (generator step + critic step) for the 1.3B student with a 1.3B teacher, batch 1;
-  4. one DMD iteration for the 5B student with LoRA, batch 1.
+  4. one DMD iteration for the 5B student with LoRA, batch 1;
+  5. memory: scripts/estimate_memory.py's estimate of item 3's step peak beside the same step measured on the GPU.
 Before each item the GPU's free memory is read; an item that cannot fit, or that would start after the time
 budget, is skipped and the reason written. Results: DIR/gpu_check.json (everything) and DIR/gpu_check.md (rows
 for docs/BENCHMARKS.md), rewritten after every item.
@@ -38,7 +39,7 @@ NO_ACCUMULATION = "train.total_batch_size=null"
 @dataclass(frozen=True)
 class Item:
     name: str
-    kind: str  # inference or train
+    kind: str  # inference, train or memory
     recipe: str
     need_gib: float  # rough peak: weights, optimizer states and activations at this size
     budget_s: float  # the item's own time limit
@@ -56,6 +57,8 @@ GPU_ITEMS = (
          args=("--steps", "1", "--warmup", "1")),
     Item("DMD 5B student, LoRA rank 64", "train", "configs/self_forcing_dmd_5B.yaml", 110, 150,
          overrides=("train.lora_rank=64", NO_ACCUMULATION), args=("--steps", "1", "--warmup", "1")),
+    Item("memory estimate vs measured, DMD 1.3B + 1.3B teacher", "memory", "configs/self_forcing_dmd.yaml", 90, 420,
+         overrides=("real_score.preset=wan2.1-t2v-1.3b", "fake_score.preset=wan2.1-t2v-1.3b", NO_ACCUMULATION)),
 )
 TINY = "configs/tiny/self_forcing_dmd.yaml"
 DRY_RUN_ITEMS = (
@@ -64,6 +67,7 @@ DRY_RUN_ITEMS = (
          args=("--steps", "1", "--warmup", "0")),
     Item("tiny DMD, LoRA rank 4", "train", TINY, 0, 120, overrides=("train.lora_rank=4",),
          args=("--steps", "1", "--warmup", "0")),
+    Item("tiny memory estimate vs measured", "memory", TINY, 0, 120),
 )
 
 
@@ -76,8 +80,11 @@ def free_gib(python: str) -> float | None:
 
 
 def command(item: Item, python: str, json_out: Path, dry_run: bool) -> list[str]:
-    script = "scripts/benchmark_inference.py" if item.kind == "inference" else "scripts/benchmark_train.py"
+    script = {"inference": "scripts/benchmark_inference.py", "train": "scripts/benchmark_train.py",
+              "memory": "scripts/estimate_memory.py"}[item.kind]
     cmd = [python, script, "--config_path", item.recipe, *item.args, "--json_out", str(json_out)]
+    if item.kind == "memory":
+        cmd.append("--compare")
     if item.kind == "inference":
         cmd += ["--skip_bidirectional", "--deadline_s", str(item.budget_s * 0.55)]
         if dry_run:
@@ -133,6 +140,15 @@ def markdown(entries: list[dict], device: str) -> str:
         if entry["kind"] == "train" and report is not None:
             lines.append(f"| {entry['item']} | {report['lora_rank'] or 'no'} | {report['seconds_per_generator_step']:.2f} | "
                          f"{report['seconds_per_critic_step']:.2f} | {report['peak_memory_gb']:.1f} |")
+    memory = [e for e in entries if e["kind"] == "memory" and e.get("report") is not None]
+    if memory:
+        lines += ["", "| memory, one rank | estimated step peak GiB | measured (tracker) GiB | CUDA max allocated GiB | "
+                  "estimate / measured |", "|---|---|---|---|---|"]
+    for entry in memory:
+        r = entry["report"]
+        cuda = r["cuda_max_allocated_bytes"]
+        lines.append(f"| {entry['item']} | {r['estimated_step_peak_bytes'] / 2**30:.2f} | "
+                     f"{r['measured_step_peak_bytes'] / 2**30:.2f} | {_fmt(cuda and cuda / 2**30, '.2f')} | {r['ratio']:.3f} |")
     skipped += [f"{e['item']}: {e['note']}" for e in entries if "note" in e]
     if skipped:
         lines += ["", "Skipped or cut short:"] + [f"- {line}" for line in skipped]

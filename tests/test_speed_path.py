@@ -84,7 +84,7 @@ def test_gpu_check_dry_run_writes_every_row(tmp_path):
     proc = _gpu_check("--dry-run", "--out", str(out))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = json.loads((out / "gpu_check.json").read_text())
-    assert report["dry_run"] and [item["kind"] for item in report["items"]] == ["inference", "train", "train"]
+    assert report["dry_run"] and [item["kind"] for item in report["items"]] == ["inference", "train", "train", "memory"]
     inference = report["items"][0]["report"]
     backends = [row["attention_backend"] for row in inference["results"]]
     assert backends[0] == "sdpa" and "flex" in backends
@@ -93,17 +93,20 @@ def test_gpu_check_dry_run_writes_every_row(tmp_path):
     # flash is either measured or skipped with the reason (flash-attn is not installed on a CPU machine)
     flash_skips = [s for s in inference["skipped"] if s["variant"].startswith("flash")]
     assert "flash" in backends or "flash-attn" in flash_skips[0]["reason"]
-    for item in report["items"][1:]:
+    memory = report["items"][3]
+    assert memory["returncode"] == 0 and 0.9 <= memory["report"]["ratio"] <= 1.1
+    for item in report["items"][1:3]:
         assert item["returncode"] == 0
         assert item["report"]["seconds_per_generator_step"] > 0 and item["report"]["seconds_per_critic_step"] > 0
     assert report["items"][2]["report"]["lora_rank"] == 4
     table = (out / "gpu_check.md").read_text()
     assert table.count("| tiny-t2v | 48x32, 21 |") == len(backends)
     assert "| tiny DMD, LoRA rank 4 | 4 |" in table
+    assert "| tiny memory estimate vs measured | " in table
 
 
 def test_gpu_check_refuses_bad_input(tmp_path):
-    assert_one_line_error(_gpu_check("--dry-run", "--items", "9"), "--items", "1..3")
+    assert_one_line_error(_gpu_check("--dry-run", "--items", "9"), "--items", "1..4")
     a_file = tmp_path / "file"
     a_file.write_text("x")
     assert_one_line_error(_gpu_check("--dry-run", "--out", str(a_file)), "--out", "is a file")

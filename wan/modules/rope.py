@@ -11,6 +11,8 @@ import functools
 
 import torch
 
+from utils.fake import fake_mode_active
+
 ROPE_THETA = 10000.0
 ROPE_MAX_POSITIONS = 1024  # table length of the official model (positions per axis)
 
@@ -29,9 +31,17 @@ def _axis_frequencies(positions: int, dim: int) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=8)
-def rope_tables(head_dim: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-axis frequency tables, cached per device (not a module buffer: Module.to(dtype) would cast it)."""
+def _cached_tables(head_dim: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return tuple(_axis_frequencies(ROPE_MAX_POSITIONS, dim).to(device) for dim in rope_split(head_dim))
+
+
+def rope_tables(head_dim: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-axis frequency tables, cached per device (not a module buffer: Module.to(dtype) would cast it).
+
+    Never cached from inside a fake-tensor step (the memory estimate): fake tables would outlive it."""
+    if fake_mode_active():
+        return _cached_tables.__wrapped__(head_dim, device)
+    return _cached_tables(head_dim, device)
 
 
 def rope_grid(
