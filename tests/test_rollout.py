@@ -247,3 +247,25 @@ def test_generator_gradients_equal_with_and_without_activation_checkpointing(win
     for name, grad in grads[0].items():
         error = ((grads[1][name] - grad).norm() / grad.norm().clamp_min(1e-12)).item()
         assert error < 1e-5, (name, error)
+
+
+def test_a_bf16_cache_under_mixed_precision_changes_nothing_and_halves_the_cache():
+    """train.mixed_precision: keys and values reach attention in bf16 anyway, so the rollout keeps its cache in bf16."""
+    config, geometry, model = setup("train.mixed_precision=true", "rollout.local_attn_size=3")
+    bf16 = BlockRollout.from_config(config, geometry)
+    fp32 = BlockRollout.from_config(load_config(RECIPE, ["rollout.local_attn_size=3"]), geometry)
+    assert bf16.cache_dtype == torch.bfloat16 and fp32.cache_dtype is None
+    noise, context = inputs(geometry)
+    outputs = []
+    for rollout in (bf16, fp32):
+        torch.manual_seed(3)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = rollout.run(model, noise, context, exit_steps=[1, 3]).latents
+        out.float().square().mean().backward()
+        outputs.append((out.detach(), [p.grad.clone() for p in model.parameters()]))
+        model.zero_grad(set_to_none=True)
+    (a, grads_a), (b, grads_b) = outputs
+    assert torch.equal(a, b)
+    assert all(torch.equal(x, y) for x, y in zip(grads_a, grads_b))
+    cache = KVCache.from_geometry(geometry, 1, bf16.cache_dtype, "cpu")
+    assert cache.keys.element_size() == 2

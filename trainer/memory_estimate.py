@@ -255,8 +255,9 @@ def _report(config: Config, info: DistInfo, recipe: ResolvedRecipe, models: Mode
     kv_note = ""
     if config.train.trainer == "score_distillation":
         heads = g.num_heads // sp
-        kv_bytes = 2 * g.num_layers * config.train.batch_size * g.cache_frames * g.frame_seq_length * heads * g.head_dim * 4
-        kv_note = f"; KV cache {human_bytes(kv_bytes)} (fp32, {heads} of {g.num_heads} heads)"
+        itemsize, kind = (2, "bf16") if config.train.mixed_precision else (4, "fp32")
+        kv_bytes = 2 * g.num_layers * config.train.batch_size * g.cache_frames * g.frame_seq_length * heads * g.head_dim
+        kv_note = f"; KV cache {human_bytes(kv_bytes * itemsize)} ({kind}, {heads} of {g.num_heads} heads)"
     report.rows.append(("step working memory at the peak", step_peak - persistent,
                         f"gradients (up to {human_bytes(gradients)}), activations, gathered FSDP weights" + kv_note))
     report.step_peak_bytes = step_peak
