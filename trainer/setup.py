@@ -39,15 +39,23 @@ ObjectiveFactory = Callable[[Config, Geometry], Any]
 
 
 @dataclass
-class TrainingSetup:
-    info: DistInfo
-    recipe: ResolvedRecipe
+class ModelSet:
+    """The trained and frozen networks of a run, placed, wrapped and sharded, with their optimizers and EMA."""
+
     generator: nn.Module
     real_score: Optional[nn.Module]
     critic: Optional[nn.Module]
     generator_optimizer: torch.optim.Optimizer
     critic_optimizer: Optional[torch.optim.Optimizer]
     ema: Optional[ParameterEMA]
+
+
+@dataclass
+class TrainingSetup(ModelSet):
+    """The models (ModelSet's fields) and everything else a run needs."""
+
+    info: DistInfo
+    recipe: ResolvedRecipe
     batches: BatchSource
     objective: Any
     micro_steps: int  # gradient-accumulation micro-steps per optimizer step
@@ -101,18 +109,6 @@ def _trainable(model: nn.Module, config: Config) -> nn.Module:
     if config.train.lora_rank:
         return apply_lora(model, config.train.lora_rank, config.train.lora_alpha)
     return model.requires_grad_(True)
-
-
-@dataclass
-class ModelSet:
-    """The trained and frozen networks of a run, placed, wrapped and sharded, with their optimizers and EMA."""
-
-    generator: nn.Module
-    real_score: Optional[nn.Module]
-    critic: Optional[nn.Module]
-    generator_optimizer: torch.optim.Optimizer
-    critic_optimizer: Optional[torch.optim.Optimizer]
-    ema: Optional[ParameterEMA]
 
 
 def build_models(config: Config, recipe: ResolvedRecipe, device: torch.device, mesh, sequence,
@@ -184,14 +180,9 @@ def build_training(
                           ti2v=config.video.task == "ti2v", vae=vae)
 
     return TrainingSetup(
+        **vars(models),
         info=info,
         recipe=recipe,
-        generator=models.generator,
-        real_score=models.real_score,
-        critic=models.critic,
-        generator_optimizer=models.generator_optimizer,
-        critic_optimizer=models.critic_optimizer,
-        ema=models.ema,
         batches=batches,
         objective=build_objective(config, recipe.geometry),
         micro_steps=accumulation_steps(config, info.world_size),
