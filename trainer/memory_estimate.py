@@ -224,8 +224,10 @@ def _report(config: Config, info: DistInfo, recipe: ResolvedRecipe, models: Mode
     sp = config.parallel.sp_size
     report = MemoryReport(world_size=info.world_size, nproc_per_node=info.local_world_size, sp_size=sp,
                           phase_peaks=phase_peaks)
-    sharded = info.world_size > 1
-    shard_note = f"fp32, 1/{info.world_size} per rank (FSDP2)" if sharded else "fp32, whole"
+    hybrid = config.train.sharding_strategy == "hybrid_full" and info.num_nodes > 1
+    shard_ranks = info.local_world_size if hybrid else info.world_size
+    shard_note = "fp32, whole" if info.world_size == 1 else f"fp32, 1/{shard_ranks} per rank (FSDP2" + (
+        f" within a node, replicated over {info.num_nodes} nodes)" if hybrid else ")")
     persistent = 0
 
     def add(name: str, nbytes: int, note: str, counts: bool = True) -> None:
