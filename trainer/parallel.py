@@ -67,11 +67,11 @@ def check_sp_layout(info: DistInfo, sp_size: int, sharding_strategy: str) -> Non
 
 def build_data_parallel(info: DistInfo, sp_size: int, sharding_strategy: str) -> DataParallel:
     """Consecutive ranks form a sequence group (within a node); data-parallel index = rank // sp_size."""
+    from pipeline.parallel_sampling import build_sampling_groups
+
     check_sp_layout(info, sp_size, sharding_strategy)
-    if sp_size == 1:
-        return DataParallel(info.rank, info.world_size)
-    mesh = init_device_mesh(info.device.type, (info.world_size // sp_size, sp_size), mesh_dim_names=("dp", "sp"))
-    return DataParallel(info.rank // sp_size, info.world_size // sp_size, SequenceParallel.from_group(mesh.get_group("sp")))
+    groups = build_sampling_groups(info, sp_size, cfg_parallel=False)
+    return DataParallel(groups.index, groups.count, groups.sequence)
 
 
 def attach_sequence_parallel(model: nn.Module, sequence: Optional[SequenceParallel]) -> nn.Module:
