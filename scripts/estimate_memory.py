@@ -138,15 +138,17 @@ def main(argv: list[str] | None = None) -> int:
               "rows": [{"name": n, "bytes": b, "note": note} for n, b, note in report.rows],
               "fits": report.fits(args.gpu_memory_gb, RESERVE_FRACTION), "seconds": seconds}
 
-    # Not fitting: the first single change (in order of intrusiveness) that fits, then combinations of them.
+    # Not fitting: changes in order of intrusiveness, each kept only when it lowers the peak, until one fits.
     if not args.measure and not result["fits"] and not args.no_suggest:
-        tried, applied = [], []
+        tried, applied, best = [], [], report.peak_bytes
         for label, change in candidates(config, args.nproc_per_node):
-            applied = applied + change
-            trial = estimate(load_config(args.config_path, overrides + applied), args.nnodes, args.nproc_per_node)
+            trial = estimate(load_config(args.config_path, overrides + applied + change), args.nnodes, args.nproc_per_node)
             fits = trial.fits(args.gpu_memory_gb, RESERVE_FRACTION)
-            tried.append({"change": " ".join(applied), "peak_bytes": trial.peak_bytes, "fits": fits})
-            print(f"  + {label:<60s} -> peak {trial.peak_bytes / GIB:7.2f} GiB {'fits' if fits else ''}")
+            tried.append({"change": " ".join(applied + change), "peak_bytes": trial.peak_bytes, "fits": fits})
+            verdict = "fits" if fits else ("kept" if trial.peak_bytes < best else "dropped: no lower")
+            print(f"  + {label:<60s} -> peak {trial.peak_bytes / GIB:7.2f} GiB {verdict}")
+            if trial.peak_bytes < best:
+                applied, best = applied + change, trial.peak_bytes
             if fits:
                 print(f"suggestion: add {' '.join(applied)}")
                 print(_table(trial, args.gpu_memory_gb))
