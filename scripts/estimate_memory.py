@@ -147,8 +147,9 @@ def main(argv: list[str] | None = None) -> int:
             tried.append({"change": " ".join(applied + change), "peak_bytes": trial.peak_bytes, "fits": fits})
             verdict = "fits" if fits else ("kept" if trial.peak_bytes < best else "dropped: no lower")
             print(f"  + {label:<60s} -> peak {trial.peak_bytes / GIB:7.2f} GiB {verdict}")
-            if trial.peak_bytes < best:
-                applied, best = applied + change, trial.peak_bytes
+            if trial.peak_bytes < best:  # a later value of the same key (sp_size 2 -> 4) replaces the earlier one
+                keys = {item.split("=", 1)[0] for item in change}
+                applied, best = [a for a in applied if a.split("=", 1)[0] not in keys] + change, trial.peak_bytes
             if fits:
                 print(f"suggestion: add {' '.join(applied)}")
                 print(_table(trial, args.gpu_memory_gb))
