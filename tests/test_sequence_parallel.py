@@ -8,8 +8,10 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from tests.helpers import REPO_ROOT
+from tests.train_helpers import PROMPTS, TINY, assert_ok, checkpoint_tensors, metrics, torchrun_train
 
 pytestmark = pytest.mark.distributed
 
@@ -41,10 +43,6 @@ def test_every_dit_entry_equals_the_whole_sequence(tmp_path):
 
 
 # ---- the trainer: sp_size 2 on 2 ranks trains exactly like one process (same data shard, noise and exit steps) ----
-import torch  # noqa: E402
-
-from tests.train_helpers import PROMPTS, TINY, assert_ok, checkpoint_tensors, metrics, torchrun_train  # noqa: E402
-
 DMD = os.path.join(TINY, "self_forcing_dmd.yaml")
 SID = os.path.join(TINY, "self_forcing_sid.yaml")
 STEPS = (f"train.data_path={PROMPTS}", "train.max_steps=4", "train.save_iters=2", "train.ema_start_step=1")

@@ -152,7 +152,7 @@ def fake_batch(config: Config, recipe: ResolvedRecipe, device: torch.device) -> 
     return batch
 
 
-def one_step(name: str, model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn, batch: Batch,
+def one_step(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn, batch: Batch,
              grad_clip: float, freeze: Optional[nn.Module], autocast) -> None:
     """The loop's optimizer step for one micro-batch: loss, backward, clipping, AdamW (no logging)."""
     optimizer.zero_grad(set_to_none=True)
@@ -203,12 +203,12 @@ def measure_step(config: Config, info: DistInfo, *, fake: bool) -> MemoryReport:
         phase_peaks: dict[str, int] = {}
         grad_clip = config.optim.grad_clip
         with tracker:
-            one_step("generator", models.generator, models.generator_optimizer,
+            one_step(models.generator, models.generator_optimizer,
                      lambda b: objective.generator_loss(nets, b), batch, grad_clip, models.critic, autocast)
             phase_peaks["generator step"] = _peak_total(tracker)
             if models.critic is not None:
                 tracker.reset_peak()
-                one_step("critic", models.critic, models.critic_optimizer,
+                one_step(models.critic, models.critic_optimizer,
                          lambda b: objective.critic_loss(nets, b), batch, grad_clip, None, autocast)
                 phase_peaks["critic step"] = _peak_total(tracker)
 
