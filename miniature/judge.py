@@ -22,6 +22,7 @@ from miniature.world import (
     Caption,
     WorldSpec,
     all_captions,
+    periodic_offset,
 )
 
 PALETTE = {**SHAPE_COLOURS, **BACKGROUND_COLOURS}
@@ -44,6 +45,31 @@ def _ramp(value: torch.Tensor | float, full: float, zero: float) -> float:
 def _colour_distance(pixels: torch.Tensor, colour: Sequence[float] | torch.Tensor) -> torch.Tensor:
     """Euclidean RGB distance of pixels [..., 3] from one colour."""
     return (pixels - torch.as_tensor(colour, dtype=pixels.dtype)).norm(dim=-1)
+
+
+def _centroid_track(weight: torch.Tensor, xs: torch.Tensor, ys: torch.Tensor, wrap: bool) -> torch.Tensor:
+    """The weighted centroid (x, y) of every frame [T, 2] of weights [T, H, W].
+
+    On a wrapping canvas each axis is a circle and the centroid is the circular mean (exact for a symmetric shape
+    cut by the border), in [0, size).
+    """
+    if not wrap:
+        area = weight.sum(dim=(1, 2)).clamp_min(1e-6)
+        return torch.stack([(weight * xs).sum(dim=(1, 2)) / area, (weight * ys).sum(dim=(1, 2)) / area], dim=-1)
+    axes = []
+    for coords, size in ((xs, xs.shape[-1]), (ys, ys.shape[-2])):
+        angle = coords * (2 * math.pi / size)
+        mean = torch.atan2((weight * angle.sin()).sum(dim=(1, 2)), (weight * angle.cos()).sum(dim=(1, 2)))
+        axes.append(torch.remainder(mean * (size / (2 * math.pi)), size))
+    return torch.stack(axes, dim=-1)
+
+
+def _unwrap(track: torch.Tensor, width: int, height: int) -> torch.Tensor:
+    """A track [N, 2] on a wrapping canvas made continuous (each step the shorter way round the torus), so a
+    shape crossing the border moves on instead of jumping back."""
+    steps = torch.stack([periodic_offset(track[1:, 0] - track[:-1, 0], width),
+                         periodic_offset(track[1:, 1] - track[:-1, 1], height)], dim=-1)
+    return torch.cat([track[:1], track[:1] + steps.cumsum(0)])
 
 
 def _expected_area(caption: Caption, spec: WorldSpec) -> float:
@@ -84,14 +110,13 @@ def score_clip(video: torch.Tensor, caption: Caption, spec: WorldSpec = DEFAULT_
     frame_area = weight.sum(dim=(1, 2))
     ys = torch.arange(height, dtype=torch.float32).view(1, -1, 1) + 0.5
     xs = torch.arange(width, dtype=torch.float32).view(1, 1, -1) + 0.5
-    safe_area = frame_area.clamp_min(1e-6)
-    track = torch.stack([(weight * xs).sum(dim=(1, 2)) / safe_area, (weight * ys).sum(dim=(1, 2)) / safe_area], dim=-1)
+    track = _centroid_track(weight, xs, ys, spec.wrap)  # [T, 2]: x, y
     visible = frame_area >= MIN_AREA_FRACTION * area
     if int(visible.sum()) < max(2, num_frames // 2):
         return {"background": background, "shape_colour": shape_colour, "direction": 0.0, "steadiness": 0.0, "total": 0.0}
     times = torch.arange(num_frames, dtype=torch.float32)[visible]
     centred_times = times - times.mean()
-    visible_track = track[visible]
+    visible_track = _unwrap(track[visible], width, height) if spec.wrap else track[visible]
     velocity = (centred_times[:, None] * (visible_track - visible_track.mean(dim=0))).sum(0) / centred_times.pow(2).sum()
     unit = torch.tensor(DIRECTIONS[caption.direction])
     along = float(velocity @ unit)
@@ -108,7 +133,10 @@ def score_clip(video: torch.Tensor, caption: Caption, spec: WorldSpec = DEFAULT_
     steps = visible_track[1:] - visible_track[:-1]
     gaps = (times[1:] - times[:-1]).unsqueeze(-1)
     jitter = float((steps - velocity * gaps).norm(dim=-1).div(gaps.squeeze(-1)).mean())
-    distance_to_shape = ((xs - track[:, 0].view(-1, 1, 1)) ** 2 + (ys - track[:, 1].view(-1, 1, 1)) ** 2).sqrt()
+    offset_x, offset_y = xs - track[:, 0].view(-1, 1, 1), ys - track[:, 1].view(-1, 1, 1)
+    if spec.wrap:
+        offset_x, offset_y = periodic_offset(offset_x, width), periodic_offset(offset_y, height)
+    distance_to_shape = (offset_x**2 + offset_y**2).sqrt()
     far_from_shape = distance_to_shape > spec.shape_size / 2 + 4.0  # beyond the shape and one VAE block
     far_from_shape &= visible.view(-1, 1, 1)
     clean = ((off_background[far_from_shape] - 0.3) / 0.7).clamp(0, 1)

@@ -3,6 +3,13 @@
 A clip is fully described by its `Caption` (shape, colour, direction, speed, background) and a seed
 that only picks the start position. Colours are corners of the RGB cube, so any two are at least
 2.0 apart in [-1, 1] space and a judge can tell them apart after blur, blocking or noise.
+
+Two worlds share the captions (`WORLDS`). "bounded" (the default, the world of the shipped teacher): the
+start position keeps the shape inside the canvas for exactly the clip's frames; past them it would leave
+the canvas, so a longer video has no true trajectory. "wrap": the canvas is a torus (a shape leaving one
+side comes back in at the opposite one), so a trajectory goes on for any number of frames and every
+stretch of a clip looks like a clip of the training length: a video four times the training length can
+be judged segment by segment (`checkpoints/miniature/teacher_wrap` was trained on it).
 """
 from __future__ import annotations
 
@@ -58,6 +65,9 @@ class WorldSpec:
     slow_speed: float = 0.3  # pixels per pixel frame
     fast_speed: float = 0.6
     supersample: int = 4  # sub-pixel samples per axis for anti-aliased edges
+    # Toroidal canvas: positions are taken modulo the canvas, start positions are uniform over it. False: the
+    # shape stays inside the canvas for exactly `num_frames` frames.
+    wrap: bool = False
 
     @property
     def num_frames(self) -> int:
@@ -68,6 +78,13 @@ class WorldSpec:
 
 
 DEFAULT_WORLD = WorldSpec()
+WORLDS = {"bounded": DEFAULT_WORLD, "wrap": WorldSpec(wrap=True)}
+
+
+def world_named(name: str) -> WorldSpec:
+    if name not in WORLDS:
+        raise UserError(f"miniature world '{name}' does not exist: expected one of {', '.join(WORLDS)}")
+    return WORLDS[name]
 
 
 @dataclass(frozen=True)
@@ -141,8 +158,11 @@ def vocabulary() -> list[str]:
 
 
 def start_position(caption: Caption, seed: int, spec: WorldSpec = DEFAULT_WORLD) -> tuple[float, float]:
-    """A seeded start centre (x, y) from which the whole trajectory keeps the shape inside the canvas."""
+    """A seeded start centre (x, y): anywhere on a wrapping canvas, else where the trajectory stays inside."""
     generator = torch.Generator().manual_seed(seed)
+    if spec.wrap:
+        return (spec.width * torch.rand((), generator=generator).item(),
+                spec.height * torch.rand((), generator=generator).item())
     travel = spec.speed(caption.speed) * (spec.num_frames - 1)
     dx, dy = DIRECTIONS[caption.direction]
     margin = spec.shape_size / 2 + 1.0  # one pixel of background between the shape and the border
@@ -161,12 +181,17 @@ def start_position(caption: Caption, seed: int, spec: WorldSpec = DEFAULT_WORLD)
     return centre[0], centre[1]
 
 
-def render(caption: Caption, seed: int, spec: WorldSpec = DEFAULT_WORLD) -> torch.Tensor:
-    """The clip [T, 3, H, W] in [-1, 1] for a caption; deterministic in (caption, seed)."""
+def render(caption: Caption, seed: int, spec: WorldSpec = DEFAULT_WORLD, num_frames: int | None = None) -> torch.Tensor:
+    """The clip [T, 3, H, W] in [-1, 1] for a caption; deterministic in (caption, seed).
+
+    num_frames: the clip's length (default: the world's); longer clips continue the same trajectory, which on a
+    canvas that does not wrap leaves the canvas after `spec.num_frames` frames.
+    """
     x0, y0 = start_position(caption, seed, spec)
     dx, dy = DIRECTIONS[caption.direction]
     speed = spec.speed(caption.speed)
-    times = torch.arange(spec.num_frames, dtype=torch.float64)
+    num_frames = num_frames or spec.num_frames
+    times = torch.arange(num_frames, dtype=torch.float64)
     centre_x = (x0 + dx * speed * times).view(-1, 1, 1)
     centre_y = (y0 + dy * speed * times).view(-1, 1, 1)
 
@@ -176,16 +201,25 @@ def render(caption: Caption, seed: int, spec: WorldSpec = DEFAULT_WORLD) -> torc
     xs = (torch.arange(spec.width * s, dtype=torch.float64) + 0.5) / s
     grid_y, grid_x = ys.view(1, -1, 1), xs.view(1, 1, -1)
     half = spec.shape_size / 2
+    offset_x, offset_y = grid_x - centre_x, grid_y - centre_y
+    if spec.wrap:  # the nearest copy of the centre on the torus
+        offset_x = periodic_offset(offset_x, spec.width)
+        offset_y = periodic_offset(offset_y, spec.height)
     if caption.shape == "circle":
-        inside = (grid_x - centre_x) ** 2 + (grid_y - centre_y) ** 2 <= half**2
+        inside = offset_x**2 + offset_y**2 <= half**2
     else:
-        inside = ((grid_x - centre_x).abs() <= half) & ((grid_y - centre_y).abs() <= half)
-    coverage = inside.to(torch.float32).view(spec.num_frames, spec.height, s, spec.width, s).mean(dim=(2, 4))
+        inside = (offset_x.abs() <= half) & (offset_y.abs() <= half)
+    coverage = inside.to(torch.float32).view(num_frames, spec.height, s, spec.width, s).mean(dim=(2, 4))
 
     shape_rgb = torch.tensor(SHAPE_COLOURS[caption.colour]).view(1, 3, 1, 1)
     background_rgb = torch.tensor(BACKGROUND_COLOURS[caption.background]).view(1, 3, 1, 1)
     coverage = coverage.unsqueeze(1)
     return coverage * shape_rgb + (1 - coverage) * background_rgb
+
+
+def periodic_offset(offset: torch.Tensor, size: float) -> torch.Tensor:
+    """Offsets along a wrapping axis of length `size`, brought into [-size / 2, size / 2)."""
+    return torch.remainder(offset + size / 2, size) - size / 2
 
 
 def render_caption_text(text: str, seed: int, spec: WorldSpec = DEFAULT_WORLD) -> torch.Tensor:

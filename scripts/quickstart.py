@@ -1,6 +1,6 @@
 """`make quickstart`: the whole Self-Forcing distillation on the miniature world, on a CPU, with a verdict.
 
-    python scripts/quickstart.py [--out outputs/quickstart] [--fresh] [--loss dmd|sid] [--short]
+    python scripts/quickstart.py [--out outputs/quickstart] [--fresh] [--loss dmd|sid] [--world bounded|wrap] [--short]
 
 The chain runs the real entry points: generate_ode_pairs.py (the shipped miniature teacher, many steps with
 CFG) -> create_lmdb.py -> train.py (ODE init) -> train.py (DMD or SiD on self-forcing rollouts) ->
@@ -26,9 +26,10 @@ sys.path.insert(0, str(REPO_ROOT))
 from utils.errors import UserError, run_main  # noqa: E402
 from utils.io import atomic_write_json, atomic_write_text  # noqa: E402
 
-LONG_VIDEO_PROMPTS = 6  # prompts rolled out to 4x the training length (the judge's first ones)
 RECIPES = {"ode": "configs/miniature/ode.yaml", "dmd": "configs/miniature/dmd.yaml", "sid": "configs/miniature/sid.yaml",
            "causal_teacher": "configs/miniature/causal_teacher.yaml", "ode_causal": "configs/miniature/ode_causal.yaml"}
+# The shipped teacher of each miniature world (None: the recipes' own, checkpoints/miniature/teacher).
+WORLD_TEACHERS = {"bounded": None, "wrap": REPO_ROOT / "checkpoints" / "miniature" / "teacher_wrap"}
 # --short: a shortened run for the end-to-end test (same chain, fewer prompts and steps; no quality bar).
 SHORT = {
     "num_prompts": 8,
@@ -99,7 +100,7 @@ def generate_clips(out: Path, name: str, recipe: str, checkpoint: Path, prompts:
 
 
 def judge_student(out: Path, name: str, recipe: str, checkpoint: Path, prompts: list[tuple[str, int]], overrides: list[str],
-                  fresh: bool, vae) -> tuple[dict, list]:
+                  fresh: bool, vae, world) -> tuple[dict, list]:
     """Generate the evaluation clips with inference.py and judge them."""
     from miniature.report import summarise
 
@@ -110,12 +111,12 @@ def judge_student(out: Path, name: str, recipe: str, checkpoint: Path, prompts: 
     calls = [r["nfe"] for r in records]
     seconds = [r["timings"]["denoise_s"] + r["timings"]["vae_decode_s"] for r in records]
     summary = summarise(name, videos, [p for p, _ in prompts], nfe, seconds, calls, geometry["block_sizes"],
-                        geometry["vae_stride"][0])
+                        geometry["vae_stride"][0], world)
     return summary, videos
 
 
 def judge_long_video(out: Path, name: str, recipe: str, checkpoint: Path, prompts: list[tuple[str, int]],
-                     overrides: list[str], fresh: bool, vae, geometry) -> dict:
+                     overrides: list[str], fresh: bool, vae, geometry, world) -> dict:
     """The student rolled out to LONG_VIDEO_FACTOR x its training length (rolling cache), judged per segment."""
     from miniature.report import LONG_VIDEO_FACTOR, long_video_summary
     from utils.geometry import pixel_frames_for
@@ -123,7 +124,7 @@ def judge_long_video(out: Path, name: str, recipe: str, checkpoint: Path, prompt
     frames = pixel_frames_for(LONG_VIDEO_FACTOR * geometry.num_latent_frames, geometry.vae_stride[0])
     _, videos = generate_clips(out, f"{name}_long", recipe, checkpoint, prompts,
                                [*overrides, "--num_output_frames", str(frames)], fresh, vae)
-    return long_video_summary(name, videos, [p for p, _ in prompts], geometry.num_pixel_frames)
+    return long_video_summary(name, videos, [p for p, _ in prompts], geometry.num_pixel_frames, world)
 
 
 @run_main
@@ -137,19 +138,28 @@ def main(argv: list[str] | None = None) -> int:
                              "makes the ODE pairs block by block (default out: outputs/quickstart_causal)")
     parser.add_argument("--short", action="store_true", help="a shortened run (tests): fewer prompts and steps")
     parser.add_argument("--strict", action="store_true", help="exit with status 1 when a check of the report fails")
+    parser.add_argument("--world", choices=tuple(WORLD_TEACHERS), default="bounded",
+                        help="wrap: the world whose canvas wraps, where videos past the training length are judged in "
+                             "full, with its teacher checkpoints/miniature/teacher_wrap (default out: outputs/quickstart_wrap)")
     parser.add_argument("--teacher", type=Path, default=None,
-                        help="teacher folder (config.json + weights) instead of the shipped checkpoints/miniature/teacher")
+                        help="teacher folder (config.json + weights) instead of the world's shipped teacher")
     args = parser.parse_args(argv)
 
     import torch
 
     from miniature.judge import eval_prompts
     from miniature.report import sample_teacher_videos, write_report
-    from miniature.world import all_captions
-    from utils.config import load_config
+    from miniature.world import all_captions, world_named
+    from utils.config import EVALUATION_JUDGES, load_config
 
-    default_out = "outputs/quickstart" if args.ode_teacher == "bidirectional" else "outputs/quickstart_causal"
+    world = world_named(args.world)
+    default_out = "outputs/quickstart" + ("_wrap" if args.world == "wrap" else "") + (
+        "_causal" if args.ode_teacher == "causal" else "")
     out = (args.out or REPO_ROOT / default_out).resolve()
+    teacher = args.teacher or WORLD_TEACHERS[args.world]
+    if teacher is not None and not (teacher / "config.json").is_file():
+        raise UserError(f"teacher folder {teacher} has no config.json: expected a miniature teacher "
+                        "(scripts/train_miniature_teacher.py writes one)")
     if args.fresh and out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -165,13 +175,14 @@ def main(argv: list[str] | None = None) -> int:
     atomic_write_text(out / "train_prompts.txt", "\n".join(captions) + "\n")
     atomic_write_text(out / "eval_prompts.txt", "\n".join(p for p, _ in prompts) + "\n")
     num_prompts = short["num_prompts"] if short else len(captions)
-    teacher_over = ([f"real_score.checkpoint={args.teacher.resolve()}", f"generator.checkpoint={args.teacher.resolve()}"]
-                    if args.teacher else [])
+    teacher_over = ([f"real_score.checkpoint={teacher.resolve()}", f"generator.checkpoint={teacher.resolve()}"]
+                    if teacher else [])
+    judge_name = {world_name: judge for judge, world_name in EVALUATION_JUDGES.items()}[args.world]
     ode_over = [f"train.data_path={out / 'ode_pairs.lmdb'}", *teacher_over, *(short["ode"] if short else [])]
     loss_recipe = RECIPES[args.loss]
     init_export = out / "ode_init" / "latest"
     distill_over = [*teacher_over, f"train.data_path={out / 'train_prompts.txt'}",
-                    f"evaluation.prompts={out / 'eval_prompts.txt'}",
+                    f"evaluation.prompts={out / 'eval_prompts.txt'}", f"evaluation.judge={judge_name}",
                     f"generator.checkpoint={init_export / 'generator.safetensors'}", *(short["distill"] if short else [])]
 
     # 2. ODE pairs from the teacher, packed into one LMDB.
@@ -213,19 +224,22 @@ def main(argv: list[str] | None = None) -> int:
     resolved = resolve_recipe(teacher_config, need_scores=True)
     student_geometry = resolved.geometry  # the teacher's clip is judged at the student's block boundaries
     results = {"teacher": summarise("teacher", videos, [p for p, _ in prompts], nfe, seconds, forward_calls=nfe,
-                                    blocks=student_geometry.block_sizes, stride=student_geometry.vae_stride[0])}
+                                    blocks=student_geometry.block_sizes, stride=student_geometry.vae_stride[0],
+                                    world=world)}
     vae = build_vae(resolved.vae)
     results["ode_init"], init_videos = judge_student(out, "ode_init", RECIPES["ode"], init_export, prompts, teacher_over,
-                                                     args.fresh, vae)
+                                                     args.fresh, vae, world)
     # the distilled student as deployed: its EMA weights; the raw weights beside them, for comparison
     distilled_over = [*teacher_over, f"generator.checkpoint={init_export / 'generator.safetensors'}"]
     results[args.loss], distilled_videos = judge_student(
-        out, args.loss, loss_recipe, out / args.loss / "latest", prompts, [*distilled_over, "--use_ema"], args.fresh, vae)
+        out, args.loss, loss_recipe, out / args.loss / "latest", prompts, [*distilled_over, "--use_ema"], args.fresh, vae,
+        world)
     results[f"{args.loss}_no_ema"], _ = judge_student(
-        out, f"{args.loss}_no_ema", loss_recipe, out / args.loss / "latest", prompts, distilled_over, args.fresh, vae)
-    long_prompts = prompts[: LONG_VIDEO_PROMPTS]
-    results["long_video"] = judge_long_video(out, args.loss, loss_recipe, out / args.loss / "latest", long_prompts,
-                                             [*distilled_over, "--use_ema"], args.fresh, vae, student_geometry)
+        out, f"{args.loss}_no_ema", loss_recipe, out / args.loss / "latest", prompts, distilled_over, args.fresh, vae,
+        world)
+    # every evaluation prompt again at 4x the length: per-segment adherence over 12 clips moves in steps of 1/12
+    results["long_video"] = judge_long_video(out, args.loss, loss_recipe, out / args.loss / "latest", prompts,
+                                             [*distilled_over, "--use_ema"], args.fresh, vae, student_geometry, world)
 
     # 6. Pictures and the report.
     from miniature.pictures import frame_strips, training_curves
@@ -233,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     training_curves(out / "training_curves.png", {"ode_init": out / "ode_init", args.loss: out / args.loss})
     frame_strips(out / "frames.png", {"teacher": videos[0], "ode_init": init_videos[0], args.loss: distilled_videos[0]},
                  title=prompts[0][0])
-    settings = {"loss": args.loss, "ode_teacher": args.ode_teacher, "short": args.short,
+    settings = {"loss": args.loss, "ode_teacher": args.ode_teacher, "world": args.world, "short": args.short,
                 "num_train_prompts": num_prompts, "num_eval": len(prompts),
                 "seconds_total": time.perf_counter() - start}
     name = "report" if args.loss == "dmd" else f"report_{args.loss}"  # a SiD run keeps the DMD report

@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from miniature.judge import eval_prompts, score_clip  # noqa: E402
 from miniature.vae import MiniatureVAE  # noqa: E402
-from miniature.world import DEFAULT_WORLD, all_captions, parse_caption, render  # noqa: E402
+from miniature.world import DEFAULT_WORLD, WORLDS, WorldSpec, all_captions, parse_caption, render, world_named  # noqa: E402
 from pipeline.teacher_sampling import sample_teacher  # noqa: E402
 from utils.config import SamplingConfig, load_config  # noqa: E402
 from utils.errors import UserError, run_main  # noqa: E402
@@ -60,6 +60,8 @@ TRAIN_SEED_OFFSET = 1_000_000
 # Checkpoints are selected on the evaluation captions with other noise (seeds 2000 + i and 3000 + i), so
 # the adherence the quickstart reports (seeds 1000 + i) is measured on clips the selection never saw.
 VALIDATION_FIRST_SEEDS = (2000, 3000)
+# The teacher's folder under --out, per world (the quickstart's --world reads the same names).
+TEACHER_FOLDERS = {"bounded": "teacher", "wrap": "teacher_wrap"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -82,6 +84,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-eval", action="store_true", help="no evaluation: export the last EMA teacher")
     parser.add_argument("--eval-only", action="store_true", help="evaluate the teacher already in --out, no training")
     parser.add_argument("--init", type=Path, default=None, help="start from this teacher folder (config.json + weights)")
+    parser.add_argument("--world", choices=tuple(WORLDS), default="bounded",
+                        help="the miniature world of the clips and the judge; the teacher goes to <out>/teacher "
+                             "(bounded) or <out>/teacher_wrap (wrap)")
     args = parser.parse_args(argv)
     if min(args.steps, args.batch_size, args.eval_every, args.threads, args.stop_at or 1) < 1:
         raise UserError("--steps, --batch-size, --eval-every, --threads and --stop-at must be at least 1")
@@ -118,12 +123,13 @@ def learning_rate(step: int, args: argparse.Namespace) -> float:
     return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def world_batch(vae: MiniatureVAE, batch_size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def world_batch(vae: MiniatureVAE, batch_size: int, generator: torch.Generator,
+                world: WorldSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """Fresh world clips as normalised latents [B, F, C, h, w] and their caption indices [B]."""
     captions = all_captions()
     indices = torch.randint(len(captions), (batch_size,), generator=generator)
     seeds = torch.randint(TRAIN_SEED_OFFSET, 2**31 - 1, (batch_size,), generator=generator)
-    clips = torch.stack([render(captions[i], int(s)) for i, s in zip(indices.tolist(), seeds.tolist())])
+    clips = torch.stack([render(captions[i], int(s), world) for i, s in zip(indices.tolist(), seeds.tolist())])
     return vae.encode_to_latent(clips.permute(0, 2, 1, 3, 4)), indices
 
 
@@ -158,7 +164,7 @@ def train(args: argparse.Namespace, model: WanModel, vae: MiniatureVAE, contexts
     progress = tqdm(range(last_step), desc="teacher", dynamic_ncols=True, mininterval=10)
     for step in progress:
         # 1. Data: clean latents, their prompts with caption dropout, noise and sigma.
-        x0, caption_index = world_batch(vae, args.batch_size, generator)
+        x0, caption_index = world_batch(vae, args.batch_size, generator, world_named(args.world))
         context = contexts[caption_index]
         dropped = torch.rand(args.batch_size, generator=generator) < args.caption_dropout
         context = torch.where(dropped.view(-1, 1, 1), empty.expand_as(context), context)
@@ -184,7 +190,7 @@ def train(args: argparse.Namespace, model: WanModel, vae: MiniatureVAE, contexts
             print(json.dumps({"step": step + 1, "loss": round(loss.item(), 4), **summarise(reports)}), flush=True)
             if score > best_score:
                 best, best_score = copy.deepcopy(ema), score
-                save_teacher(best, args.out / "teacher")
+                save_teacher(best, args.out / TEACHER_FOLDERS[args.world])
             if score >= args.target:
                 break
     return best if judge is not None else ema
@@ -194,14 +200,14 @@ class RecipeJudge:
     """Samples the validation set (the judge's captions, other seeds) with the recipe's `teacher:` and `ode:`
     settings and scores it."""
 
-    def __init__(self, vae: MiniatureVAE, encoder: WanTextEncoder, recipe: Path = RECIPE) -> None:
+    def __init__(self, vae: MiniatureVAE, encoder: WanTextEncoder, world: WorldSpec, recipe: Path = RECIPE) -> None:
         config = load_config(str(recipe))
         self.settings: dict[str, SamplingConfig] = {"teacher": config.teacher, "ode": config.ode}
         if config.flow.num_train_timesteps != NUM_TRAIN_TIMESTEPS:
             raise UserError(
                 f"{recipe}: flow.num_train_timesteps {config.flow.num_train_timesteps}, expected {NUM_TRAIN_TIMESTEPS}"
             )
-        self.vae = vae
+        self.vae, self.world = vae, world
         prompts = [prompt for first_seed in VALIDATION_FIRST_SEEDS for prompt in eval_prompts(first_seed)]
         self.captions = [parse_caption(text) for text, _ in prompts]
         self.cond = encoder.encode([text for text, _ in prompts])
@@ -220,7 +226,7 @@ class RecipeJudge:
             sample = sample_teacher(model, self.noise, self.cond, self.uncond, sampling,
                                     num_train_timesteps=NUM_TRAIN_TIMESTEPS)
             videos = self.vae.decode_to_pixel(sample.latent)
-            scores = [score_clip(video, caption) for video, caption in zip(videos, self.captions)]
+            scores = [score_clip(video, caption, self.world) for video, caption in zip(videos, self.captions)]
             summary = {key: sum(s[key] for s in scores) / len(scores) for key in scores[0]}
             reports[name] = {"adherence": summary["total"], "mean_scores": summary, "nfe": sample.nfe, "per_clip": scores}
         model.train(was_training)
@@ -249,8 +255,8 @@ def main(argv: list[str] | None = None) -> None:
     # The text encoder is frozen: every caption's embedding is computed once.
     contexts = encoder.encode([c.text for c in all_captions()])
     empty = encoder.encode([""])
-    teacher_dir = args.out / "teacher"
-    judge = None if args.no_eval else RecipeJudge(vae, encoder)
+    teacher_dir = args.out / TEACHER_FOLDERS[args.world]
+    judge = None if args.no_eval else RecipeJudge(vae, encoder, world_named(args.world))
     if args.eval_only:
         teacher = WanModel.from_pretrained(str(teacher_dir))
     else:

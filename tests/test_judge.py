@@ -5,7 +5,16 @@ import pytest
 import torch
 
 from miniature.judge import adherence, eval_prompts, score_clip
-from miniature.world import BACKGROUND_COLOURS, DIRECTIONS, SHAPE_COLOURS, SHAPES, SPEED_ADVERBS, parse_caption, render
+from miniature.world import (
+    BACKGROUND_COLOURS,
+    DIRECTIONS,
+    SHAPE_COLOURS,
+    SHAPES,
+    SPEED_ADVERBS,
+    WORLDS,
+    parse_caption,
+    render,
+)
 
 KEYS = {"background", "shape_colour", "direction", "steadiness", "total"}
 
@@ -110,3 +119,37 @@ def test_bad_inputs_are_refused():
         score_clip(torch.zeros(3, 32, 32), caption)
     with pytest.raises(ValueError):
         adherence([torch.zeros(33, 3, 32, 32)], [caption, caption])
+
+
+def test_every_segment_of_a_long_clip_on_the_wrapping_canvas_scores_like_a_clip():
+    """4x the clip length: the shape crosses the border again and again; each 33-frame segment is judged as a
+    clip, with the track unwrapped around the torus (no jump back at the border)."""
+    spec = WORLDS["wrap"]
+    length = spec.num_frames
+    for (text, seed) in eval_prompts()[:6]:
+        caption = parse_caption(text)
+        clip = render(caption, seed, spec, num_frames=4 * length)
+        for start in range(0, 4 * length, length):
+            scores = score_clip(clip[start:start + length], caption, spec)
+            assert scores["total"] >= 0.95, (text, start, scores)
+        # the bounded world's judge sees the same segments jump back at the border
+        assert min(score_clip(clip[s:s + length], caption)["total"] for s in range(0, 4 * length, length)) < 0.5
+
+
+def test_a_shape_that_stops_at_the_border_or_jumps_back_fails_on_the_wrapping_canvas():
+    spec = WORLDS["wrap"]
+    caption = parse_caption("a green circle moving right quickly on a black background")
+    clip = render(caption, 4, spec, num_frames=2 * spec.num_frames)[spec.num_frames:]
+    stopped = clip[:1].expand_as(clip)
+    assert score_clip(stopped, caption, spec)["direction"] < 0.1
+    jumping = clip.clone()
+    jumping[16:] = clip[:17]  # back to where it was in the middle of the clip
+    assert score_clip(jumping, caption, spec)["steadiness"] < 0.5  # one jump of 9.6 pixels in 32 steps
+
+
+def test_clips_that_never_touch_the_border_score_the_same_in_both_worlds():
+    captions = [parse_caption(text) for text, _ in eval_prompts()]
+    clips = [render(c, seed) for c, (_, seed) in zip(captions, eval_prompts())]  # bounded: never at the border
+    for clip, caption in zip(clips, captions):
+        bounded, wrapping = score_clip(clip, caption), score_clip(clip, caption, WORLDS["wrap"])
+        assert all(abs(bounded[k] - wrapping[k]) < 1e-4 for k in KEYS), (caption.text, bounded, wrapping)

@@ -8,11 +8,13 @@ from miniature.world import (
     BACKGROUND_COLOURS,
     DEFAULT_WORLD,
     SHAPE_COLOURS,
+    WORLDS,
     Caption,
     all_captions,
     parse_caption,
     render,
     vocabulary,
+    world_named,
 )
 from utils.errors import UserError
 
@@ -61,14 +63,20 @@ def test_render_is_deterministic_in_the_seed():
     assert not torch.equal(render(caption, 7), render(caption, 8))
 
 
+def _coverage(clip, caption):
+    """Coverage of each pixel by the shape [T, H, W], recovered from the blend of the two colours."""
+    background = torch.tensor(BACKGROUND_COLOURS[caption.background]).view(1, 3, 1, 1)
+    shape = torch.tensor(SHAPE_COLOURS[caption.colour]).view(1, 3, 1, 1)
+    return ((clip - background) * (shape - background)).sum(1) / (shape - background).pow(2).sum()
+
+
 @pytest.mark.parametrize("seed", range(4))
-def test_shape_stays_whole_and_moves_the_right_way(seed):
+def test_shape_in_the_bounded_world_stays_whole_and_moves_the_right_way(seed):
+    spec = DEFAULT_WORLD
+    assert not spec.wrap and WORLDS["bounded"] is spec
     for caption in all_captions()[seed::16]:
-        clip = render(caption, seed)
-        background = torch.tensor(BACKGROUND_COLOURS[caption.background]).view(1, 3, 1, 1)
-        shape = torch.tensor(SHAPE_COLOURS[caption.colour]).view(1, 3, 1, 1)
-        # Coverage of each pixel by the shape, recovered from the blend of the two colours.
-        coverage = ((clip - background) * (shape - background)).sum(1) / (shape - background).pow(2).sum()
+        clip = render(caption, seed, spec)
+        coverage = _coverage(clip, caption)
         area = coverage.sum(dim=(1, 2))
         assert float(area.max() - area.min()) < 0.02 * float(area.mean())  # never clipped by the border
         border = torch.cat([coverage[:, 0], coverage[:, -1], coverage[:, :, 0], coverage[:, :, -1]], dim=1)
@@ -78,10 +86,39 @@ def test_shape_stays_whole_and_moves_the_right_way(seed):
         cx = (coverage.sum(1) * xs).sum(-1) / area
         cy = (coverage.sum(2) * ys).sum(-1) / area
         step = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}[caption.direction]
-        speed = DEFAULT_WORLD.speed(caption.speed)
+        speed = spec.speed(caption.speed)
         travel = torch.stack([cx[-1] - cx[0], cy[-1] - cy[0]])
         expected = torch.tensor(step, dtype=torch.float32) * speed * (clip.shape[0] - 1)
         assert torch.allclose(travel, expected, atol=0.25)  # 4x4 supersampling quantises sub-pixel coverage
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_on_the_wrapping_canvas_the_shape_is_the_first_frame_rolled_along_its_direction(seed):
+    """Far past the clip length (4x and beyond) every frame is the first frame rolled around the torus by the
+    distance travelled: whole, the same size, crossing the border instead of leaving the canvas."""
+    spec = world_named("wrap")
+    for caption in all_captions()[seed::16]:
+        speed = spec.speed(caption.speed)
+        every = 10 if caption.speed == "slow" else 5  # frames after which the distance is 3 whole pixels
+        clip = render(caption, seed, spec, num_frames=4 * spec.num_frames)
+        assert torch.equal(clip[: spec.num_frames], render(caption, seed, spec))  # the same trajectory
+        coverage = _coverage(clip, caption)
+        area = coverage.sum(dim=(1, 2))
+        assert float(area.max() - area.min()) < 0.02 * float(area.mean())
+        dx, dy = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}[caption.direction]
+        crossed = False
+        for t in range(every, clip.shape[0], every):
+            pixels = round(speed * t)
+            rolled = torch.roll(clip[0], shifts=(dy * pixels, dx * pixels), dims=(1, 2))
+            assert float((clip[t] - rolled).abs().mean()) < 1e-3, (caption.text, t)
+            border = torch.cat([coverage[t, 0], coverage[t, -1], coverage[t, :, 0], coverage[t, :, -1]])
+            crossed |= float(border.max()) > 0.5
+        assert crossed  # the trajectory goes over the border at least once
+
+
+def test_an_unknown_world_is_a_user_error():
+    with pytest.raises(UserError, match="bounded, wrap"):
+        world_named("sphere")
 
 
 def test_vocabulary_covers_every_caption_word():

@@ -61,3 +61,50 @@ def test_short_quickstart_runs_the_chain_and_reuses_stages(tmp_path, random_teac
     second = run_script(args, timeout=900)
     assert second.returncode == 0, second.stderr[-3000:]
     assert all(f"{stage}: done earlier, reused" in second.stdout for stage in STAGES)
+
+
+def _long_clips(world, frozen_after=None):
+    from miniature.judge import eval_prompts
+    from miniature.world import parse_caption, render
+
+    prompts = eval_prompts()[:4]
+    clips = []
+    for text, seed in prompts:
+        clip = render(parse_caption(text), seed, world, num_frames=4 * world.num_frames + 9)  # 141 frames
+        if frozen_after is not None:
+            clip[frozen_after:] = clip[frozen_after - 1]  # the shape stops
+        clips.append(clip)
+    return [p for p, _ in prompts], clips
+
+
+def test_long_video_goal_is_adherence_in_the_wrapping_world_and_appearance_in_the_bounded_one(tmp_path):
+    from miniature.report import long_video_summary, summarise, write_report
+    from miniature.world import WORLDS
+
+    wrap = WORLDS["wrap"]
+    captions, clips = _long_clips(wrap)
+    moving = long_video_summary("dmd", clips, captions, wrap.num_frames, wrap)
+    assert moving["world"] == "wrap" and len(moving["segments"]) == 4
+    assert moving["adherence_ratio"] > 0.95 and min(s["adherence"] for s in moving["segments"]) > 0.95
+    _, stopped_clips = _long_clips(wrap, frozen_after=wrap.num_frames)
+    stopped = long_video_summary("dmd", stopped_clips, captions, wrap.num_frames, wrap)
+    assert stopped["adherence_ratio"] < 0.1 and stopped["appearance_ratio"] > 0.95  # the look kept, the motion lost
+    # in the bounded world the same long clips are judged by appearance only
+    bounded = long_video_summary("dmd", stopped_clips, captions, wrap.num_frames, WORLDS["bounded"])
+    assert bounded["world"] == "bounded"
+
+    def report(long_video):
+        line = summarise("teacher", [c[:33] for c in clips], captions, [64] * 4, [1.0] * 4, [64] * 4, [3, 3, 3], 4, wrap)
+        student = {**line, "model": "dmd", "nfe": 5, "seconds_per_video": 0.1}
+        return write_report(tmp_path, {"teacher": line, "dmd": student, "long_video": long_video}, {})["goals"]
+
+    assert report(moving)["long_video_adherence"] is True
+    assert report(stopped)["long_video_adherence"] is False
+    assert report(bounded)["long_video_appearance"] is True and "long_video_adherence" not in report(bounded)
+
+
+def test_quickstart_refuses_a_teacher_folder_without_config_before_work(tmp_path):
+    result = run_script(["scripts/quickstart.py", "--world", "wrap", "--teacher", str(tmp_path / "missing"),
+                         "--out", str(tmp_path / "qs")], timeout=120)
+    assert result.returncode == 2 and "has no config.json" in result.stderr
+    assert not (tmp_path / "qs").exists()

@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from utils.config import PAIR_TRAINERS, Config
+from utils.config import EVALUATION_JUDGES, PAIR_TRAINERS, Config
 from utils.errors import UserError
 from utils.temporal import temporal_report
 
@@ -42,15 +42,15 @@ def check_evaluation(config: Config) -> None:
         raise UserError("evaluation.every is set for a ti2v recipe: evaluation during training needs first-frame "
                         "images and supports t2v recipes only; set evaluation.every=0")
     prompts = evaluation_prompts(config)
-    if config.evaluation.judge == "miniature":
+    if config.evaluation.judge:
         from miniature.world import parse_caption
 
         for prompt in prompts:
             try:
                 parse_caption(prompt)
             except (UserError, ValueError):
-                raise UserError(f"evaluation.judge is miniature but the evaluation prompt {prompt[:60]!r} is not a "
-                                "miniature-world caption") from None
+                raise UserError(f"evaluation.judge is {config.evaluation.judge} but the evaluation prompt {prompt[:60]!r} "
+                                "is not a miniature-world caption") from None
 
 
 class TrainingEvaluator:
@@ -60,11 +60,13 @@ class TrainingEvaluator:
         self.config, self.setup, self.autocast = config, setup, autocast
         self.prompts = evaluation_prompts(config)
         self.rollout = BlockRollout.from_config(config, setup.geometry)
-        self.vae = None
-        if config.evaluation.judge == "miniature":
+        self.vae = self.world = None
+        if config.evaluation.judge:
+            from miniature.world import world_named
             from pipeline.components import build_vae
 
             self.vae = build_vae(setup.recipe.vae, device=setup.info.device)
+            self.world = world_named(EVALUATION_JUDGES[config.evaluation.judge])
 
     def due(self, step: int) -> bool:
         every = self.config.evaluation.every
@@ -105,7 +107,7 @@ class TrainingEvaluator:
             from miniature.world import parse_caption
 
             video = self.vae.decode_to_pixel(latents[None].to(self.vae.dtype))[0].float().clamp(-1, 1).cpu()
-            values["adherence"] = score_clip(video, parse_caption(prompt))["total"]
+            values["adherence"] = score_clip(video, parse_caption(prompt), self.world)["total"]
         return {key: float(value) for key, value in values.items() if value is not None}
 
 

@@ -203,11 +203,15 @@ class ParallelConfig:
     cfg_parallel: bool = False  # teacher sampling: the conditional and unconditional passes on two rank groups
 
 
+# evaluation.judge values -> the miniature world (miniature.world.WORLDS) whose judge scores the clips
+EVALUATION_JUDGES = {"miniature": "bounded", "miniature_wrap": "wrap"}
+
+
 @dataclass
 class EvaluationConfig:
     """Evaluation during training: every `every` iterations the generator (its EMA weights once EMA has started)
     rolls out fixed prompts and seeds; the temporal report of the latents (seam ratio, flicker, drift), and the
-    miniature judge's adherence when `judge: miniature`, are logged with the losses and plotted. It draws from
+    miniature judge's adherence when `judge` names a miniature world's judge, are logged with the losses and plotted. It draws from
     its own seeded generators, so a run with evaluation trains exactly like one without.
     0: off, as in the published recipes (they do not evaluate during training)."""
 
@@ -215,7 +219,7 @@ class EvaluationConfig:
     prompts: Optional[str] = None  # prompt file; empty: the first num_prompts lines of train.data_path
     num_prompts: int = 4
     seed: int = 0  # prompt i uses seed + i
-    judge: Optional[str] = None  # "miniature": decode and score with the miniature world's judge
+    judge: Optional[str] = None  # a key of EVALUATION_JUDGES: decode and score with that miniature world's judge
 
 
 @dataclass
@@ -403,7 +407,7 @@ def validate_choices(config: Config) -> None:
         ("evaluation.every", config.evaluation.every >= 0, "0 (off) or a number of iterations"),
         ("evaluation.num_prompts", config.evaluation.num_prompts >= 1, "at least 1"),
         ("evaluation.seed", config.evaluation.seed >= 0, "0 or more"),
-        ("evaluation.judge", config.evaluation.judge in (None, "miniature"), "empty or miniature"),
+        ("evaluation.judge", config.evaluation.judge in (None, *EVALUATION_JUDGES), f"empty or one of {', '.join(EVALUATION_JUDGES)}"),
     ]
     for key, ok, expected in checks:
         if not ok:
