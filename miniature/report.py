@@ -162,7 +162,8 @@ def write_report(out_dir: Path, results: dict, settings: dict, name: str = "repo
              " ".join(f"{n}={x:.2f}" for n, x in v["per_item"].items() if n != "total"))
             for k, v in results.items()]
     lines = [
-        "# Quickstart: the miniature Self-Forcing distillation",
+        "# Quickstart: the miniature Self-Forcing distillation"
+        + (f" ({settings['world']} world)" if settings.get("world") else ""),
         "",
         format_table(rows, header=("model", "adherence", "nfe", "forward calls", "s / video", "seam ratio", "flicker",
                                    "judge items")),
