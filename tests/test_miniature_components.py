@@ -1,5 +1,4 @@
 """The miniature VAE, DiT and text-encoder presets, and the shipped teacher and text-encoder weights."""
-import json
 from pathlib import Path
 
 import pytest
@@ -10,8 +9,9 @@ from safetensors import safe_open
 from miniature.judge import eval_prompts, score_clip
 from miniature.vae import LATENT_STD_FLOOR, MiniatureVAE, latent_statistics, temporal_polynomial_basis
 from miniature.world import DEFAULT_WORLD, all_captions, parse_caption, render, vocabulary
+from pipeline.causal_inference import list_like
 from utils.errors import UserError
-from utils.presets import ARCH_FIELDS
+from utils.presets import ARCH_FIELDS, read_checkpoint_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = REPO_ROOT / "configs" / "miniature"
@@ -121,13 +121,14 @@ def test_dit_preset_fits_the_vae_and_text_encoder(vae):
 
 
 # ------------------------------------------------------------------------------------------------ shipped weights
-def test_shipped_teacher_loads_with_the_preset_shapes():
+@pytest.mark.parametrize("name", ["teacher", "teacher_wrap"])  # the bounded and the wrapping world's teachers
+def test_shipped_teacher_loads_with_the_preset_shapes(name):
     from wan.modules.model import WanModel
 
-    folder = CHECKPOINTS / "teacher"
-    config = json.loads((folder / "config.json").read_text())
+    folder = CHECKPOINTS / name
+    config = read_checkpoint_config(folder)  # the official file may leave default fields out
     arch = {k: v for k, v in _preset("dit").items() if k != "vae"}
-    assert {k: config[k] for k in ARCH_FIELDS} == arch
+    assert {k: list_like(config[k]) for k in ARCH_FIELDS} == arch
     model = WanModel(**arch)
     with safe_open(str(folder / "model.safetensors"), framework="pt") as handle:
         shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}

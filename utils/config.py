@@ -211,8 +211,8 @@ EVALUATION_JUDGES = {"miniature": "bounded", "miniature_wrap": "wrap"}
 class EvaluationConfig:
     """Evaluation during training: every `every` iterations the generator (its EMA weights once EMA has started)
     rolls out fixed prompts and seeds; the temporal report of the latents (seam ratio, flicker, drift), and the
-    miniature judge's adherence when `judge` names a miniature world's judge, are logged with the losses and plotted. It draws from
-    its own seeded generators, so a run with evaluation trains exactly like one without.
+    miniature judge's adherence when `judge` names a miniature world's judge, are logged with the losses and
+    plotted. It draws from its own seeded generators, so a run with evaluation trains exactly like one without.
     0: off, as in the published recipes (they do not evaluate during training)."""
 
     every: int = 0
@@ -407,7 +407,8 @@ def validate_choices(config: Config) -> None:
         ("evaluation.every", config.evaluation.every >= 0, "0 (off) or a number of iterations"),
         ("evaluation.num_prompts", config.evaluation.num_prompts >= 1, "at least 1"),
         ("evaluation.seed", config.evaluation.seed >= 0, "0 or more"),
-        ("evaluation.judge", config.evaluation.judge in (None, *EVALUATION_JUDGES), f"empty or one of {', '.join(EVALUATION_JUDGES)}"),
+        ("evaluation.judge", config.evaluation.judge in (None, *EVALUATION_JUDGES),
+         f"empty or one of {', '.join(EVALUATION_JUDGES)}"),
     ]
     for key, ok, expected in checks:
         if not ok:
