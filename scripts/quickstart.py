@@ -116,7 +116,7 @@ def judge_student(out: Path, name: str, recipe: str, checkpoint: Path, prompts: 
 
 
 def judge_long_video(out: Path, name: str, recipe: str, checkpoint: Path, prompts: list[tuple[str, int]],
-                     overrides: list[str], fresh: bool, vae, geometry, world) -> dict:
+                     overrides: list[str], fresh: bool, vae, geometry, world) -> tuple[dict, list]:
     """The student rolled out to LONG_VIDEO_FACTOR x its training length (rolling cache), judged per segment."""
     from miniature.report import LONG_VIDEO_FACTOR, long_video_summary
     from utils.geometry import pixel_frames_for
@@ -124,7 +124,7 @@ def judge_long_video(out: Path, name: str, recipe: str, checkpoint: Path, prompt
     frames = pixel_frames_for(LONG_VIDEO_FACTOR * geometry.num_latent_frames, geometry.vae_stride[0])
     _, videos = generate_clips(out, f"{name}_long", recipe, checkpoint, prompts,
                                [*overrides, "--num_output_frames", str(frames)], fresh, vae)
-    return long_video_summary(name, videos, [p for p, _ in prompts], geometry.num_pixel_frames, world)
+    return long_video_summary(name, videos, [p for p, _ in prompts], geometry.num_pixel_frames, world), videos
 
 
 @run_main
@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from miniature.judge import eval_prompts
-    from miniature.report import sample_teacher_videos, write_report
+    from miniature.report import LONG_VIDEO_FACTOR, sample_teacher_videos, write_report
     from miniature.world import all_captions, world_named
     from utils.config import EVALUATION_JUDGES, load_config
 
@@ -238,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         out, f"{args.loss}_no_ema", loss_recipe, out / args.loss / "latest", prompts, distilled_over, args.fresh, vae,
         world)
     # every evaluation prompt again at 4x the length: per-segment adherence over 12 clips moves in steps of 1/12
-    results["long_video"] = judge_long_video(out, args.loss, loss_recipe, out / args.loss / "latest", prompts,
+    results["long_video"], long_videos = judge_long_video(out, args.loss, loss_recipe, out / args.loss / "latest", prompts,
                                              [*distilled_over, "--use_ema"], args.fresh, vae, student_geometry, world)
 
     # 6. Pictures and the report.
@@ -247,6 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     training_curves(out / "training_curves.png", {"ode_init": out / "ode_init", args.loss: out / args.loss})
     frame_strips(out / "frames.png", {"teacher": videos[0], "ode_init": init_videos[0], args.loss: distilled_videos[0]},
                  title=prompts[0][0])
+    frame_strips(out / "long_video.png", {prompt[:24]: video for (prompt, _), video in zip(prompts[:4], long_videos)},
+                 num_frames=15, title=f"{args.loss} student at {LONG_VIDEO_FACTOR}x its training length ({args.world} world)")
     settings = {"loss": args.loss, "ode_teacher": args.ode_teacher, "world": args.world, "short": args.short,
                 "num_train_prompts": num_prompts, "num_eval": len(prompts),
                 "seconds_total": time.perf_counter() - start}

@@ -46,7 +46,7 @@ def test_short_quickstart_runs_the_chain_and_reuses_stages(tmp_path, random_teac
     # per frame: 4 steps + the context pass; 3 blocks of 3 frames -> 15 forward calls per video
     assert report["dmd"]["nfe"] == report["ode_init"]["nfe"] == 5
     assert report["dmd"]["forward_calls"] == 15 and report["teacher"]["forward_calls"] == 16
-    for picture in ("training_curves.png", "frames.png", "report.md"):
+    for picture in ("training_curves.png", "frames.png", "long_video.png", "report.md"):
         assert (out / picture).stat().st_size > 0
     assert "seam ratio" in (out / "report.md").read_text() and "## Long video" in (out / "report.md").read_text()
     assert len(list((out / "videos").glob("*/*.mp4"))) + len(list((out / "videos").glob("*/*/video.mp4"))) == 10
