@@ -79,6 +79,8 @@ class WorldSpec:
 
 DEFAULT_WORLD = WorldSpec()
 WORLDS = {"bounded": DEFAULT_WORLD, "wrap": WorldSpec(wrap=True)}
+# Each world's teacher folder under checkpoints/miniature (scripts/train_miniature_teacher.py writes it there).
+TEACHER_FOLDERS = {"bounded": "teacher", "wrap": "teacher_wrap"}
 
 
 def world_named(name: str) -> WorldSpec:

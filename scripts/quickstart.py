@@ -23,13 +23,12 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
+from miniature.world import TEACHER_FOLDERS, WORLDS  # noqa: E402
 from utils.errors import UserError, run_main  # noqa: E402
 from utils.io import atomic_write_json, atomic_write_text  # noqa: E402
 
 RECIPES = {"ode": "configs/miniature/ode.yaml", "dmd": "configs/miniature/dmd.yaml", "sid": "configs/miniature/sid.yaml",
            "causal_teacher": "configs/miniature/causal_teacher.yaml", "ode_causal": "configs/miniature/ode_causal.yaml"}
-# The shipped teacher of each miniature world (None: the recipes' own, checkpoints/miniature/teacher).
-WORLD_TEACHERS = {"bounded": None, "wrap": REPO_ROOT / "checkpoints" / "miniature" / "teacher_wrap"}
 # --short: a shortened run for the end-to-end test (same chain, fewer prompts and steps; no quality bar).
 SHORT = {
     "num_prompts": 8,
@@ -138,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
                              "makes the ODE pairs block by block (default out: outputs/quickstart_causal)")
     parser.add_argument("--short", action="store_true", help="a shortened run (tests): fewer prompts and steps")
     parser.add_argument("--strict", action="store_true", help="exit with status 1 when a check of the report fails")
-    parser.add_argument("--world", choices=tuple(WORLD_TEACHERS), default="bounded",
+    parser.add_argument("--world", choices=tuple(WORLDS), default="bounded",
                         help="wrap: the world whose canvas wraps, where videos past the training length are judged in "
                              "full, with its teacher checkpoints/miniature/teacher_wrap (default out: outputs/quickstart_wrap)")
     parser.add_argument("--teacher", type=Path, default=None,
@@ -156,7 +155,9 @@ def main(argv: list[str] | None = None) -> int:
     default_out = "outputs/quickstart" + ("_wrap" if args.world == "wrap" else "") + (
         "_causal" if args.ode_teacher == "causal" else "")
     out = (args.out or REPO_ROOT / default_out).resolve()
-    teacher = args.teacher or WORLD_TEACHERS[args.world]
+    # the bounded world's teacher is the recipes' own (checkpoints/miniature/teacher); another world names its folder
+    teacher = args.teacher or (None if args.world == "bounded" else
+                               REPO_ROOT / "checkpoints" / "miniature" / TEACHER_FOLDERS[args.world])
     if teacher is not None and not (teacher / "config.json").is_file():
         raise UserError(f"teacher folder {teacher} has no config.json: expected a miniature teacher "
                         "(scripts/train_miniature_teacher.py writes one)")

@@ -52,7 +52,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from miniature.judge import eval_prompts, score_clip  # noqa: E402
 from miniature.vae import MiniatureVAE  # noqa: E402
-from miniature.world import DEFAULT_WORLD, WORLDS, WorldSpec, all_captions, parse_caption, render, world_named  # noqa: E402
+from miniature.world import (  # noqa: E402
+    DEFAULT_WORLD,
+    TEACHER_FOLDERS,
+    WORLDS,
+    WorldSpec,
+    all_captions,
+    parse_caption,
+    render,
+    world_named,
+)
 from pipeline.teacher_sampling import sample_teacher  # noqa: E402
 from utils.config import SamplingConfig, load_config  # noqa: E402
 from utils.errors import UserError, run_main  # noqa: E402
@@ -70,8 +79,6 @@ TRAIN_SEED_OFFSET = 1_000_000
 # Checkpoints are selected on the evaluation captions with other noise (seeds 2000 + i and 3000 + i), so
 # the adherence the quickstart reports (seeds 1000 + i) is measured on clips the selection never saw.
 VALIDATION_FIRST_SEEDS = (2000, 3000)
-# The teacher's folder under --out, per world (the quickstart's --world reads the same names).
-TEACHER_FOLDERS = {"bounded": "teacher", "wrap": "teacher_wrap"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -8,7 +8,7 @@ from safetensors import safe_open
 
 from miniature.judge import eval_prompts, score_clip
 from miniature.vae import LATENT_STD_FLOOR, MiniatureVAE, latent_statistics, temporal_polynomial_basis
-from miniature.world import DEFAULT_WORLD, all_captions, parse_caption, render, vocabulary
+from miniature.world import DEFAULT_WORLD, TEACHER_FOLDERS, all_captions, parse_caption, render, vocabulary
 from pipeline.causal_inference import list_like
 from utils.errors import UserError
 from utils.presets import ARCH_FIELDS, read_checkpoint_config
@@ -121,7 +121,7 @@ def test_dit_preset_fits_the_vae_and_text_encoder(vae):
 
 
 # ------------------------------------------------------------------------------------------------ shipped weights
-@pytest.mark.parametrize("name", ["teacher", "teacher_wrap"])  # the bounded and the wrapping world's teachers
+@pytest.mark.parametrize("name", list(TEACHER_FOLDERS.values()))  # every world's shipped teacher
 def test_shipped_teacher_loads_with_the_preset_shapes(name):
     from wan.modules.model import WanModel
 
