@@ -178,10 +178,11 @@ def train(args: argparse.Namespace, model: WanModel, vae: MiniatureVAE, contexts
     degree = torch.arange(vae.z_dim) % vae.temporal_terms
     channel_weight = torch.where(degree > 0, args.trend_weight, 1.0).view(1, 1, -1, 1, 1)
     last_step = min(args.steps, args.stop_at or args.steps)
+    world = world_named(args.world)
     progress = tqdm(range(last_step), desc="teacher", dynamic_ncols=True, mininterval=10)
     for step in progress:
         # 1. Data: clean latents, their prompts with caption dropout, noise and sigma.
-        x0, caption_index = world_batch(vae, args.batch_size, generator, world_named(args.world))
+        x0, caption_index = world_batch(vae, args.batch_size, generator, world)
         context = contexts[caption_index]
         dropped = torch.rand(args.batch_size, generator=generator) < args.caption_dropout
         context = torch.where(dropped.view(-1, 1, 1), empty.expand_as(context), context)
