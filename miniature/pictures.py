@@ -23,7 +23,7 @@ def read_metrics(logdir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-EVAL_KEYS = ("eval/adherence", "eval/seam_ratio", "eval/flicker", "eval/drift")
+EVAL_KEYS = ("eval/adherence", "eval/seam_ratio", "eval/seam_ratio_pixels", "eval/flicker", "eval/drift")
 
 
 def training_curves(path: Path, runs: dict[str, Path]) -> Path:

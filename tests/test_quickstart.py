@@ -57,6 +57,7 @@ def test_short_quickstart_runs_the_chain_and_reuses_stages(tmp_path, random_teac
     assert last["step"] == 4 and "generator_loss" in last and "critic_loss" in last
     # evaluation during training: the miniature judge and the temporal report at steps 2 and 4
     assert [r["step"] for r in records if "eval/adherence" in r] == [2, 4]
+    assert [r["step"] for r in records if r.get("eval/seam_ratio_pixels", 0) > 0] == [2, 4]  # as the report measures
     # a second run reuses every finished stage and still writes the report
     second = run_script(args, timeout=900)
     assert second.returncode == 0, second.stderr[-3000:]

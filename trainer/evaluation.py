@@ -15,7 +15,7 @@ import torch
 
 from utils.config import EVALUATION_JUDGES, PAIR_TRAINERS, Config
 from utils.errors import UserError
-from utils.temporal import temporal_report
+from utils.temporal import seam_ratio, temporal_report
 
 
 def evaluation_prompts(config: Config) -> list[str]:
@@ -99,6 +99,9 @@ class TrainingEvaluator:
         return {f"eval/{key}": value / len(self.prompts) for key, value in totals.items()}
 
     def _measure(self, latents: torch.Tensor, prompt: str) -> dict[str, float]:
+        """The temporal report on the latents (no decode: cheap at any size; its seam ratio compares block
+        boundaries with every other latent transition). With the judge the clip is decoded anyway, and the
+        seam ratio is also measured in pixels, as inference records and the quickstart report measure it."""
         geometry = self.setup.geometry
         report = temporal_report(latents, geometry.block_sizes)
         values = {"seam_ratio": report["seam_ratio"], "flicker": report["flicker"], "drift": report["drift"]["max"]}
@@ -108,6 +111,7 @@ class TrainingEvaluator:
 
             video = self.vae.decode_to_pixel(latents[None].to(self.vae.dtype))[0].float().clamp(-1, 1).cpu()
             values["adherence"] = score_clip(video, parse_caption(prompt), self.world)["total"]
+            values["seam_ratio_pixels"] = seam_ratio(video, geometry.block_sizes, geometry.vae_stride[0])
         return {key: float(value) for key, value in values.items() if value is not None}
 
 

@@ -17,7 +17,8 @@ from utils.config import Config, to_yaml
 from utils.errors import UserError
 from utils.io import atomic_write
 
-CURVE_KEYS = ("generator_loss", "critic_loss", "eval/seam_ratio", "eval/flicker", "eval/drift", "eval/adherence")
+CURVE_KEYS = ("generator_loss", "critic_loss", "eval/seam_ratio", "eval/seam_ratio_pixels", "eval/flicker", "eval/drift",
+              "eval/adherence")
 
 
 class TrainLogger:
