@@ -162,8 +162,10 @@ METHOD = ("rollout.denoising_step_list", "rollout.warp_denoising_step", "flow.nu
           "distill.guidance_scale", "optim.beta1", "optim.beta2", "optim.beta1_critic", "optim.beta2_critic",
           "train.ema_weight", "distill.dfake_gen_update_ratio", "video.num_frame_per_block", "rollout.context_noise",
           "rollout.same_step_across_blocks", "rollout.last_step_only", "rollout.independent_first_frame",
-          "train.ode_clean_context", "optim.grad_clip")
+          "train.ode_clean_context", "optim.grad_clip", "train.ema_start_step")
 MINIATURE_EXPLAINED = {
+    # the ODE stage trains the generator alone, with Adam betas (0.9, 0.999) and no EMA, as configs/ode.yaml
+    "configs/miniature/ode.yaml": EXPLAINED["configs/ode.yaml"],
     "configs/miniature/dmd.yaml": {},
     # at the published CFG 3 the SiD student falls under the quickstart's bar (commented in the recipe)
     "configs/miniature/sid.yaml": {"distill.guidance_scale": 2.0},
