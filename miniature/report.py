@@ -1,7 +1,8 @@
 """Judge generated clips and write the quickstart report: adherence, model evaluations and seconds per video.
 
 The teacher is sampled here (many steps with CFG, the same sampler the ODE pairs use); the students are
-judged from the mp4s and inference_record.json files that inference.py wrote.
+judged from the latents and inference_record.json files that inference.py wrote. The speed check times the
+teacher and the deployed student back to back in this process.
 """
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import json
 import statistics
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -101,42 +102,72 @@ def long_video_summary(name: str, videos: Sequence[torch.Tensor], captions: Sequ
     }
 
 
-@torch.no_grad()
-def sample_teacher_videos(config, prompts: Sequence[tuple[str, int]], device: torch.device) -> tuple[list, list, list]:
-    """Sample the bidirectional teacher (config.teacher: many steps with CFG) on the evaluation prompts."""
-    from pipeline.components import build_dit, build_text_encoder, build_vae
-    from pipeline.teacher_sampling import sample_teacher
-    from utils.geometry import resolve_recipe
+class TeacherSampler:
+    """The bidirectional teacher (config.teacher: many steps with CFG), loaded once: clip, nfe and seconds per call."""
 
-    resolved = resolve_recipe(config, need_scores=True)
-    teacher = build_dit(resolved.real_score, causal=False, attention_backend=config.attention_backend, device=device).eval()
-    text_encoder = build_text_encoder(config, device=device).eval()
-    vae = build_vae(resolved.vae, device=device)
-    shape = resolved.geometry.latent_shape[1:]
-    negative = text_encoder.encode([config.text_encoder.negative_prompt])
-    videos, nfes, seconds = [], [], []
-    for prompt, seed in prompts:
+    def __init__(self, config, device: torch.device):
+        from pipeline.components import build_dit, build_text_encoder, build_vae
+        from utils.geometry import resolve_recipe
+
+        self.config, self.device = config, device
+        self.resolved = resolve_recipe(config, need_scores=True)
+        self.teacher = build_dit(self.resolved.real_score, causal=False, attention_backend=config.attention_backend,
+                                 device=device).eval()
+        self.text_encoder = build_text_encoder(config, device=device).eval()
+        self.vae = build_vae(self.resolved.vae, device=device)
+        with torch.no_grad():
+            self.negative = self.text_encoder.encode([config.text_encoder.negative_prompt])
+
+    @torch.no_grad()
+    def __call__(self, prompt: str, seed: int) -> tuple[torch.Tensor, int, float]:
+        """One clip [T, 3, H, W] in [-1, 1], its nfe (every forward covers the whole video) and its seconds."""
+        from pipeline.teacher_sampling import sample_teacher
+
         start = time.perf_counter()
         generator = torch.Generator(device="cpu").manual_seed(seed)
-        noise = torch.randn((1, *shape), generator=generator).to(device)
-        cond = text_encoder.encode([prompt])
-        sample = sample_teacher(teacher, noise, cond, negative, config.teacher,
-                                num_train_timesteps=config.flow.num_train_timesteps, boundary=resolved.real_score.moe_boundary)
-        video = vae.decode_to_pixel(sample.latent)[0].float().clamp(-1, 1)
-        seconds.append(time.perf_counter() - start)
-        videos.append(video.cpu())
-        nfes.append(sample.nfe)  # every teacher forward covers the whole video
-    return videos, nfes, seconds
+        noise = torch.randn((1, *self.resolved.geometry.latent_shape[1:]), generator=generator).to(self.device)
+        cond = self.text_encoder.encode([prompt])
+        sample = sample_teacher(self.teacher, noise, cond, self.negative, self.config.teacher,
+                                num_train_timesteps=self.config.flow.num_train_timesteps,
+                                boundary=self.resolved.real_score.moe_boundary)
+        video = self.vae.decode_to_pixel(sample.latent)[0].float().clamp(-1, 1)
+        return video.cpu(), sample.nfe, time.perf_counter() - start
+
+
+def sample_teacher_videos(sampler: TeacherSampler, prompts: Sequence[tuple[str, int]]) -> tuple[list, list, list]:
+    """The teacher on the evaluation prompts: (clips, nfes, seconds), one each per prompt."""
+    videos, nfes, seconds = zip(*(sampler(prompt, seed) for prompt, seed in prompts))
+    return list(videos), list(nfes), list(seconds)
+
+
+def time_alternately(teacher: Callable[[str, int], float], student: Callable[[str, int], float],
+                     prompts: Sequence[tuple[str, int]]) -> dict:
+    """Seconds per clip of both models, each prompt timed by the teacher and at once by the student.
+
+    A shared CPU's speed drifts by tens of percent over minutes, so medians taken in separate stages of a run can
+    be far apart for identical work; a pair timed seconds apart shares the machine's state. The speedup is the
+    median of the per-prompt ratios.
+    """
+    pairs = [(teacher(prompt, seed), student(prompt, seed)) for prompt, seed in prompts]
+    return {
+        "teacher_seconds": statistics.median(t for t, _ in pairs),
+        "student_seconds": statistics.median(s for _, s in pairs),
+        "speedup": statistics.median(t / s for t, s in pairs),
+        "num_pairs": len(pairs),
+    }
 
 
 def write_report(out_dir: Path, results: dict, settings: dict, name: str = "report") -> dict:
     """<name>.json (machine-readable, keys teacher / ode_init / dmd) and <name>.md (tables) in out_dir."""
     teacher = results["teacher"]
+    # speed: {"student": name, **time_alternately(...)}: that student's speedup from back-to-back pairs
+    speed = results.pop("speed", None)
     checks = {}
     for student in [k for k in ("dmd", "sid", "dmd_no_ema", "sid_no_ema") if k in results]:
         s = results[student]
         s["nfe_ratio"] = teacher["nfe"] / s["nfe"]
-        s["speedup"] = teacher["seconds_per_video"] / s["seconds_per_video"]
+        paired = speed is not None and speed["student"] == student
+        s["speedup"] = speed["speedup"] if paired else teacher["seconds_per_video"] / s["seconds_per_video"]
         s["adherence_ratio"] = s["adherence"] / teacher["adherence"] if teacher["adherence"] else 0.0
         if student.endswith("_no_ema"):
             continue  # shown for comparison; the deployed (EMA) student is the one checked
@@ -154,7 +185,7 @@ def write_report(out_dir: Path, results: dict, settings: dict, name: str = "repo
     if long_video is not None:
         judged = "adherence" if long_video["world"] == "wrap" else "appearance"
         goals[f"long_video_{judged}"] = long_video[f"{judged}_ratio"] >= TEMPORAL_GOALS["long_video_ratio_min"]
-    report = {**results, "criteria": CRITERIA, "checks": checks, "settings": settings,
+    report = {**results, "criteria": CRITERIA, "checks": checks, "settings": settings, "speed": speed,
               "long_video": long_video, "temporal_goals": TEMPORAL_GOALS, "goals": goals}
     atomic_write_json(out_dir / f"{name}.json", report)
     rows = [(k, f"{v['adherence']:.3f}", f"{v['nfe']:g}", f"{v['forward_calls']:.0f}", f"{v['seconds_per_video']:.3f}",
@@ -173,6 +204,7 @@ def write_report(out_dir: Path, results: dict, settings: dict, name: str = "repo
         "median seconds of sampling + VAE decode, models already loaded, same machine, same run.",
         "seam ratio: frame change across the student's block boundaries over the change inside blocks (the",
         "teacher, made at once, is the baseline); flicker: high-frequency temporal energy (0 steady, 1 alternating).",
+        *(_speed_lines(speed) if speed else []),
         "",
         *(_long_video_lines(long_video) if long_video else []),
         "## Checks",
@@ -187,6 +219,16 @@ def write_report(out_dir: Path, results: dict, settings: dict, name: str = "repo
     ]
     atomic_write_text(out_dir / f"{name}.md", "\n".join(lines) + "\n")
     return report
+
+
+def _speed_lines(speed: dict) -> list[str]:
+    return [
+        f"Speed check: the teacher and the {speed['student']} student timed back to back on each of "
+        f"{speed['num_pairs']} prompts",
+        f"(medians {speed['teacher_seconds']:.3f} s / {speed['student_seconds']:.3f} s): {speed['speedup']:.1f}x, the "
+        "median of the per-prompt ratios",
+        "(the s / video column comes from separate stages of the run, minutes apart).",
+    ]
 
 
 def _long_video_lines(long_video: dict) -> list[str]:

@@ -114,6 +114,26 @@ def judge_student(out: Path, name: str, recipe: str, checkpoint: Path, prompts: 
     return summary, videos
 
 
+def student_pipeline(recipe: str, checkpoint: Path, overrides: list[str]):
+    """The student as inference.py loads it (recipe, key=value overrides, --use_ema, checkpoint), in this process."""
+    import torch
+
+    from pipeline.causal_inference import CausalInferencePipeline, recipe_for_checkpoint
+    from utils.config import load_config
+    from utils.geometry import resolve_recipe
+
+    config = recipe_for_checkpoint(load_config(REPO_ROOT / recipe, [o for o in overrides if o != "--use_ema"]), checkpoint)
+    resolved = resolve_recipe(config, need_scores=False, check_weights=False)
+    return CausalInferencePipeline(config, resolved, "cpu", torch.float32, checkpoint=checkpoint,
+                                   use_ema="--use_ema" in overrides)
+
+
+def student_seconds(pipe, prompt: str, seed: int) -> float:
+    """Seconds of one clip as the report's s / video counts them: sampling + VAE decode."""
+    timings = pipe.generate(prompt, seed=seed).timings
+    return timings["denoise_s"] + timings["vae_decode_s"]
+
+
 def judge_long_video(out: Path, name: str, recipe: str, checkpoint: Path, prompts: list[tuple[str, int]],
                      overrides: list[str], fresh: bool, vae, geometry, world) -> tuple[dict, list]:
     """The student rolled out to LONG_VIDEO_FACTOR x its training length (rolling cache), judged per segment."""
@@ -147,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from miniature.judge import eval_prompts
-    from miniature.report import LONG_VIDEO_FACTOR, sample_teacher_videos, write_report
+    from miniature.report import LONG_VIDEO_FACTOR, TeacherSampler, sample_teacher_videos, time_alternately, write_report
     from miniature.world import all_captions, world_named
     from utils.config import EVALUATION_JUDGES, load_config
 
@@ -216,7 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     # 5. Judge: the teacher (many steps + CFG), the ODE-init student and the distilled student, in this run.
     print("[quickstart] judging the teacher, the ODE-init student and the distilled student", flush=True)
     teacher_config = load_config(REPO_ROOT / RECIPES["ode"], teacher_over + (short["teacher"] if short else []))
-    videos, nfe, seconds = sample_teacher_videos(teacher_config, prompts, torch.device("cpu"))
+    teacher_sampler = TeacherSampler(teacher_config, torch.device("cpu"))
+    videos, nfe, seconds = sample_teacher_videos(teacher_sampler, prompts)
     save_teacher_videos(out / "videos" / "teacher", videos, prompts, teacher_config.video.fps)
     from miniature.report import summarise
     from pipeline.components import build_vae
@@ -238,6 +259,11 @@ def main(argv: list[str] | None = None) -> int:
     results[f"{args.loss}_no_ema"], _ = judge_student(
         out, f"{args.loss}_no_ema", loss_recipe, out / args.loss / "latest", prompts, distilled_over, args.fresh, vae,
         world)
+    # the speed check: the teacher and the deployed student timed back to back on every evaluation prompt
+    student = student_pipeline(loss_recipe, out / args.loss / "latest", [*distilled_over, "--use_ema"])
+    results["speed"] = {"student": args.loss, **time_alternately(
+        lambda prompt, seed: teacher_sampler(prompt, seed)[2], lambda prompt, seed: student_seconds(student, prompt, seed),
+        prompts)}
     # every evaluation prompt again at 4x the length: per-segment adherence over 12 clips moves in steps of 1/12
     results["long_video"], long_videos = judge_long_video(out, args.loss, loss_recipe, out / args.loss / "latest", prompts,
                                              [*distilled_over, "--use_ema"], args.fresh, vae, student_geometry, world)

@@ -33,6 +33,9 @@ def test_short_quickstart_runs_the_chain_and_reuses_stages(tmp_path, random_teac
     report = json.loads((out / "report.json").read_text())
     assert set(report) >= {"teacher", "ode_init", "dmd", "checks", "criteria", "settings"}
     assert set(report["checks"]["dmd"]) == {"student_adherence_ratio", "nfe_ratio", "speedup"}
+    # the speed check: teacher and EMA student timed back to back on each evaluation prompt
+    assert report["speed"]["student"] == "dmd" and report["speed"]["num_pairs"] == 2
+    assert report["dmd"]["speedup"] == report["speed"]["speedup"] > 0
     for name in ("teacher", "ode_init", "dmd", "dmd_no_ema"):
         line = report[name]
         assert 0.0 <= line["adherence"] <= 1.0 and line["num_videos"] == 2 and line["seconds_per_video"] > 0
@@ -102,6 +105,41 @@ def test_long_video_goal_is_adherence_in_the_wrapping_world_and_appearance_in_th
     assert report(moving)["long_video_adherence"] is True
     assert report(stopped)["long_video_adherence"] is False
     assert report(bounded)["long_video_appearance"] is True and "long_video_adherence" not in report(bounded)
+
+
+def test_speed_check_pairs_cancel_the_machine_drifting(tmp_path):
+    from miniature.report import summarise, time_alternately, write_report
+    from miniature.world import WORLDS
+
+    # the machine slows 3x half-way through: a teacher clip costs 1.0 units and a student clip 0.2
+    clock = {"slowdown": 1.0, "calls": 0}
+
+    def timed(cost):
+        def run(prompt, seed):
+            clock["calls"] += 1
+            clock["slowdown"] = 3.0 if clock["calls"] > 8 else 1.0
+            return cost * clock["slowdown"]
+        return run
+
+    prompts = [(f"p{i}", i) for i in range(8)]
+    speed = time_alternately(timed(1.0), timed(0.2), prompts)
+    assert speed["speedup"] == pytest.approx(5.0) and speed["num_pairs"] == 8
+    # timed in separate stages (the teacher before the slowdown, the student after), the medians say 1.7x
+    clock["calls"] = 0
+    teacher_alone = [timed(1.0)(p, s) for p, s in prompts]
+    student_alone = [timed(0.2)(p, s) for p, s in prompts]
+    assert sorted(teacher_alone)[4] / sorted(student_alone)[4] < 2
+
+    wrap = WORLDS["wrap"]
+    captions, clips = _long_clips(wrap)
+    line = summarise("teacher", [c[:33] for c in clips], captions, [64] * 4, [1.0] * 4, [64] * 4, [3, 3, 3], 4, wrap)
+    students = {name: {**line, "model": name, "nfe": 5, "seconds_per_video": 0.5} for name in ("dmd", "dmd_no_ema")}
+    report = write_report(tmp_path, {"teacher": line, **students, "speed": {"student": "dmd", **speed}}, {})
+    assert report["dmd"]["speedup"] == pytest.approx(5.0) and report["checks"]["dmd"]["speedup"] is True
+    assert report["dmd_no_ema"]["speedup"] == pytest.approx(2.0)  # not paired: the ratio of the medians
+    assert report["speed"]["num_pairs"] == 8 and "timed back to back" in (tmp_path / "report.md").read_text()
+    failing = write_report(tmp_path, {"teacher": line, **students, "speed": {"student": "dmd", **speed, "speedup": 4.0}}, {})
+    assert failing["checks"]["dmd"]["speedup"] is False
 
 
 def test_quickstart_refuses_a_teacher_folder_without_config_before_work(tmp_path):
