@@ -114,18 +114,20 @@ def judge_student(out: Path, name: str, recipe: str, checkpoint: Path, prompts: 
     return summary, videos
 
 
-def student_pipeline(recipe: str, checkpoint: Path, overrides: list[str]):
-    """The student as inference.py loads it (recipe, key=value overrides, --use_ema, checkpoint), in this process."""
+def student_pipeline(recipe: str, checkpoint: Path, overrides: list[str], use_ema: bool):
+    """The student as inference.py loads it (recipe, key=value overrides, checkpoint, dtype), in this process."""
     import torch
 
     from pipeline.causal_inference import CausalInferencePipeline, recipe_for_checkpoint
+    from pipeline.run_options import default_dtype
     from utils.config import load_config
     from utils.geometry import resolve_recipe
 
-    config = recipe_for_checkpoint(load_config(REPO_ROOT / recipe, [o for o in overrides if o != "--use_ema"]), checkpoint)
+    device = torch.device("cpu")
+    config = recipe_for_checkpoint(load_config(REPO_ROOT / recipe, overrides), checkpoint)
     resolved = resolve_recipe(config, need_scores=False, check_weights=False)
-    return CausalInferencePipeline(config, resolved, "cpu", torch.float32, checkpoint=checkpoint,
-                                   use_ema="--use_ema" in overrides)
+    return CausalInferencePipeline(config, resolved, device, default_dtype(None, device), checkpoint=checkpoint,
+                                   use_ema=use_ema)
 
 
 def student_seconds(pipe, prompt: str, seed: int) -> float:
@@ -260,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
         out, f"{args.loss}_no_ema", loss_recipe, out / args.loss / "latest", prompts, distilled_over, args.fresh, vae,
         world)
     # the speed check: the teacher and the deployed student timed back to back on every evaluation prompt
-    student = student_pipeline(loss_recipe, out / args.loss / "latest", [*distilled_over, "--use_ema"])
+    student = student_pipeline(loss_recipe, out / args.loss / "latest", distilled_over, use_ema=True)
     results["speed"] = {"student": args.loss, **time_alternately(
         lambda prompt, seed: teacher_sampler(prompt, seed)[2], lambda prompt, seed: student_seconds(student, prompt, seed),
         prompts)}
