@@ -2,8 +2,10 @@
 
     python scripts/create_lmdb.py --data_path DIR --lmdb_path data/ode_pairs.lmdb
 
-Pairs are ordered by prompt text (then index), not by file order, and a prompt that occurs more than once
-keeps its lowest index; pairs of different geometries are refused. The header (count, shape, dtype,
+Pairs are ordered by prompt text (then index), not by file order. A prompt that occurs more than once in the
+caption file was sampled from another noise seed each time (generate_ode_pairs.py seeds by index), and each of
+its trajectories is a row: repeat a caption to take more pairs of it. Only the same prompt with the same seed
+twice (a copy) keeps its lowest index. Pairs of different geometries are refused. The header (count, shape, dtype,
 trajectory timesteps, keep_indices, geometry fingerprint) is built from all pairs. The database is written
 to <lmdb_path>.tmp and renamed, so running twice gives the same records and a crash leaves no half file.
 """
@@ -26,11 +28,12 @@ from utils.lmdb_store import PairInfo  # noqa: E402
 
 
 def select_pairs(pairs: list[PairInfo]) -> list[PairInfo]:
-    """One pair per prompt (the lowest index), ordered by prompt text: the same list whatever the file order."""
-    chosen: dict[str, PairInfo] = {}
+    """One row per (prompt, noise seed), the lowest index of copies, ordered by prompt text then index: the
+    same list whatever the file order."""
+    chosen: dict[tuple[str, int], PairInfo] = {}
     for pair in sorted(pairs, key=lambda p: (p.prompt, p.index)):
-        chosen.setdefault(pair.prompt, pair)
-    return [chosen[prompt] for prompt in sorted(chosen)]
+        chosen.setdefault((pair.prompt, pair.seed), pair)
+    return list(chosen.values())
 
 
 def check_one_geometry(pairs: list[PairInfo]) -> None:
@@ -88,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     # 2. Write the database (temp file, then rename).
     header = build_header(selected)
     lmdb_store.write_ode_lmdb(args.lmdb_path, header, rows(selected, header, progress=True))
-    print(f"lmdb: {len(selected)} pairs ({len(pairs) - len(selected)} duplicate prompts dropped) of shape "
+    print(f"lmdb: {len(selected)} pairs ({len(pairs) - len(selected)} copies of a prompt and seed dropped) of shape "
           f"{header['shape']} {header['dtype']}, fingerprint {header['fingerprint']} -> {args.lmdb_path}")
     return 0
 

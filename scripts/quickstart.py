@@ -1,6 +1,7 @@
 """`make quickstart`: the whole Self-Forcing distillation on the miniature world, on a CPU, with a verdict.
 
-    python scripts/quickstart.py [--out outputs/quickstart] [--fresh] [--loss dmd|sid] [--world bounded|wrap] [--short]
+    python scripts/quickstart.py [--out outputs/quickstart] [--fresh] [--loss dmd|sid] [--world bounded|wrap]
+        [--pairs_per_caption N] [--short]
 
 The chain runs the real entry points: generate_ode_pairs.py (the shipped miniature teacher, many steps with
 CFG) -> create_lmdb.py -> train.py (ODE init) -> train.py (DMD or SiD on self-forcing rollouts) ->
@@ -23,7 +24,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from miniature.world import TEACHER_FOLDERS, WORLDS  # noqa: E402
+from miniature.world import ODE_PAIRS_PER_CAPTION, TEACHER_FOLDERS, WORLDS  # noqa: E402
 from utils.errors import UserError, run_main  # noqa: E402
 from utils.io import atomic_write_json, atomic_write_text  # noqa: E402
 
@@ -164,7 +165,13 @@ def main(argv: list[str] | None = None) -> int:
                              "full, with its teacher checkpoints/miniature/teacher_wrap (default out: outputs/quickstart_wrap)")
     parser.add_argument("--teacher", type=Path, default=None,
                         help="teacher folder (config.json + weights) instead of the world's shipped teacher")
+    parser.add_argument("--pairs_per_caption", type=int, default=None,
+                        help="ODE pairs per caption, each from its own noise seed (default: the world's, "
+                             f"{ODE_PAIRS_PER_CAPTION})")
     args = parser.parse_args(argv)
+    pairs_per_caption = ODE_PAIRS_PER_CAPTION[args.world] if args.pairs_per_caption is None else args.pairs_per_caption
+    if pairs_per_caption < 1:
+        raise UserError(f"--pairs_per_caption {pairs_per_caption}: expected at least 1")
 
     import torch
 
@@ -198,6 +205,10 @@ def main(argv: list[str] | None = None) -> int:
     atomic_write_text(out / "train_prompts.txt", "\n".join(captions) + "\n")
     atomic_write_text(out / "eval_prompts.txt", "\n".join(p for p, _ in prompts) + "\n")
     num_prompts = short["num_prompts"] if short else len(captions)
+    # the ODE pairs' captions: the training captions, the whole list again for each further pair per caption
+    # (generate_ode_pairs.py seeds each line by its index, so a repeat is another trajectory of its caption)
+    atomic_write_text(out / "ode_prompts.txt", "\n".join(captions[:num_prompts] * pairs_per_caption) + "\n")
+    num_pairs = num_prompts * pairs_per_caption
     teacher_over = ([f"real_score.checkpoint={teacher.resolve()}", f"generator.checkpoint={teacher.resolve()}"]
                     if teacher else [])
     judge_name = {world_name: judge for judge, world_name in EVALUATION_JUDGES.items()}[args.world]
@@ -210,8 +221,8 @@ def main(argv: list[str] | None = None) -> int:
 
     # 2. ODE pairs from the teacher, packed into one LMDB.
     run_stage(out, "ode_pairs", ["scripts/generate_ode_pairs.py", "--config_path", RECIPES["ode"], "--caption_path",
-                                 str(out / "train_prompts.txt"), "--output_folder", str(out / "ode_pairs"),
-                                 "--num_prompts", str(num_prompts), *ode_over], args.fresh)
+                                 str(out / "ode_prompts.txt"), "--output_folder", str(out / "ode_pairs"),
+                                 "--num_prompts", str(num_pairs), *ode_over], args.fresh)
     run_stage(out, "lmdb", ["scripts/create_lmdb.py", "--data_path", str(out / "ode_pairs"), "--lmdb_path",
                             str(out / "ode_pairs.lmdb")], args.fresh)
     if args.ode_teacher == "causal":
@@ -223,8 +234,8 @@ def main(argv: list[str] | None = None) -> int:
                                           *(short["causal_teacher"] if short else [])], args.fresh)
         causal_over = [*teacher_over, f"real_score.checkpoint={causal_teacher}", *(short["ode"] if short else [])]
         run_stage(out, "ode_pairs_causal", ["scripts/generate_ode_pairs.py", "--config_path", RECIPES["ode_causal"],
-                                            "--caption_path", str(out / "train_prompts.txt"), "--output_folder",
-                                            str(out / "ode_pairs_causal"), "--num_prompts", str(num_prompts),
+                                            "--caption_path", str(out / "ode_prompts.txt"), "--output_folder",
+                                            str(out / "ode_pairs_causal"), "--num_prompts", str(num_pairs),
                                             *causal_over], args.fresh)
         run_stage(out, "lmdb_causal", ["scripts/create_lmdb.py", "--data_path", str(out / "ode_pairs_causal"),
                                        "--lmdb_path", str(out / "ode_pairs_causal.lmdb")], args.fresh)
@@ -279,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     frame_strips(out / "long_video.png", {prompt[:24]: video for (prompt, _), video in zip(prompts[:4], long_videos)},
                  num_frames=15, title=f"{args.loss} student at {LONG_VIDEO_FACTOR}x its training length ({args.world} world)")
     settings = {"loss": args.loss, "ode_teacher": args.ode_teacher, "world": args.world, "short": args.short,
-                "num_train_prompts": num_prompts, "num_eval": len(prompts),
+                "num_train_prompts": num_prompts, "ode_pairs_per_caption": pairs_per_caption, "num_eval": len(prompts),
                 "seconds_total": time.perf_counter() - start}
     name = "report" if args.loss == "dmd" else f"report_{args.loss}"  # a SiD run keeps the DMD report
     report = write_report(out, results, settings, name=name)

@@ -30,14 +30,16 @@ def tiny_geometry(*overrides):
     return derive_geometry(load_config("configs/tiny/ode.yaml", list(overrides)), check_weights=False)
 
 
-def write_pairs(folder, prompts_by_index, geometry, seed=0):
-    """Random pairs for the given {index: prompt}; returns {index: float16 latents}."""
+def write_pairs(folder, prompts_by_index, geometry, seed=0, noise_seeds=None):
+    """Random pairs for the given {index: prompt}, noise seed = index unless noise_seeds names another;
+    returns {index: float16 latents}."""
     generator = torch.Generator().manual_seed(seed)
     shape = (len(TIMESTEPS), *geometry.latent_shape[1:])
     written = {}
     for index, prompt in prompts_by_index.items():
         latents = torch.randn(shape, generator=generator).half()
-        write_pair_file(folder, index, latents, TIMESTEPS, prompt=prompt, seed=index, geometry=geometry, keep_indices=KEEP)
+        noise_seed = (noise_seeds or {}).get(index, index)
+        write_pair_file(folder, index, latents, TIMESTEPS, prompt=prompt, seed=noise_seed, geometry=geometry, keep_indices=KEEP)
         written[index] = latents
     return written
 
@@ -81,7 +83,7 @@ def test_round_trip_is_exact_with_a_header_from_all_pairs(tmp_path):
     # the command line once as a real process; the other tests call main() in this process
     proc = run_script(["scripts/create_lmdb.py", "--data_path", str(tmp_path / "pairs"), "--lmdb_path", str(tmp_path / "db")])
     assert proc.returncode == 0, proc.stderr
-    assert "4 pairs (0 duplicate prompts dropped)" in proc.stdout
+    assert "4 pairs (0 copies of a prompt and seed dropped)" in proc.stdout
 
     reader = OdeLmdbReader(tmp_path / "db")
     header = reader.header
@@ -102,13 +104,16 @@ def test_round_trip_is_exact_with_a_header_from_all_pairs(tmp_path):
     reader.close()
 
 
-def test_duplicates_keep_the_lowest_index_and_two_builds_are_identical(tmp_path, capsys):
+def test_a_repeated_prompt_keeps_each_seed_copies_keep_the_lowest_index_and_builds_are_identical(tmp_path, capsys):
     geometry = tiny_geometry()
-    latents = write_pairs(tmp_path / "pairs", {4: "same prompt", 0: "other", 1: "same prompt", 2: "third"}, geometry)
-    assert create(tmp_path / "pairs", tmp_path / "a.lmdb", capsys).returncode == 0
+    # "same prompt" three times: indices 1 and 3 from two noise seeds, index 4 a copy of index 1 (same seed)
+    latents = write_pairs(tmp_path / "pairs", {4: "same prompt", 0: "other", 1: "same prompt", 2: "third", 3: "same prompt"},
+                          geometry, noise_seeds={4: 1})
+    proc = create(tmp_path / "pairs", tmp_path / "a.lmdb", capsys)
+    assert proc.returncode == 0 and "4 pairs (1 copies of a prompt and seed dropped)" in proc.stdout, proc
     assert create(tmp_path / "pairs", tmp_path / "b.lmdb", capsys).returncode == 0
     # the same pairs written to another folder in another order give the same database too
-    for index in (2, 1, 0, 4):
+    for index in (3, 2, 1, 0, 4):
         source = tmp_path / "pairs" / pair_file_name(index)
         (tmp_path / "shuffled").mkdir(exist_ok=True)
         (tmp_path / "shuffled" / pair_file_name(index)).write_bytes(source.read_bytes())
@@ -117,9 +122,10 @@ def test_duplicates_keep_the_lowest_index_and_two_builds_are_identical(tmp_path,
     records = all_records(tmp_path / "a.lmdb")
     assert records == all_records(tmp_path / "b.lmdb") == all_records(tmp_path / "c.lmdb")
     reader = OdeLmdbReader(tmp_path / "a.lmdb")
-    assert reader.header["count"] == 3
-    assert [reader.read(i).prompt for i in range(3)] == ["other", "same prompt", "third"]
-    assert np.array_equal(reader.read(1).latents, latents[1].numpy())  # index 1, not 4
+    assert reader.header["count"] == 4
+    assert [reader.read(i).prompt for i in range(4)] == ["other", "same prompt", "same prompt", "third"]
+    assert np.array_equal(reader.read(1).latents, latents[1].numpy())  # index 1, not its copy 4
+    assert np.array_equal(reader.read(2).latents, latents[3].numpy())  # the prompt's second seed is a row of its own
     reader.close()
 
 

@@ -122,12 +122,14 @@ def test_pairs_to_lmdb_to_dataset(single_run, tmp_path, capsys):
     proc = run_in_process("scripts/create_lmdb.py", ["--data_path", single_run, "--lmdb_path", tmp_path / "db.lmdb"], capsys)
     assert proc.returncode == 0, proc.stderr
     dataset = OdeLmdbDataset(tmp_path / "db.lmdb", tiny_geometry())
-    assert len(dataset) == len(set(PROMPTS))
+    assert len(dataset) == len(PROMPTS)  # the repeated prompt was sampled from two seeds: two rows
     assert dataset.header["keep_indices"] == [0, 2, 4, 6, -1]
-    item = next(dataset[i] for i in range(len(dataset)) if dataset[i]["prompt"] == PROMPTS[0])
-    source = read_pair_tensors(single_run / pair_file_name(0))  # the lowest index of the repeated prompt
-    assert torch.equal(item["ode_latents"], source["ode_latents"].float())
-    assert torch.equal(item["ode_timesteps"], source["ode_timesteps"])
+    items = [dataset[i] for i in range(len(dataset)) if dataset[i]["prompt"] == PROMPTS[0]]
+    sources = [read_pair_tensors(single_run / pair_file_name(i)) for i in (0, 3)]  # rows in index order
+    assert not torch.equal(sources[0]["ode_latents"], sources[1]["ode_latents"])
+    for item, source in zip(items, sources, strict=True):
+        assert torch.equal(item["ode_latents"], source["ode_latents"].float())
+        assert torch.equal(item["ode_timesteps"], source["ode_timesteps"])
     dataset.reader.close()
 
 

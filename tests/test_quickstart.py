@@ -1,11 +1,13 @@
 """The shortened quickstart runs the whole chain with the real entry points and reuses finished stages."""
 import json
 
+import numpy as np
 import pytest
 import torch
 
 from tests.helpers import run_script
 from utils.io import atomic_save_safetensors, atomic_write_json
+from utils.lmdb_store import OdeLmdbReader
 from utils.presets import ARCH_FIELDS, arch_to_config_json, load_model_preset
 
 STAGES = ("ode_pairs", "lmdb", "ode_init", "dmd", "infer_ode_init", "infer_dmd", "infer_dmd_no_ema", "infer_dmd_long")
@@ -27,10 +29,17 @@ def random_teacher(tmp_path_factory):
 @pytest.mark.slow
 def test_short_quickstart_runs_the_chain_and_reuses_stages(tmp_path, random_teacher):
     out = tmp_path / "qs"
-    args = ["scripts/quickstart.py", "--short", "--out", str(out), "--teacher", str(random_teacher)]
+    args = ["scripts/quickstart.py", "--short", "--out", str(out), "--teacher", str(random_teacher), "--pairs_per_caption", "2"]
     first = run_script(args, timeout=900)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
+    # two trajectories of each of the 8 captions, from their own seeds, are all rows of the LMDB
+    reader = OdeLmdbReader(out / "ode_pairs.lmdb")
+    rows = [reader.read(i) for i in range(reader.header["count"])]
+    reader.close()
+    assert len(rows) == 16 and sorted(set(r.prompt for r in rows)) == sorted(r.prompt for r in rows[::2])
+    assert not np.array_equal(rows[0].latents, rows[1].latents) and rows[0].prompt == rows[1].prompt
+    assert report["settings"]["ode_pairs_per_caption"] == 2
     assert set(report) >= {"teacher", "ode_init", "dmd", "checks", "criteria", "settings"}
     assert set(report["checks"]["dmd"]) == {"student_adherence_ratio", "nfe_ratio", "speedup"}
     # the speed check: teacher and EMA student timed back to back on each evaluation prompt
@@ -141,8 +150,11 @@ def test_speed_check_pairs_cancel_the_machine_drifting(tmp_path):
     assert failing["checks"]["dmd"]["speedup"] is False
 
 
-def test_quickstart_refuses_a_teacher_folder_without_config_before_work(tmp_path):
+def test_quickstart_refuses_a_missing_teacher_and_no_pairs_before_work(tmp_path):
     result = run_script(["scripts/quickstart.py", "--world", "wrap", "--teacher", str(tmp_path / "missing"),
                          "--out", str(tmp_path / "qs")], timeout=120)
     assert result.returncode == 2 and "has no config.json" in result.stderr
+    assert not (tmp_path / "qs").exists()
+    result = run_script(["scripts/quickstart.py", "--pairs_per_caption", "0", "--out", str(tmp_path / "qs")], timeout=120)
+    assert result.returncode == 2 and "--pairs_per_caption 0: expected at least 1" in result.stderr
     assert not (tmp_path / "qs").exists()
