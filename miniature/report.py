@@ -41,9 +41,11 @@ WORLD_NOTES = {
 
 
 def temporal_means(videos: Sequence[torch.Tensor], blocks: Sequence[int], stride: int) -> dict:
-    """Seam ratio and flicker of each clip at the student's block boundaries, averaged."""
+    """Seam ratio (overall and by boundary) and flicker of each clip at the student's block boundaries, averaged."""
     reports = [temporal_report(v, blocks, stride) for v in videos]
-    return {key: sum(r[key] for r in reports) / len(reports) for key in ("seam_ratio", "flicker")}
+    means = {key: sum(r[key] for r in reports) / len(reports) for key in ("seam_ratio", "flicker")}
+    by_boundary = [r["seam_ratio_by_boundary"] for r in reports]
+    return {**means, "seam_ratio_by_boundary": [sum(column) / len(column) for column in zip(*by_boundary, strict=True)]}
 
 
 def summarise(name: str, videos: Sequence[torch.Tensor], captions: Sequence[str], nfe: Sequence[float],
@@ -204,6 +206,9 @@ def write_report(out_dir: Path, results: dict, settings: dict, name: str = "repo
         "median seconds of sampling + VAE decode, models already loaded, same machine, same run.",
         "seam ratio: frame change across the student's block boundaries over the change inside blocks (the",
         "teacher, made at once, is the baseline); flicker: high-frequency temporal energy (0 steady, 1 alternating).",
+        "seam ratio by block boundary, first to last: " + "; ".join(
+            f"{k} {' / '.join(f'{x:.2f}' for x in v['seam_ratio_by_boundary'])}" for k, v in results.items()
+            if v.get("seam_ratio_by_boundary")) + ".",
         *(_speed_lines(speed) if speed else []),
         "",
         *(_long_video_lines(long_video) if long_video else []),

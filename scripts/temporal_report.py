@@ -76,9 +76,10 @@ def main(argv: list[str] | None = None) -> int:
     from utils.tables import format_table
 
     reports = {str(p.relative_to(folder)): measure(p, args) for p in tqdm(videos, desc="videos", disable=len(videos) < 4)}
-    rows = [(name, _fmt(r["seam_ratio"]), _fmt(r["flicker"]), _fmt(r["frame_change"]),
-             " ".join(_fmt(s["drift"]) for s in r["drift"]["segments"])) for name, r in reports.items()]
-    print(format_table(rows, header=("video", "seam ratio", "flicker", "frame change", "drift per segment")))
+    rows = [(name, _fmt(r["seam_ratio"]), " ".join(_fmt(x) for x in r["seam_ratio_by_boundary"]), _fmt(r["flicker"]),
+             _fmt(r["frame_change"]), " ".join(_fmt(s["drift"]) for s in r["drift"]["segments"]))
+            for name, r in reports.items()]
+    print(format_table(rows, header=("video", "seam ratio", "by boundary", "flicker", "frame change", "drift per segment")))
     if args.json_out:
         from utils.io import atomic_write_json
 

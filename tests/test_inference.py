@@ -85,11 +85,12 @@ def test_cli_writes_mp4_with_expected_frames_size_and_full_record(tmp_path, chec
     assert record["nfe"] == 2 * (len(config.rollout.denoising_step_list) + 1)  # steps + context pass per block
     temporal = record["temporal"]  # computed from this video's pixels: 21 frames, one seam (after pixel frame 8)
     assert temporal["seam_ratio"] > 0 and 0 <= temporal["flicker"] <= 1.5 and temporal["frame_change"] > 0
+    assert temporal["seam_ratio_by_boundary"] == [pytest.approx(temporal["seam_ratio"])]  # one seam
     assert temporal["drift"]["segment_frames"] == 11 and [s["start"] for s in temporal["drift"]["segments"]] == [0, 11]
     # the folder's report script measures the mp4 again (after H.264) with the blocks the record names
     report = run_script(["scripts/temporal_report.py", str(out), "--json_out", str(tmp_path / "temporal.json")])
     assert report.returncode == 0, report.stderr
-    assert folder.name in report.stdout and "seam ratio" in report.stdout
+    assert folder.name in report.stdout and "seam ratio" in report.stdout and "by boundary" in report.stdout
     (measured,) = json.loads((tmp_path / "temporal.json").read_text()).values()
     assert measured["seam_ratio"] == pytest.approx(temporal["seam_ratio"], rel=0.3)
     assert measured["drift"]["segment_frames"] == 11

@@ -49,6 +49,8 @@ def test_short_quickstart_runs_the_chain_and_reuses_stages(tmp_path, random_teac
         line = report[name]
         assert 0.0 <= line["adherence"] <= 1.0 and line["num_videos"] == 2 and line["seconds_per_video"] > 0
         assert line["seam_ratio"] > 0 and 0 <= line["flicker"] <= 1.5  # the temporal columns
+        assert len(line["seam_ratio_by_boundary"]) == 2  # 3 blocks
+        assert sum(line["seam_ratio_by_boundary"]) / 2 == pytest.approx(line["seam_ratio"])
     # the long-video row: the DMD student at 4x its 9 latent frames (141 pixel frames), judged per 33-frame segment
     long_video = report["long_video"]
     assert long_video["num_frames"] == 141 and long_video["segment_frames"] == 33
@@ -61,6 +63,7 @@ def test_short_quickstart_runs_the_chain_and_reuses_stages(tmp_path, random_teac
     for picture in ("training_curves.png", "frames.png", "long_video.png", "report.md"):
         assert (out / picture).stat().st_size > 0
     assert "seam ratio" in (out / "report.md").read_text() and "## Long video" in (out / "report.md").read_text()
+    assert "seam ratio by block boundary, first to last: teacher " in (out / "report.md").read_text()
     assert len(list((out / "videos").glob("*/*.mp4"))) + len(list((out / "videos").glob("*/*/video.mp4"))) == 10
     assert all((out / f"{stage}.done").exists() for stage in STAGES)
     # one log line covers the window of 4 iterations: the generator's loss (iterations 0 and 2) is averaged in

@@ -44,6 +44,16 @@ def test_a_jump_at_every_block_boundary_gives_a_high_seam_ratio():
     assert seam_ratio(moving_square(jump_after=[t + 4 for t in seams]), BLOCKS, 4) < 1.0
 
 
+def test_seam_ratio_by_boundary_finds_the_boundary_that_jumps():
+    seams = block_transitions(BLOCKS, temporal_stride=4)
+    report = temporal_report(moving_square(jump_after=seams[:1]), BLOCKS, 4)
+    first, *later = report["seam_ratio_by_boundary"]
+    assert len(later) == len(seams) - 1 and first > 3 and all(0.7 < r < 1.3 for r in later)
+    assert report["seam_ratio"] == pytest.approx((first + sum(later)) / len(seams))
+    smooth = temporal_report(moving_square(), BLOCKS, 4)["seam_ratio_by_boundary"]
+    assert len(smooth) == len(seams) and all(0.7 < r < 1.3 for r in smooth)
+
+
 def test_changes_between_latent_frames_alone_are_not_seams():
     """A clip that changes only between latent frames (as a VAE decodes it) has seam ratio 1, not 4."""
     steps = torch.tensor([0] + [1 + (t - 1) // 4 for t in range(1, FRAMES)], dtype=torch.float32)
@@ -75,7 +85,8 @@ def test_drift_is_zero_for_a_stationary_clip_and_grows_for_a_fading_one():
 def test_the_report_holds_every_metric_and_works_on_latents():
     latents = torch.randn(12, 16, 8, 8, generator=torch.Generator().manual_seed(1))
     report = temporal_report(latents, BLOCKS)
-    assert set(report) == {"seam_ratio", "flicker", "frame_change", "drift"}
+    assert set(report) == {"seam_ratio", "seam_ratio_by_boundary", "flicker", "frame_change", "drift"}
+    assert len(report["seam_ratio_by_boundary"]) == len(BLOCKS) - 1
     assert report["drift"]["segment_frames"] == 6  # not longer than training: halves
     with pytest.raises(ValueError, match=r"\[T, C, H, W\]"):
         temporal_report(latents[0], BLOCKS)

@@ -6,7 +6,9 @@ Works on pixels [T, 3, H, W] or latents [F, C, h, w] (float; any range, compared
   of the same kind of transitions inside blocks. About 1 when the boundaries cannot be told apart; a visible
   jump at every boundary makes it large. In pixels the reference is the other latent-frame boundaries (a
   Wan VAE decodes each latent frame to 4 pixel frames, and changes between latent frames differ from
-  changes within one, for any model), without the first (frame 0 is decoded alone).
+  changes within one, for any model), without the first (frame 0 is decoded alone). The seam ratio by
+  boundary (the change across each boundary alone over the same reference; the seam ratio is their mean)
+  tells one boundary that jumps, such as the first block's, from seams everywhere.
 - flicker: high-frequency temporal energy, mean (x[t+1] - 2 x[t] + x[t-1])^2 over 4 x mean (x[t+1] - x[t])^2.
   0 for a still clip or steady motion, 1 for a clip alternating between two frames, 0.75 for white noise.
 - drift: the clip cut into segments (of the training length, or halves when it is not longer); for each
@@ -61,11 +63,18 @@ def seam_ratio(video: Tensor, block_sizes: Sequence[int], temporal_stride: int =
 
 
 def _seam_ratio(changes: Tensor, block_sizes: Sequence[int], temporal_stride: int) -> Optional[float]:
+    by_boundary = _seam_ratio_by_boundary(changes, block_sizes, temporal_stride)
+    return sum(by_boundary) / len(by_boundary) if by_boundary else None
+
+
+def _seam_ratio_by_boundary(changes: Tensor, block_sizes: Sequence[int], temporal_stride: int) -> list[float]:
+    """Change across each block boundary, in order, over the mean change of the reference transitions."""
     seams = [t for t in block_transitions(block_sizes, temporal_stride) if 0 <= t < len(changes)]
     inside = reference_transitions(block_sizes, temporal_stride, len(changes))
     if not seams or not inside:
-        return None
-    return float(changes[seams].mean() / (changes[inside].mean() + EPS))
+        return []
+    reference = changes[inside].mean() + EPS
+    return [float(changes[t] / reference) for t in seams]
 
 
 def flicker(video: Tensor) -> Optional[float]:
@@ -118,13 +127,15 @@ def drift(video: Tensor, segment_frames: Optional[int] = None) -> dict[str, obje
 
 def temporal_report(video: Tensor, block_sizes: Sequence[int], temporal_stride: int = 1,
                     segment_frames: Optional[int] = None) -> dict[str, object]:
-    """Seam ratio, flicker, mean frame change and drift of `video` ([T, C, H, W]); JSON-ready."""
+    """Seam ratio (overall and by boundary), flicker, mean frame change and drift of `video` ([T, C, H, W]);
+    JSON-ready."""
     if video.dim() != 4:
         raise ValueError(f"temporal_report expects [T, C, H, W], got {tuple(video.shape)}")
     video = video.detach().cpu()
     changes = _frame_changes(video)
     return {
         "seam_ratio": _seam_ratio(changes, block_sizes, temporal_stride),
+        "seam_ratio_by_boundary": _seam_ratio_by_boundary(changes, block_sizes, temporal_stride),
         "flicker": flicker(video),
         "frame_change": float(changes.mean()) if len(changes) else None,
         "drift": drift(video, segment_frames),
