@@ -11,6 +11,8 @@ Inference is the same routine with every block exiting at the last step and no g
 TI2V: the given first latent frame is held clean at timestep 0. With an independent first frame
 (a one-frame first block) the block is just a context pass on that frame; otherwise frame 0 rides
 along inside the first block at t = 0 and is re-imposed after every step, as the teacher does.
+Video extension: given clean latents for the leading whole blocks are context passes at t = 0 only, and the
+rollout continues after them.
 """
 from __future__ import annotations
 
@@ -143,7 +145,7 @@ class BlockRollout:
         return rollout_block_sizes(self.geometry, num_frames)
 
     def _check(self, noise: Tensor, context: Tensor, blocks: Sequence[int], exit_steps: list[int],
-               first_frame: Optional[Tensor]) -> None:
+               first_frame: Optional[Tensor], given_blocks: Optional[Tensor]) -> None:
         g = self.geometry
         expected = (g.latent_channels, g.latent_height, g.latent_width)
         if noise.ndim != 5 or tuple(noise.shape[2:]) != expected:
@@ -157,6 +159,14 @@ class BlockRollout:
         if first_frame is not None and tuple(first_frame.shape) != (noise.shape[0], 1, *noise.shape[2:]):
             raise UserError(f"first_frame must be [B, 1, C, H, W] = {[noise.shape[0], 1, *noise.shape[2:]]}, "
                             f"got {list(first_frame.shape)}")
+        if given_blocks is not None:
+            leading = [sum(blocks[:n]) for n in range(1, len(blocks))]  # whole leading blocks, at least one generated
+            if first_frame is not None:
+                raise UserError("give either first_frame (TI2V) or given_blocks (video extension), not both")
+            if given_blocks.ndim != 5 or given_blocks.shape[0] != noise.shape[0] or given_blocks.shape[2:] != noise.shape[2:] \
+                    or given_blocks.shape[1] not in leading:
+                raise UserError(f"given_blocks must be [B={noise.shape[0]}, n, {', '.join(map(str, noise.shape[2:]))}] with "
+                                f"n the frames of whole leading blocks, one of {leading}; got {list(given_blocks.shape)}")
 
     def run(
         self,
@@ -167,6 +177,7 @@ class BlockRollout:
         exit_steps: Optional[list[int]] = None,
         grad_last_frames: Optional[int] = None,
         first_frame: Optional[Tensor] = None,
+        given_blocks: Optional[Tensor] = None,
         kv_cache: Optional[KVCache] = None,
         on_block: Optional[BlockCallback] = None,
         noise_generator: Optional[torch.Generator] = None,
@@ -177,6 +188,8 @@ class BlockRollout:
         exit_steps: one step index per block (training); None is inference (every step, no gradient).
         grad_last_frames: only blocks starting in the last N frames keep gradient (long rollouts).
         first_frame [B, 1, C, H, W]: TI2V's clean first latent, written into the cache at t = 0.
+        given_blocks [B, n, C, H, W]: clean latents of the first whole blocks (video extension), written into the
+            cache at t = 0 and returned as they are; the rollout makes the frames after them.
         kv_cache: storage to reuse (reset here); a new one sized by the geometry otherwise.
         on_block(index, latents [B, f, C, H, W]) is called as soon as a block is final (streaming decode).
         noise_generator: RNG of the fresh re-noising noise (default: the global one).
@@ -190,7 +203,7 @@ class BlockRollout:
         inference = exit_steps is None
         if exit_steps is None:
             exit_steps = [self.num_steps - 1] * len(blocks)
-        self._check(noise, context, blocks, exit_steps, first_frame)
+        self._check(noise, context, blocks, exit_steps, first_frame, given_blocks)
         grad_from_frame = 0 if grad_last_frames is None else max(num_frames - grad_last_frames, 0)
         if kv_cache is None:
             kv_cache = KVCache.from_geometry(self.geometry, noise.shape[0], dtype=self.cache_dtype or noise.dtype,
@@ -198,7 +211,8 @@ class BlockRollout:
         kv_cache.reset()
         shared = _Forward(generator, context, kv_cache, noise_generator)
         with torch.no_grad() if inference else contextlib.nullcontext():
-            return self._roll(shared, noise, blocks, exit_steps, grad_from_frame, first_frame, on_block, prompt_switch)
+            return self._roll(shared, noise, blocks, exit_steps, grad_from_frame, first_frame, on_block, prompt_switch,
+                              given_blocks)
 
     def _roll(
         self,
@@ -210,8 +224,11 @@ class BlockRollout:
         first_frame: Optional[Tensor],
         on_block: Optional[BlockCallback],
         prompt_switch: Optional[PromptSwitchHook] = None,
+        given_blocks: Optional[Tensor] = None,
     ) -> RolloutOutput:
         batch, num_frames = noise.shape[:2]
+        given_frames = 0 if given_blocks is None else given_blocks.shape[1]
+        clean_frames = 1 if first_frame is not None else given_frames  # frames held clean at t = 0
         grad_allowed = torch.is_grad_enabled()  # an outer no_grad (e.g. the critic's rollout) wins
         timesteps = self.timesteps.to(noise.device)
         outputs: list[Tensor] = []
@@ -227,13 +244,16 @@ class BlockRollout:
             if switch is not None:
                 shared.context = switch.context
                 if switch.recache:
-                    nfe += self._recache(shared, outputs, blocks[:index], first_frame is not None)
+                    nfe += self._recache(shared, outputs, blocks[:index], clean_frames)
             # 3. Frames held clean at t = 0 (the TI2V first frame): mask 0 there, 1 elsewhere.
             holds_first_frame = first_frame is not None and start == 0
             mask = torch.ones(batch, size, dtype=torch.float32, device=noise.device)
             if holds_first_frame:
                 mask[:, 0] = 0.0
-            if holds_first_frame and size == 1:
+            if start + size <= given_frames:
+                mask.zero_()
+                block = given_blocks[:, frames].to(noise.dtype)  # a given block (video extension): nothing to denoise
+            elif holds_first_frame and size == 1:
                 block = first_frame.to(noise.dtype)  # independent first frame: nothing to denoise
             else:
                 keep_grad = grad_allowed and start >= grad_from_frame
@@ -259,7 +279,7 @@ class BlockRollout:
                 block_in = add_noise(block_in, shared.fresh_noise(block_in), context_t, self.num_train_timesteps)
             shared.flow(block_in, context_t, start, commit=True)
 
-    def _recache(self, shared: "_Forward", outputs: list[Tensor], blocks: Sequence[int], held_first: bool) -> int:
+    def _recache(self, shared: "_Forward", outputs: list[Tensor], blocks: Sequence[int], clean_frames: int) -> int:
         """Re-run the context passes of the frames the cache holds under shared.context; returns the forwards.
 
         The frames kept (sink and recent window) are recommitted at their own positions, per original block.
@@ -273,8 +293,7 @@ class BlockRollout:
             if frames:
                 first, count = frames[0], len(frames)
                 mask = torch.ones(clean.shape[0], count, dtype=torch.float32, device=clean.device)
-                if held_first and first == 0:
-                    mask[:, 0] = 0.0  # the given TI2V frame stays clean
+                mask[:, : max(0, clean_frames - first)] = 0.0  # given frames (TI2V frame, given blocks) stay clean
                 self._context_pass(shared, clean[:, first:first + count], first, mask)
                 passes += 1
             start += size

@@ -1,5 +1,5 @@
 """The block-wise KV-cache rollout: equals a hand-written loop, gradient only at the exit step, exit steps
-shared across ranks, TI2V first frame, rolling cache for long videos."""
+shared across ranks, TI2V first frame, given blocks (video extension), rolling cache for long videos."""
 from __future__ import annotations
 
 import os
@@ -173,6 +173,30 @@ def test_ti2v_keeps_the_given_first_frame(independent_first_frame):
     # Later frames depend on the given frame through the cache.
     other = rollout.run(model, noise, context, first_frame=first + 1.0)
     assert (other.latents[:, -1] - output.latents[:, -1]).abs().max() > 1e-4
+
+
+def test_given_blocks_extend_a_video_as_if_the_rollout_had_made_them():
+    # One denoising step: no fresh re-noising, so a rollout given its own first block must repeat the rest exactly.
+    config, geometry, model = setup("rollout.denoising_step_list=[1000]")
+    rollout = BlockRollout.from_config(config, geometry)
+    noise, context = inputs(geometry)
+    made = rollout.run(model, noise, context)
+    head = geometry.block_sizes[0]
+    spy = Spy(model)
+    extended = rollout.run(spy, noise, context, given_blocks=made.latents[:, :head])
+    assert torch.equal(extended.latents[:, :head], made.latents[:, :head])
+    assert torch.allclose(extended.latents, made.latents, atol=1e-5)
+    assert extended.nfe == 1 + (geometry.num_blocks - 1) * 2  # the given block's context pass only, then 1 step + 1
+    assert spy.calls[0]["commit"] and float(spy.calls[0]["timestep"].abs().max()) == 0.0
+    assert float(extended.exit_timesteps[:, :head].abs().max()) == 0.0 and bool((extended.exit_timesteps[:, head:] > 0).all())
+    # The later blocks continue what was given.
+    other = rollout.run(model, noise, context, given_blocks=made.latents[:, :head] + 1.0)
+    assert (other.latents[:, -1] - made.latents[:, -1]).abs().max() > 1e-4
+    for bad in (made.latents[:, :2], made.latents, made.latents[:, :head, :2]):
+        with pytest.raises(UserError, match="given_blocks must be"):
+            rollout.run(model, noise, context, given_blocks=bad)
+    with pytest.raises(UserError, match="not both"):
+        rollout.run(model, noise, context, given_blocks=made.latents[:, :head], first_frame=made.latents[:, :1])
 
 
 def test_long_rollout_rolls_a_sink_window_cache():
