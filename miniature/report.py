@@ -121,17 +121,22 @@ class TeacherSampler:
             self.negative = self.text_encoder.encode([config.text_encoder.negative_prompt])
 
     @torch.no_grad()
-    def __call__(self, prompt: str, seed: int) -> tuple[torch.Tensor, int, float]:
-        """One clip [T, 3, H, W] in [-1, 1], its nfe (every forward covers the whole video) and its seconds."""
+    def latents(self, prompt: str, seed: int):
+        """The teacher's sample for (prompt, seed): latents [1, F, C, h, w] and nfe (pipeline.teacher_sampling)."""
         from pipeline.teacher_sampling import sample_teacher
 
-        start = time.perf_counter()
         generator = torch.Generator(device="cpu").manual_seed(seed)
         noise = torch.randn((1, *self.resolved.geometry.latent_shape[1:]), generator=generator).to(self.device)
         cond = self.text_encoder.encode([prompt])
-        sample = sample_teacher(self.teacher, noise, cond, self.negative, self.config.teacher,
-                                num_train_timesteps=self.config.flow.num_train_timesteps,
-                                boundary=self.resolved.real_score.moe_boundary)
+        return sample_teacher(self.teacher, noise, cond, self.negative, self.config.teacher,
+                              num_train_timesteps=self.config.flow.num_train_timesteps,
+                              boundary=self.resolved.real_score.moe_boundary)
+
+    @torch.no_grad()
+    def __call__(self, prompt: str, seed: int) -> tuple[torch.Tensor, int, float]:
+        """One clip [T, 3, H, W] in [-1, 1], its nfe (every forward covers the whole video) and its seconds."""
+        start = time.perf_counter()
+        sample = self.latents(prompt, seed)
         video = self.vae.decode_to_pixel(sample.latent)[0].float().clamp(-1, 1)
         return video.cpu(), sample.nfe, time.perf_counter() - start
 

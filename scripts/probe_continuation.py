@@ -63,7 +63,6 @@ def main(argv: list[str] | None = None) -> int:
     from miniature.report import TeacherSampler
     from miniature.world import TEACHER_FOLDERS, parse_caption, world_named
     from pipeline.causal_inference import CausalInferencePipeline, recipe_for_checkpoint
-    from pipeline.teacher_sampling import sample_teacher
     from utils.config import load_config
     from utils.geometry import resolve_recipe
     from utils.tables import format_table
@@ -82,9 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     for prompt, seed in eval_prompts()[: args.num_prompts]:
         with torch.no_grad():
             noise = torch.randn((1, *geometry.latent_shape[1:]), generator=torch.Generator().manual_seed(seed))
-            teacher = sample_teacher(sampler.teacher, noise, sampler.text_encoder.encode([prompt]), sampler.negative,
-                                     config.teacher, num_train_timesteps=config.flow.num_train_timesteps,
-                                     boundary=resolved.real_score.moe_boundary).latent
+            teacher = sampler.latents(prompt, seed).latent
             own = pipe.generate(prompt, seed=seed).latents
             extended = continue_teacher_block(pipe, config, geometry, teacher, noise,
                                               pipe.text_encoder.encode([prompt]), seed)
