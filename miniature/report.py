@@ -105,7 +105,12 @@ def long_video_summary(name: str, videos: Sequence[torch.Tensor], captions: Sequ
 
 
 class TeacherSampler:
-    """The bidirectional teacher (config.teacher: many steps with CFG), loaded once: clip, nfe and seconds per call."""
+    """A teacher (config.teacher: many steps with CFG), loaded once: clip, nfe and seconds per call.
+
+    The recipe's real score is the bidirectional teacher, which makes the whole clip at once, or with
+    ode.causal_teacher (causal ODE init) the causal teacher, which makes it block by block against the clean
+    blocks before it (pipeline.causal_teacher_sampling), as it makes its ODE pairs.
+    """
 
     def __init__(self, config, device: torch.device):
         from pipeline.components import build_dit, build_text_encoder, build_vae
@@ -113,7 +118,10 @@ class TeacherSampler:
 
         self.config, self.device = config, device
         self.resolved = resolve_recipe(config, need_scores=True)
-        self.teacher = build_dit(self.resolved.real_score, causal=False, attention_backend=config.attention_backend,
+        self.causal = config.ode.causal_teacher
+        # network calls per unit of nfe: a causal teacher's forward covers one block of frames
+        self.calls_per_nfe = self.resolved.geometry.num_blocks if self.causal else 1
+        self.teacher = build_dit(self.resolved.real_score, causal=self.causal, attention_backend=config.attention_backend,
                                  device=device).eval()
         self.text_encoder = build_text_encoder(config, device=device).eval()
         self.vae = build_vae(self.resolved.vae, device=device)
@@ -123,22 +131,25 @@ class TeacherSampler:
     @torch.no_grad()
     def latents(self, prompt: str, seed: int):
         """The teacher's sample for (prompt, seed): latents [1, F, C, h, w] and nfe (pipeline.teacher_sampling)."""
+        from pipeline.causal_teacher_sampling import sample_causal_teacher
         from pipeline.teacher_sampling import sample_teacher
 
         generator = torch.Generator(device="cpu").manual_seed(seed)
         noise = torch.randn((1, *self.resolved.geometry.latent_shape[1:]), generator=generator).to(self.device)
         cond = self.text_encoder.encode([prompt])
-        return sample_teacher(self.teacher, noise, cond, self.negative, self.config.teacher,
-                              num_train_timesteps=self.config.flow.num_train_timesteps,
-                              boundary=self.resolved.real_score.moe_boundary)
+        common = {"num_train_timesteps": self.config.flow.num_train_timesteps, "boundary": self.resolved.real_score.moe_boundary}
+        if self.causal:
+            return sample_causal_teacher(self.teacher, noise, cond, self.negative, self.config.teacher,
+                                         self.resolved.geometry, **common)
+        return sample_teacher(self.teacher, noise, cond, self.negative, self.config.teacher, **common)
 
     @torch.no_grad()
-    def __call__(self, prompt: str, seed: int) -> tuple[torch.Tensor, int, float]:
-        """One clip [T, 3, H, W] in [-1, 1], its nfe (every forward covers the whole video) and its seconds."""
+    def __call__(self, prompt: str, seed: int) -> tuple[torch.Tensor, float, float]:
+        """One clip [T, 3, H, W] in [-1, 1], its nfe (denoiser evaluations each frame goes through) and its seconds."""
         start = time.perf_counter()
         sample = self.latents(prompt, seed)
         video = self.vae.decode_to_pixel(sample.latent)[0].float().clamp(-1, 1)
-        return video.cpu(), sample.nfe, time.perf_counter() - start
+        return video.cpu(), sample.nfe / self.calls_per_nfe, time.perf_counter() - start
 
 
 def sample_teacher_videos(sampler: TeacherSampler, prompts: Sequence[tuple[str, int]]) -> tuple[list, list, list]:
@@ -207,7 +218,8 @@ def write_report(out_dir: Path, results: dict, settings: dict, name: str = "repo
                                    "judge items")),
         "",
         "nfe: denoiser evaluations each frame goes through (teacher: steps x CFG; causal student: steps + the",
-        "context pass, each over one block of frames). forward calls: network calls per video. s / video:",
+        "context pass, each over one block of frames; causal teacher, when the chain has one: steps x CFG + a",
+        "context pass per CFG branch, block by block). forward calls: network calls per video. s / video:",
         "median seconds of sampling + VAE decode, models already loaded, same machine, same run.",
         "seam ratio: frame change across the student's block boundaries over the change inside blocks (the",
         "teacher, made at once, is the baseline); flicker: high-frequency temporal energy (0 steady, 1 alternating).",

@@ -261,6 +261,17 @@ def main(argv: list[str] | None = None) -> int:
     results = {"teacher": summarise("teacher", videos, [p for p, _ in prompts], nfe, seconds, forward_calls=nfe,
                                     blocks=student_geometry.block_sizes, stride=student_geometry.vae_stride[0],
                                     world=world)}
+    if args.ode_teacher == "causal":
+        # the causal teacher on the same prompts and seeds, block by block as it made its ODE pairs: the seams its
+        # pairs hand on to the ODE-init student
+        causal_sampler = TeacherSampler(load_config(REPO_ROOT / RECIPES["ode_causal"], [
+            *causal_over, *(short["teacher"] if short else [])]), torch.device("cpu"))
+        causal_videos, causal_nfe, causal_seconds = sample_teacher_videos(causal_sampler, prompts)
+        save_teacher_videos(out / "videos" / "causal_teacher", causal_videos, prompts, teacher_config.video.fps)
+        results["causal_teacher"] = summarise(
+            "causal_teacher", causal_videos, [p for p, _ in prompts], causal_nfe, causal_seconds,
+            forward_calls=[n * causal_sampler.calls_per_nfe for n in causal_nfe], blocks=student_geometry.block_sizes,
+            stride=student_geometry.vae_stride[0], world=world)
     vae = build_vae(resolved.vae)
     results["ode_init"], init_videos = judge_student(out, "ode_init", RECIPES["ode"], init_export, prompts, teacher_over,
                                                      args.fresh, vae, world)

@@ -113,3 +113,27 @@ def test_the_causal_chain_runs_end_to_end(tmp_path):
                       f"train.data_path={tmp_path / 'causal.lmdb'}", "train.max_steps=2", "train.save_iters=2"])
     assert ode.returncode == 0, ode.stderr
     assert (tmp_path / "ode" / "latest" / "generator.safetensors").exists()
+
+
+def test_teacher_sampler_judges_the_causal_teacher_block_by_block():
+    """The quickstart's causal-teacher row: with the whole clip in one block the causal teacher's clip is the
+    bidirectional teacher's (same weights, same seed); in the recipe's blocks it is another clip, and each frame
+    goes through steps x CFG evaluations plus one context pass per CFG branch."""
+    from miniature.judge import eval_prompts
+    from miniature.report import TeacherSampler
+
+    prompt = eval_prompts()[0][0]
+    recipe = os.path.join(REPO_ROOT, "configs/miniature/ode.yaml")
+    fast = ["teacher.num_steps=4"]
+    one_block = [*fast, "video.num_frame_per_block=9"]
+    bidirectional, nfe, _ = TeacherSampler(load_config(recipe, one_block), torch.device("cpu"))(prompt, 7)
+    causal_one = TeacherSampler(load_config(recipe, [*one_block, "ode.causal_teacher=true"]), torch.device("cpu"))
+    video, causal_nfe, _ = causal_one(prompt, 7)
+    assert causal_one.calls_per_nfe == 1
+    assert torch.allclose(video, bidirectional, atol=2e-3)
+    assert causal_nfe == nfe + 2
+    blocks = TeacherSampler(load_config(recipe, [*fast, "ode.causal_teacher=true"]), torch.device("cpu"))
+    in_blocks, blocks_nfe, _ = blocks(prompt, 7)
+    assert blocks.calls_per_nfe == 3
+    assert blocks_nfe == 4 * 2 + 2
+    assert not torch.allclose(in_blocks, bidirectional, atol=1e-2)

@@ -91,6 +91,18 @@ def test_score_timesteps_are_shifted_and_lie_inside_the_clamp():
                                                         "distill.max_score_timestep_ratio=0.5"]))
 
 
+def test_score_timestep_shift_is_the_flow_shift_unless_given():
+    config, _ = recipe()
+    assert ScoreTimesteps.from_config(config).shift == config.flow.timestep_shift  # published: one shift
+    own = ScoreTimesteps.from_config(load_config(RECIPE, ["distill.score_timestep_shift=1.0"]))
+    assert own.shift == 1.0
+    t = own.sample(20000, torch.device("cpu"), generator=torch.Generator().manual_seed(0))
+    assert 480 < float(t.mean()) < 520  # uniform over the clamp
+    assert config.flow.timestep_shift == load_config(RECIPE, ["distill.score_timestep_shift=1.0"]).flow.timestep_shift
+    with pytest.raises(UserError, match="score_timestep_shift=0"):
+        ScoreTimesteps.from_config(load_config(RECIPE, ["distill.score_timestep_shift=0"]))
+
+
 # --------------------------------------------------------------------------------------------- ODE regression
 class KnowsTheAnswer:
     """A stand-in causal generator whose flow gives exactly the clean latent (or a fixed error)."""

@@ -80,6 +80,28 @@ def test_short_quickstart_runs_the_chain_and_reuses_stages(tmp_path, random_teac
     assert all(f"{stage}: done earlier, reused" in second.stdout for stage in STAGES)
 
 
+
+@pytest.mark.slow
+def test_short_causal_chain_reports_the_causal_teacher(tmp_path, random_teacher):
+    """--ode_teacher causal: teacher forcing, the causal teacher's pairs, and its own row in the report."""
+    out = tmp_path / "qs"
+    result = run_script(["scripts/quickstart.py", "--short", "--ode_teacher", "causal", "--out", str(out),
+                         "--teacher", str(random_teacher)], timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert all((out / f"{stage}.done").exists() for stage in ("causal_teacher", "ode_pairs_causal", "lmdb_causal"))
+    report = json.loads((out / "report.json").read_text())
+    assert report["settings"]["ode_teacher"] == "causal"
+    causal = report["causal_teacher"]
+    # block by block: 8 steps x CFG + a context pass per CFG branch for each frame, 3 blocks -> 3x the calls
+    assert causal["nfe"] == 18 and causal["forward_calls"] == 54
+    assert causal["num_videos"] == 2 and len(causal["seam_ratio_by_boundary"]) == 2
+    # another model than the bidirectional teacher (same weights, same seeds, but made block by block)
+    assert causal["seam_ratio"] != pytest.approx(report["teacher"]["seam_ratio"])
+    assert "causal_teacher" in (out / "report.md").read_text()
+    assert len(list((out / "videos" / "causal_teacher").glob("*.mp4"))) == 2
+    assert "causal_teacher_seams" not in report["goals"]  # the goals are the students'
+
+
 def _long_clips(world, frozen_after=None):
     from miniature.judge import eval_prompts
     from miniature.world import parse_caption, render

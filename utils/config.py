@@ -137,6 +137,9 @@ class DistillConfig:
     guidance_form: str = "dmd"  # dmd: cond + g*(cond-uncond) (upstream); standard: uncond + g*(cond-uncond)
     min_score_timestep_ratio: float = 0.02  # score timesteps are clamped to [min, max] * num_train_timesteps
     max_score_timestep_ratio: float = 0.98
+    # shift of the score and critic timesteps; None: flow.timestep_shift, as published (one shift for the step
+    # list and the scores). An option for small latents, where a large shift leaves few low-noise draws.
+    score_timestep_shift: Optional[float] = None
     sid_alpha: float = 1.0  # SiD's alpha
     dfake_gen_update_ratio: int = 5  # the generator steps every N-th iteration, the critic every iteration
 
