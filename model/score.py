@@ -40,8 +40,6 @@ class ScoreTimesteps:
                 f"{distill.max_score_timestep_ratio}: expected 0 <= min < max <= 1"
             )
         shift = config.flow.timestep_shift if distill.score_timestep_shift is None else distill.score_timestep_shift
-        if shift <= 0:
-            raise UserError(f"distill.score_timestep_shift={shift}: expected a positive shift (or null: flow.timestep_shift)")
         return cls(shift, distill.min_score_timestep_ratio, distill.max_score_timestep_ratio,
                    config.flow.num_train_timesteps)
 

@@ -99,8 +99,8 @@ def test_score_timestep_shift_is_the_flow_shift_unless_given():
     t = own.sample(20000, torch.device("cpu"), generator=torch.Generator().manual_seed(0))
     assert 480 < float(t.mean()) < 520  # uniform over the clamp
     assert config.flow.timestep_shift == load_config(RECIPE, ["distill.score_timestep_shift=1.0"]).flow.timestep_shift
-    with pytest.raises(UserError, match="score_timestep_shift=0"):
-        ScoreTimesteps.from_config(load_config(RECIPE, ["distill.score_timestep_shift=0"]))
+    with pytest.raises(UserError, match="'distill.score_timestep_shift' is 0.0: expected a positive shift"):
+        load_config(RECIPE, ["distill.score_timestep_shift=0"])  # refused when the recipe loads, before any work
 
 
 # --------------------------------------------------------------------------------------------- ODE regression

@@ -395,6 +395,8 @@ def validate_choices(config: Config) -> None:
         ("optim.weight_decay", config.optim.weight_decay >= 0, "0 or more"),
         ("optim.grad_clip", config.optim.grad_clip > 0, "a positive gradient-norm limit"),
         ("distill.guidance_scale", config.distill.guidance_scale >= 0, "0 or more"),
+        ("distill.score_timestep_shift", config.distill.score_timestep_shift is None or config.distill.score_timestep_shift > 0,
+         "a positive shift, or null (flow.timestep_shift)"),
         ("teacher.num_steps", config.teacher.num_steps >= 1, "at least 1"),
         ("ode.num_steps", config.ode.num_steps >= 1, "at least 1"),
         ("video.num_frame_per_block", config.video.num_frame_per_block >= 1, "at least 1"),
