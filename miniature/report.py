@@ -40,12 +40,26 @@ WORLD_NOTES = {
 }
 
 
+def standard_error(values: Sequence[float]) -> float:
+    """Standard error of the mean of per-clip values (0 for a single clip): how far another set of clips of the
+    same model could move the mean."""
+    return statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else 0.0
+
+
 def temporal_means(videos: Sequence[torch.Tensor], blocks: Sequence[int], stride: int) -> dict:
-    """Seam ratio (overall and by boundary) and flicker of each clip at the student's block boundaries, averaged."""
+    """Seam ratio (overall and by boundary) and flicker of each clip at the student's block boundaries, averaged;
+    the seam ratio's standard error over the clips beside it."""
     reports = [temporal_report(v, blocks, stride) for v in videos]
     means = {key: sum(r[key] for r in reports) / len(reports) for key in ("seam_ratio", "flicker")}
     by_boundary = [r["seam_ratio_by_boundary"] for r in reports]
-    return {**means, "seam_ratio_by_boundary": [sum(column) / len(column) for column in zip(*by_boundary, strict=True)]}
+    return {**means, "seam_ratio_se": standard_error([r["seam_ratio"] for r in reports]),
+            "seam_ratio_by_boundary": [sum(column) / len(column) for column in zip(*by_boundary, strict=True)]}
+
+
+def ratio_standard_error(numerator: float, numerator_se: float, denominator: float, denominator_se: float) -> float:
+    """Standard error of numerator / denominator for two independent means (first-order propagation)."""
+    ratio = numerator / denominator
+    return abs(ratio) * ((numerator_se / numerator) ** 2 + (denominator_se / denominator) ** 2) ** 0.5
 
 
 def summarise(name: str, videos: Sequence[torch.Tensor], captions: Sequence[str], nfe: Sequence[float],
@@ -62,6 +76,7 @@ def summarise(name: str, videos: Sequence[torch.Tensor], captions: Sequence[str]
     return {
         "model": name,
         "adherence": adherence(list(videos), parsed, world),
+        "adherence_se": standard_error([s["total"] for s in scores]),
         "nfe": sum(nfe) / len(nfe),
         "forward_calls": sum(forward_calls) / len(forward_calls),
         "seconds_per_video": statistics.median(seconds),  # median: the first video carries one-off warm-up costs
@@ -198,7 +213,10 @@ def write_report(out_dir: Path, results: dict, settings: dict, name: str = "repo
     long_video = results.pop("long_video", None)
     goals = {}
     for student in [k for k in ("ode_init", "dmd", "sid") if k in results]:
-        results[student]["seam_ratio_vs_teacher"] = results[student]["seam_ratio"] / teacher["seam_ratio"]
+        line = results[student]
+        line["seam_ratio_vs_teacher"] = line["seam_ratio"] / teacher["seam_ratio"]
+        line["seam_ratio_vs_teacher_se"] = ratio_standard_error(line["seam_ratio"], line["seam_ratio_se"],
+                                                                teacher["seam_ratio"], teacher["seam_ratio_se"])
         goals[f"{student}_seams"] = results[student]["seam_ratio_vs_teacher"] <= TEMPORAL_GOALS["seam_ratio_vs_teacher_max"]
     if long_video is not None:
         judged = "adherence" if long_video["world"] == "wrap" else "appearance"
@@ -206,8 +224,8 @@ def write_report(out_dir: Path, results: dict, settings: dict, name: str = "repo
     report = {**results, "criteria": CRITERIA, "checks": checks, "settings": settings, "speed": speed,
               "long_video": long_video, "temporal_goals": TEMPORAL_GOALS, "goals": goals}
     atomic_write_json(out_dir / f"{name}.json", report)
-    rows = [(k, f"{v['adherence']:.3f}", f"{v['nfe']:g}", f"{v['forward_calls']:.0f}", f"{v['seconds_per_video']:.3f}",
-             f"{v['seam_ratio']:.3f}", f"{v['flicker']:.3f}",
+    rows = [(k, f"{v['adherence']:.3f} ± {v['adherence_se']:.3f}", f"{v['nfe']:g}", f"{v['forward_calls']:.0f}",
+             f"{v['seconds_per_video']:.3f}", f"{v['seam_ratio']:.3f} ± {v['seam_ratio_se']:.3f}", f"{v['flicker']:.3f}",
              " ".join(f"{n}={x:.2f}" for n, x in v["per_item"].items() if n != "total"))
             for k, v in results.items()]
     lines = [
@@ -223,6 +241,9 @@ def write_report(out_dir: Path, results: dict, settings: dict, name: str = "repo
         "median seconds of sampling + VAE decode, models already loaded, same machine, same run.",
         "seam ratio: frame change across the student's block boundaries over the change inside blocks (the",
         "teacher, made at once, is the baseline); flicker: high-frequency temporal energy (0 steady, 1 alternating).",
+        f"± : standard error of the mean over the {teacher['num_videos']} clips. Seam ratio / the teacher's: " + "; ".join(
+            f"{k} {v['seam_ratio_vs_teacher']:.3f} ± {v['seam_ratio_vs_teacher_se']:.3f}" for k, v in results.items()
+            if "seam_ratio_vs_teacher" in v) + f" (goal <= {TEMPORAL_GOALS['seam_ratio_vs_teacher_max']}).",
         "seam ratio by block boundary, first to last: " + "; ".join(
             f"{k} {' / '.join(f'{x:.2f}' for x in v['seam_ratio_by_boundary'])}" for k, v in results.items()
             if v.get("seam_ratio_by_boundary")) + ".",

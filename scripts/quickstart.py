@@ -1,7 +1,7 @@
 """`make quickstart`: the whole Self-Forcing distillation on the miniature world, on a CPU, with a verdict.
 
     python scripts/quickstart.py [--out outputs/quickstart] [--fresh] [--loss dmd|sid] [--world bounded|wrap]
-        [--pairs_per_caption N] [--short]
+        [--pairs_per_caption N] [--eval_clips N] [--short]
 
 The chain runs the real entry points: generate_ode_pairs.py (the shipped miniature teacher, many steps with
 CFG) -> create_lmdb.py -> train.py (ODE init) -> train.py (DMD or SiD on self-forcing rollouts) ->
@@ -28,6 +28,10 @@ from miniature.world import ODE_PAIRS_PER_CAPTION, TEACHER_FOLDERS, WORLDS  # no
 from utils.errors import UserError, run_main  # noqa: E402
 from utils.io import atomic_write_json, atomic_write_text  # noqa: E402
 
+# Clips judged for the report: the judge's 12 captions 4 times over with their own seeds. Per-clip figures vary
+# (seam ratio 0.7-2.1, adherence 0-1 for one model), so a mean of 12 clips moves by about 0.08 with the clips'
+# noise alone; 48 halve that, which a seam goal of 1.2x needs (docs/BENCHMARKS.md, 2026-12-01).
+EVAL_CLIPS = 48
 RECIPES = {"ode": "configs/miniature/ode.yaml", "dmd": "configs/miniature/dmd.yaml", "sid": "configs/miniature/sid.yaml",
            "causal_teacher": "configs/miniature/causal_teacher.yaml", "ode_causal": "configs/miniature/ode_causal.yaml"}
 # --short: a shortened run for the end-to-end test (same chain, fewer prompts and steps; no quality bar).
@@ -88,15 +92,28 @@ def generate_clips(out: Path, name: str, recipe: str, checkpoint: Path, prompts:
         shutil.rmtree(folder)
     prompt_file = out / f"{name}_prompts.txt"
     atomic_write_text(prompt_file, "\n".join(p for p, _ in prompts) + "\n")
+    marker = out / f"infer_{name}.done"
+    if marker.exists() and not fresh and not set(prompts) <= set(_clips_in(folder)):
+        # an earlier run judged another evaluation set (--eval_clips): generate this one
+        print(f"[quickstart] infer_{name}: the clips there are not the {len(prompts)} asked for, generating them",
+              flush=True)
+        marker.unlink()
+        shutil.rmtree(folder, ignore_errors=True)
     run_stage(out, f"infer_{name}", ["inference.py", "--config_path", recipe, "--checkpoint", str(checkpoint),
                                       "--data_path", str(prompt_file), "--seed", str(prompts[0][1]),
                                       "--output_folder", str(folder), "--save_latents", *overrides], fresh)
-    by_prompt = {}
+    clips = _clips_in(folder)
+    records = [clips[prompt][0] for prompt in prompts]
+    return records, [decode_saved_latents(clips[prompt][1], vae) for prompt in prompts]
+
+
+def _clips_in(folder: Path) -> dict[tuple[str, int], tuple[dict, Path]]:
+    """inference.py's clips in `folder` by (prompt, seed): their records and folders."""
+    clips = {}
     for record_path in sorted(folder.glob("*/inference_record.json")):
         record = json.loads(record_path.read_text())
-        by_prompt[record["prompt"]] = (record, record_path.parent)
-    records = [by_prompt[prompt][0] for prompt, _ in prompts]
-    return records, [decode_saved_latents(by_prompt[prompt][1], vae) for prompt, _ in prompts]
+        clips[(record["prompt"], record["seed"])] = (record, record_path.parent)
+    return clips
 
 
 def judge_student(out: Path, name: str, recipe: str, checkpoint: Path, prompts: list[tuple[str, int]], overrides: list[str],
@@ -165,11 +182,17 @@ def main(argv: list[str] | None = None) -> int:
                              "full, with its teacher checkpoints/miniature/teacher_wrap (default out: outputs/quickstart_wrap)")
     parser.add_argument("--teacher", type=Path, default=None,
                         help="teacher folder (config.json + weights) instead of the world's shipped teacher")
+    parser.add_argument("--eval_clips", type=int, default=None,
+                        help=f"evaluation clips judged (the 12 captions of the judge's set, each with further seeds "
+                             f"past 12; default {EVAL_CLIPS}, --short {SHORT['num_eval']})")
     parser.add_argument("--pairs_per_caption", type=int, default=None,
                         help="ODE pairs per caption, each from its own noise seed (default: the world's, "
                              f"{ODE_PAIRS_PER_CAPTION})")
     args = parser.parse_args(argv)
     pairs_per_caption = ODE_PAIRS_PER_CAPTION[args.world] if args.pairs_per_caption is None else args.pairs_per_caption
+    eval_clips = args.eval_clips if args.eval_clips is not None else SHORT["num_eval"] if args.short else EVAL_CLIPS
+    if eval_clips < 1:
+        raise UserError(f"--eval_clips {eval_clips}: expected at least 1")
     if pairs_per_caption < 1:
         raise UserError(f"--pairs_per_caption {pairs_per_caption}: expected at least 1")
 
@@ -199,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # 1. Prompts: every caption of the world for training, the judge's fixed set for evaluation.
     captions = [c.text for c in all_captions()]
-    prompts = eval_prompts()[: short["num_eval"]] if short else eval_prompts()
+    prompts = eval_prompts(num_clips=eval_clips)
     if [p[1] for p in prompts] != list(range(prompts[0][1], prompts[0][1] + len(prompts))):
         raise UserError("the evaluation seeds must be consecutive (inference.py gives prompt i the seed base + i)")
     atomic_write_text(out / "train_prompts.txt", "\n".join(captions) + "\n")

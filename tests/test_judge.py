@@ -37,6 +37,13 @@ def test_eval_set_is_small_fixed_and_covers_the_world():
     validation = eval_prompts(first_seed=2000)
     assert [text for text, _ in validation] == [text for text, _ in prompts]
     assert not {seed for _, seed in validation} & {seed for _, seed in prompts}
+    # a larger set: the 12 first, then the same captions again with the next seeds
+    larger = eval_prompts(num_clips=30)
+    assert larger[:12] == prompts and [text for text, _ in larger[12:24]] == [text for text, _ in prompts]
+    assert [seed for _, seed in larger] == list(range(1000, 1030))
+    assert not {seed for _, seed in eval_prompts(num_clips=48)} & {seed for _, seed in validation}
+    with pytest.raises(ValueError, match="num_clips 0"):
+        eval_prompts(num_clips=0)
 
 
 def test_world_clips_score_at_least_095():

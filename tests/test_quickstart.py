@@ -78,6 +78,14 @@ def test_short_quickstart_runs_the_chain_and_reuses_stages(tmp_path, random_teac
     second = run_script(args, timeout=900)
     assert second.returncode == 0, second.stderr[-3000:]
     assert all(f"{stage}: done earlier, reused" in second.stdout for stage in STAGES)
+    # another evaluation set: 3 clips instead of 2, so the students' clips are made again, the training reused
+    third = run_script([*args, "--eval_clips", "3"], timeout=900)
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert all(f"{stage}: done earlier, reused" in third.stdout for stage in ("ode_pairs", "lmdb", "ode_init", "dmd"))
+    assert "infer_dmd: the clips there are not the 3 asked for" in third.stdout
+    report = json.loads((out / "report.json").read_text())
+    assert all(report[name]["num_videos"] == 3 for name in ("teacher", "ode_init", "dmd", "dmd_no_ema"))
+    assert report["settings"]["num_eval"] == 3 and len(list((out / "videos" / "dmd").glob("*/video.mp4"))) == 3
 
 
 
@@ -184,3 +192,40 @@ def test_quickstart_refuses_a_missing_teacher_and_no_pairs_before_work(tmp_path)
     result = run_script(["scripts/quickstart.py", "--pairs_per_caption", "0", "--out", str(tmp_path / "qs")], timeout=120)
     assert result.returncode == 2 and "--pairs_per_caption 0: expected at least 1" in result.stderr
     assert not (tmp_path / "qs").exists()
+    result = run_script(["scripts/quickstart.py", "--eval_clips", "0", "--out", str(tmp_path / "qs")], timeout=120)
+    assert result.returncode == 2 and "--eval_clips 0: expected at least 1" in result.stderr
+    assert not (tmp_path / "qs").exists()
+
+
+def test_report_gives_standard_errors_that_follow_the_clips_spread(tmp_path):
+    """± in the report: the standard error of the per-clip seam ratios and adherence, and of the ratio to the
+    teacher's; clips that all agree give 0, clips that disagree give their spread over sqrt(n)."""
+    import statistics
+
+    from miniature.report import summarise, write_report
+    from miniature.world import WORLDS
+    from utils.temporal import seam_ratio
+
+    wrap = WORLDS["wrap"]
+    captions, clips = _long_clips(wrap)
+    clips = [c[:33] for c in clips]
+    jumped = []
+    for index, clip in enumerate(clips):  # a jump of its own size in each clip at the first block boundary (pixel 8)
+        clip = clip.clone()
+        clip[9:] = (clip[9:] + 0.1 * (index + 1)).clamp(-1, 1)
+        jumped.append(clip)
+    args = ([64] * 4, [1.0] * 4, [64] * 4, [3, 3, 3], 4, wrap)
+    teacher = summarise("teacher", clips, captions, *args)
+    student = {**summarise("dmd", jumped, captions, *args), "nfe": 5, "seconds_per_video": 0.1}
+    per_clip = [seam_ratio(c, [3, 3, 3], 4) for c in jumped]
+    assert student["seam_ratio"] == pytest.approx(statistics.mean(per_clip))
+    assert student["seam_ratio_se"] == pytest.approx(statistics.stdev(per_clip) / 2) and student["seam_ratio_se"] > 0.1
+    assert 0 <= teacher["seam_ratio_se"] < student["seam_ratio_se"]
+    report = write_report(tmp_path, {"teacher": teacher, "dmd": student}, {})
+    ratio, ratio_se = report["dmd"]["seam_ratio_vs_teacher"], report["dmd"]["seam_ratio_vs_teacher_se"]
+    expected = ratio * ((student["seam_ratio_se"] / student["seam_ratio"]) ** 2
+                        + (teacher["seam_ratio_se"] / teacher["seam_ratio"]) ** 2) ** 0.5
+    assert ratio > 1.2 and ratio_se == pytest.approx(expected)
+    assert f"dmd {ratio:.3f} ± {ratio_se:.3f}" in (tmp_path / "report.md").read_text()
+    one = summarise("teacher", clips[:1], captions[:1], [64], [1.0], [64], [3, 3, 3], 4, wrap)
+    assert one["seam_ratio_se"] == 0 and one["adherence_se"] == 0
