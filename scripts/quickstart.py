@@ -1,7 +1,7 @@
 """`make quickstart`: the whole Self-Forcing distillation on the miniature world, on a CPU, with a verdict.
 
     python scripts/quickstart.py [--out outputs/quickstart] [--fresh] [--loss dmd|sid] [--world bounded|wrap]
-        [--pairs_per_caption N] [--eval_clips N] [--short]
+        [--pairs_per_caption N] [--student_shift S] [--eval_clips N] [--short]
 
 The chain runs the real entry points: generate_ode_pairs.py (the shipped miniature teacher, many steps with
 CFG) -> create_lmdb.py -> train.py (ODE init) -> train.py (DMD or SiD on self-forcing rollouts) ->
@@ -182,6 +182,12 @@ def main(argv: list[str] | None = None) -> int:
                              "full, with its teacher checkpoints/miniature/teacher_wrap (default out: outputs/quickstart_wrap)")
     parser.add_argument("--teacher", type=Path, default=None,
                         help="teacher folder (config.json + weights) instead of the world's shipped teacher")
+    parser.add_argument("--student_shift", type=float, default=None,
+                        help="the student's step list warped by this shift instead of the recipe's flow.timestep_shift "
+                             "(published 5), with the ODE pairs it regresses on kept on that list (ode.shift); the "
+                             "causal chain's causal teacher and its training pairs keep the recipe's. Not the published "
+                             "recipe: a lever on the seams at the miniature's size (docs/BENCHMARKS.md); default out "
+                             "gets _shiftS")
     parser.add_argument("--eval_clips", type=int, default=None,
                         help=f"evaluation clips judged (the 12 captions of the judge's set, each with further seeds "
                              f"past 12; default {EVAL_CLIPS}, --short {SHORT['num_eval']})")
@@ -193,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     eval_clips = args.eval_clips if args.eval_clips is not None else SHORT["num_eval"] if args.short else EVAL_CLIPS
     if eval_clips < 1:
         raise UserError(f"--eval_clips {eval_clips}: expected at least 1")
+    if args.student_shift is not None and not args.student_shift > 0:
+        raise UserError(f"--student_shift {args.student_shift}: expected a shift above 0 (1 leaves the step list as it is)")
     if pairs_per_caption < 1:
         raise UserError(f"--pairs_per_caption {pairs_per_caption}: expected at least 1")
 
@@ -205,7 +213,8 @@ def main(argv: list[str] | None = None) -> int:
 
     world = world_named(args.world)
     default_out = "outputs/quickstart" + ("_wrap" if args.world == "wrap" else "") + (
-        "_causal" if args.ode_teacher == "causal" else "")
+        "_causal" if args.ode_teacher == "causal" else "") + (
+        f"_shift{args.student_shift:g}" if args.student_shift is not None else "")
     out = (args.out or REPO_ROOT / default_out).resolve()
     # the bounded world's teacher is the recipes' own (checkpoints/miniature/teacher); another world names its folder
     teacher = args.teacher or (None if args.world == "bounded" else
@@ -235,10 +244,16 @@ def main(argv: list[str] | None = None) -> int:
     teacher_over = ([f"real_score.checkpoint={teacher.resolve()}", f"generator.checkpoint={teacher.resolve()}"]
                     if teacher else [])
     judge_name = {world_name: judge for judge, world_name in EVALUATION_JUDGES.items()}[args.world]
+    # --student_shift: every stage that makes or trains the student, and the pairs it regresses on
+    shift_over = ([f"flow.timestep_shift={args.student_shift}", f"ode.shift={args.student_shift}"]
+                  if args.student_shift is not None else [])
+    student_over = [*teacher_over, *shift_over]
     ode_over = [f"train.data_path={out / 'ode_pairs.lmdb'}", *teacher_over, *(short["ode"] if short else [])]
+    if args.ode_teacher == "bidirectional":
+        ode_over += shift_over  # the pairs the student regresses on
     loss_recipe = RECIPES[args.loss]
     init_export = out / "ode_init" / "latest"
-    distill_over = [*teacher_over, f"train.data_path={out / 'train_prompts.txt'}",
+    distill_over = [*student_over, f"train.data_path={out / 'train_prompts.txt'}",
                     f"evaluation.prompts={out / 'eval_prompts.txt'}", f"evaluation.judge={judge_name}",
                     f"generator.checkpoint={init_export / 'generator.safetensors'}", *(short["distill"] if short else [])]
 
@@ -255,14 +270,14 @@ def main(argv: list[str] | None = None) -> int:
         run_stage(out, "causal_teacher", ["train.py", "--config_path", RECIPES["causal_teacher"], "--logdir",
                                           str(out / "causal_teacher"), "--disable-wandb", *ode_over,
                                           *(short["causal_teacher"] if short else [])], args.fresh)
-        causal_over = [*teacher_over, f"real_score.checkpoint={causal_teacher}", *(short["ode"] if short else [])]
+        causal_over = [*student_over, f"real_score.checkpoint={causal_teacher}", *(short["ode"] if short else [])]
         run_stage(out, "ode_pairs_causal", ["scripts/generate_ode_pairs.py", "--config_path", RECIPES["ode_causal"],
                                             "--caption_path", str(out / "ode_prompts.txt"), "--output_folder",
                                             str(out / "ode_pairs_causal"), "--num_prompts", str(num_pairs),
                                             *causal_over], args.fresh)
         run_stage(out, "lmdb_causal", ["scripts/create_lmdb.py", "--data_path", str(out / "ode_pairs_causal"),
                                        "--lmdb_path", str(out / "ode_pairs_causal.lmdb")], args.fresh)
-        ode_over = [*ode_over, f"train.data_path={out / 'ode_pairs_causal.lmdb'}"]
+        ode_over = [*ode_over, *shift_over, f"train.data_path={out / 'ode_pairs_causal.lmdb'}"]
     # 3. ODE regression -> ode_init; 4. score distillation on self-forcing rollouts.
     run_stage(out, "ode_init", ["train.py", "--config_path", RECIPES["ode"], "--logdir", str(out / "ode_init"),
                                 "--disable-wandb", *ode_over], args.fresh)
@@ -296,10 +311,10 @@ def main(argv: list[str] | None = None) -> int:
             forward_calls=[n * causal_sampler.calls_per_nfe for n in causal_nfe], blocks=student_geometry.block_sizes,
             stride=student_geometry.vae_stride[0], world=world)
     vae = build_vae(resolved.vae)
-    results["ode_init"], init_videos = judge_student(out, "ode_init", RECIPES["ode"], init_export, prompts, teacher_over,
+    results["ode_init"], init_videos = judge_student(out, "ode_init", RECIPES["ode"], init_export, prompts, student_over,
                                                      args.fresh, vae, world)
     # the distilled student as deployed: its EMA weights; the raw weights beside them, for comparison
-    distilled_over = [*teacher_over, f"generator.checkpoint={init_export / 'generator.safetensors'}"]
+    distilled_over = [*student_over, f"generator.checkpoint={init_export / 'generator.safetensors'}"]
     results[args.loss], distilled_videos = judge_student(
         out, args.loss, loss_recipe, out / args.loss / "latest", prompts, [*distilled_over, "--use_ema"], args.fresh, vae,
         world)
@@ -325,6 +340,7 @@ def main(argv: list[str] | None = None) -> int:
                  num_frames=15, title=f"{args.loss} student at {LONG_VIDEO_FACTOR}x its training length ({args.world} world)")
     settings = {"loss": args.loss, "ode_teacher": args.ode_teacher, "world": args.world, "short": args.short,
                 "num_train_prompts": num_prompts, "ode_pairs_per_caption": pairs_per_caption, "num_eval": len(prompts),
+                "student_shift": args.student_shift,
                 "seconds_total": time.perf_counter() - start}
     name = "report" if args.loss == "dmd" else f"report_{args.loss}"  # a SiD run keeps the DMD report
     report = write_report(out, results, settings, name=name)

@@ -91,14 +91,31 @@ def test_short_quickstart_runs_the_chain_and_reuses_stages(tmp_path, random_teac
 
 @pytest.mark.slow
 def test_short_causal_chain_reports_the_causal_teacher(tmp_path, random_teacher):
-    """--ode_teacher causal: teacher forcing, the causal teacher's pairs, and its own row in the report."""
+    """--ode_teacher causal: teacher forcing, the causal teacher's pairs, and its own row in the report; with
+    --student_shift 1 the student's list and the pairs it regresses on are unwarped, the causal teacher's are not."""
     out = tmp_path / "qs"
     result = run_script(["scripts/quickstart.py", "--short", "--ode_teacher", "causal", "--out", str(out),
-                         "--teacher", str(random_teacher)], timeout=900)
+                         "--teacher", str(random_teacher), "--student_shift", "1"], timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert all((out / f"{stage}.done").exists() for stage in ("causal_teacher", "ode_pairs_causal", "lmdb_causal"))
     report = json.loads((out / "report.json").read_text())
-    assert report["settings"]["ode_teacher"] == "causal"
+    assert report["settings"]["ode_teacher"] == "causal" and report["settings"]["student_shift"] == 1.0
+    # the short run's 8-step ODE keeps points 0, 2, 4, 6 of 8: at shift 1 the plain [1000, 750, 500, 250], on
+    # the student's list; the bidirectional pairs that train the causal teacher keep the recipe's shift 5
+    def kept(lmdb):
+        reader = OdeLmdbReader(out / lmdb)
+        timesteps = reader.header["trajectory_timesteps"]
+        reader.close()
+        return timesteps
+
+    # (the sampler's timesteps: 1000 x sigma, sigma from 0.999)
+    assert kept("ode_pairs_causal.lmdb")[:4] == pytest.approx([1000, 750, 500, 250], rel=2e-3)
+    assert kept("ode_pairs.lmdb")[:4] == pytest.approx([1000, 937.5, 833.3, 625], rel=2e-3)
+    for name in ("ode_init", "dmd", "dmd_long"):
+        record = json.loads(next((out / "videos" / name).glob("*/inference_record.json")).read_text())
+        assert record["parameters"]["denoising_timesteps"] == [1000, 750, 500, 250], name
+    assert "timestep_shift: 5.0" in (out / "causal_teacher" / "config.yaml").read_text()
+    assert "timestep_shift: 1.0" in (out / "dmd" / "config.yaml").read_text()
     causal = report["causal_teacher"]
     # block by block: 8 steps x CFG + a context pass per CFG branch for each frame, 3 blocks -> 3x the calls
     assert causal["nfe"] == 18 and causal["forward_calls"] == 54
@@ -194,6 +211,9 @@ def test_quickstart_refuses_a_missing_teacher_and_no_pairs_before_work(tmp_path)
     assert not (tmp_path / "qs").exists()
     result = run_script(["scripts/quickstart.py", "--eval_clips", "0", "--out", str(tmp_path / "qs")], timeout=120)
     assert result.returncode == 2 and "--eval_clips 0: expected at least 1" in result.stderr
+    assert not (tmp_path / "qs").exists()
+    result = run_script(["scripts/quickstart.py", "--student_shift", "0", "--out", str(tmp_path / "qs")], timeout=120)
+    assert result.returncode == 2 and "--student_shift 0.0: expected a shift above 0" in result.stderr
     assert not (tmp_path / "qs").exists()
 
 
