@@ -219,7 +219,7 @@ def test_quickstart_refuses_a_missing_teacher_and_no_pairs_before_work(tmp_path)
 
 def test_report_gives_standard_errors_that_follow_the_clips_spread(tmp_path):
     """± in the report: the standard error of the per-clip seam ratios and adherence, and of the ratio to the
-    teacher's; clips that all agree give 0, clips that disagree give their spread over sqrt(n)."""
+    teacher's; clips that disagree give their spread over sqrt(n), a single clip gives 0."""
     import statistics
 
     from miniature.report import summarise, write_report
