@@ -18,7 +18,8 @@ def build_objective(config: Config, geometry: Geometry) -> Objective:
     """The recipe's objective: ODE regression (train.trainer=ode), teacher forcing (the causal teacher of causal
     ODE init) or DMD / SiD (distill.distribution_loss)."""
     if config.train.trainer == "ode":
-        return OdeRegression(geometry, config.flow.num_train_timesteps, clean_context=config.train.ode_clean_context)
+        return OdeRegression(geometry, config.flow.num_train_timesteps, clean_context=config.train.ode_clean_context,
+                             teacher_forcing=config.train.ode_teacher_forcing)
     if config.train.trainer == "teacher_forcing":
         return TeacherForcing(geometry, config.flow.num_train_timesteps, config.flow.timestep_shift)
     distill = config.distill

@@ -5,6 +5,10 @@ that point's latents and its stored timestep. With train.ode_clean_context a blo
 clean point: it is then context at t = 0 for later blocks (as in the KV cache at inference) and has no
 loss. One block-causal forward predicts the flow, x0 = x_t - sigma * v, and the loss is the MSE to the
 clean (last) point on frames whose timestep is not 0.
+
+With train.ode_teacher_forcing (Causal Forcing's ODE stage) each sample instead regresses one block, drawn per
+sample at one of its noisy points, against the clean point of every earlier block: the context is always what
+the KV cache holds at inference (t = 0), never a noisy point. Later blocks sit behind the block-causal mask.
 """
 from __future__ import annotations
 
@@ -24,7 +28,8 @@ class OdeRegression(Objective):
     has_critic = False
     name = "ode"
 
-    def __init__(self, geometry: Geometry, num_train_timesteps: int, clean_context: bool = False):
+    def __init__(self, geometry: Geometry, num_train_timesteps: int, clean_context: bool = False,
+                 teacher_forcing: bool = False):
         if len(set(geometry.block_sizes)) != 1:
             raise UserError(
                 "ODE regression runs the block-causal forward, which needs equal blocks: "
@@ -33,6 +38,7 @@ class OdeRegression(Objective):
         self.geometry = geometry
         self.num_train_timesteps = num_train_timesteps
         self.clean_context = clean_context
+        self.teacher_forcing = teacher_forcing
 
     def _check(self, batch: Batch) -> tuple[Tensor, Tensor]:
         latents, timesteps = batch.ode_latents, batch.ode_timesteps
@@ -70,16 +76,37 @@ class OdeRegression(Objective):
             points[block] = noisy[int(torch.randint(0, noisy.numel(), (1,), generator=generator))]
         return points.tolist()
 
+    def draw_targets(self, timesteps: Tensor, batch_size: int,
+                     generator: Optional[torch.Generator] = None) -> tuple[list[int], list[int]]:
+        """Teacher forcing: one target block per sample and one noisy kept point for it."""
+        with real_values():
+            noisy = torch.nonzero(timesteps.cpu() != 0).flatten()
+            if noisy.numel() == 0:
+                raise UserError("the ODE pairs keep no noisy trajectory point (every timestep is 0)")
+            blocks = torch.randint(0, self.geometry.num_blocks, (batch_size,), generator=generator)
+            points = noisy[torch.randint(0, noisy.numel(), (batch_size,), generator=generator)]
+            return blocks.tolist(), points.tolist()
+
+    def _frame_points(self, timesteps: Tensor, batch_size: int) -> list[list[int]]:
+        """The kept point each frame of each sample is read from."""
+        g = self.geometry
+        if not self.teacher_forcing:
+            points = self.draw_points(timesteps)
+            return [[point for point, size in zip(points, g.block_sizes) for _ in range(size)]] * batch_size
+        blocks, points = self.draw_targets(timesteps, batch_size)
+        last = timesteps.numel() - 1  # the clean point (checked to be at t = 0)
+        return [[point if b == block else last for b, size in enumerate(g.block_sizes) for _ in range(size)]
+                for block, point in zip(blocks, points)]
+
     def generator_loss(self, models: Models, batch: Batch) -> tuple[Tensor, Logs]:
         # 1. Noisy input: each block's frames from its drawn point, at that point's timestep.
         latents, timesteps = self._check(batch)
-        points = self.draw_points(timesteps)
-        frame_points = torch.tensor(
-            [point for point, size in zip(points, self.geometry.block_sizes) for _ in range(size)], device=latents.device
-        )
-        frames = torch.arange(frame_points.numel(), device=latents.device)
-        x_t = latents[:, frame_points, frames]  # [B, F, C, H, W]
-        per_frame = timesteps[frame_points].expand(latents.shape[0], -1).clone()
+        frame_points_list = self._frame_points(timesteps, latents.shape[0])
+        frame_points = torch.tensor(frame_points_list, device=latents.device)  # [B, F]
+        frames = torch.arange(frame_points.shape[1], device=latents.device)
+        samples = torch.arange(latents.shape[0], device=latents.device)[:, None]
+        x_t = latents[samples, frame_points, frames[None]]  # [B, F, C, H, W]
+        per_frame = timesteps[frame_points].clone()
         clean = latents[:, -1]
         if batch.first_frame is not None:  # TI2V: the given frame is clean and seen at t = 0
             x_t = torch.cat([batch.first_frame.to(x_t.dtype), x_t[:, 1:]], dim=1)
@@ -94,12 +121,13 @@ class OdeRegression(Objective):
         # 3. MSE to the clean latent on frames that were noisy (known from the drawn points: no data-dependent shapes).
         with real_values():
             values = timesteps.tolist()
-        noisy_list = [values[point] != 0 for point, size in zip(points, g.block_sizes) for _ in range(size)]
+        noisy_list = [[values[point] != 0 for point in sample] for sample in frame_points_list]
         if batch.first_frame is not None:
-            noisy_list[0] = False
-        if not any(noisy_list):
+            for sample in noisy_list:
+                sample[0] = False
+        if not any(map(any, noisy_list)):
             raise UserError("every frame of the ODE batch is at t = 0: nothing to regress")
-        noisy = torch.tensor(noisy_list, device=x0.device, dtype=torch.float32).expand(x0.shape[0], -1)  # [B, F]
+        noisy = torch.tensor(noisy_list, device=x0.device, dtype=torch.float32)  # [B, F]
         squared = (x0.float() - clean.float()).pow(2).mean(dim=(2, 3, 4))  # [B, F]
         loss = (squared * noisy).sum() / noisy.sum()
         return loss, {"ode_loss": loss.detach(), "ode_timestep": (per_frame * noisy).sum() / noisy.sum()}

@@ -263,6 +263,50 @@ def test_ode_clean_context_draws_clean_blocks_without_loss():
     assert float(loss.detach()) < 1e-10
 
 
+class RecordsInput(KnowsTheAnswer):
+    """KnowsTheAnswer that also keeps the latents it was given."""
+
+    def forward_block_causal(self, x, timestep, context, num_frame_per_block, **mask):
+        self.inputs = x.clone()
+        return super().forward_block_causal(x, timestep, context, num_frame_per_block, **mask)
+
+
+def test_ode_teacher_forcing_regresses_one_block_per_sample_against_clean_context():
+    config, resolved = recipe(path="configs/tiny/ode.yaml")
+    g_ = resolved.geometry
+    objective = build_objective(load_config("configs/tiny/ode.yaml", ["train.ode_teacher_forcing=true"]), g_)
+    timesteps = torch.tensor([1000.0, 900.0, 700.0, 400.0, 0.0])
+    # draws: every block and every noisy point, never the clean one, per sample
+    g = torch.Generator().manual_seed(0)
+    blocks, points = objective.draw_targets(timesteps, 4000, g)
+    assert set(blocks) == set(range(g_.num_blocks)) and set(points) == {0, 1, 2, 3}
+    assert abs(blocks.count(0) / 4000 - 1 / g_.num_blocks) < 0.03
+    # the model sees: the target block at its point's latents and timestep, every other block at the clean point, t = 0
+    batch = ode_batch(g_)
+    latents, clean = batch.ode_latents, batch.ode_latents[:, -1]
+    model = RecordsInput(clean)
+    torch.manual_seed(5)
+    loss, _ = objective.generator_loss(Models(generator=model), batch)
+    assert float(loss.detach()) < 1e-10
+    seen, frame_t = model.inputs, model.timesteps[0]
+    block_of = torch.tensor([b for b, size in enumerate(g_.block_sizes) for _ in range(size)])
+    for sample in range(seen.shape[0]):
+        noisy_frames = frame_t[sample] != 0
+        target_blocks = block_of[noisy_frames].unique()
+        assert target_blocks.numel() == 1  # exactly one block is regressed ...
+        assert torch.equal(noisy_frames, block_of == target_blocks[0])  # ... all of its frames
+        point = int((timesteps == frame_t[sample][noisy_frames][0]).nonzero())
+        assert torch.equal(seen[sample, noisy_frames], latents[sample, point, noisy_frames])
+        assert torch.equal(seen[sample, ~noisy_frames], clean[sample, ~noisy_frames])  # clean context (and after)
+    # the loss is the mean over the target frames only (frames at t = 0 would dilute it 3x): a flow error e
+    # moves x0 by sigma * e on each target frame
+    off = KnowsTheAnswer(clean, error=0.1)
+    torch.manual_seed(5)
+    loss, _ = objective.generator_loss(Models(generator=off), batch)
+    sigma = off.timesteps[0].max(dim=1).values / 1000.0
+    assert torch.allclose(loss.double(), ((sigma * 0.1) ** 2).mean().double(), rtol=1e-5)
+
+
 def test_sid_differentiates_through_the_scores_so_it_is_not_dmd():
     # With the scores as constants, SiD at alpha = 1 has exactly DMD's gradient; SiD differentiates through them.
     grads = {}

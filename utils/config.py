@@ -186,6 +186,9 @@ class TrainConfig:
     # Self-Forcing/CausVid method): a block at t = 0 has no loss and is clean context for later blocks, as the KV
     # cache holds at inference. false: noisy points only (every block gets a loss; not the published method)
     ode_clean_context: bool = True
+    # Causal Forcing's ODE stage (pairs from a causal teacher): each sample regresses one block, at a noisy point,
+    # against the clean point of every earlier block, so a block's context is never noisy (ode_clean_context unused)
+    ode_teacher_forcing: bool = False
     data_path: Optional[str] = None  # ODE LMDB (trainer=ode, teacher_forcing) or a prompt file (score distillation)
     image_root: Optional[str] = None  # TI2V: folder of first-frame images named in the prompt file
 
