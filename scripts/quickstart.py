@@ -173,8 +173,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fresh", action="store_true", help="start over instead of reusing finished stages")
     parser.add_argument("--loss", choices=("dmd", "sid"), default="dmd", help="the score-distillation loss")
     parser.add_argument("--ode_teacher", choices=("bidirectional", "causal"), default="bidirectional",
-                        help="causal: causal ODE init (issue 16): the teacher is tuned causal with teacher forcing and "
-                             "makes the ODE pairs block by block (default out: outputs/quickstart_causal)")
+                        help="causal: causal ODE init (issue 16, Causal Forcing): the teacher is tuned causal with "
+                             "teacher forcing and makes the ODE pairs block by block; the ODE student starts from it "
+                             "and regresses against clean context (default out: outputs/quickstart_causal)")
     parser.add_argument("--short", action="store_true", help="a shortened run (tests): fewer prompts and steps")
     parser.add_argument("--strict", action="store_true", help="exit with status 1 when a check of the report fails")
     parser.add_argument("--world", choices=tuple(WORLDS), default="bounded",
@@ -277,9 +278,12 @@ def main(argv: list[str] | None = None) -> int:
                                             *causal_over], args.fresh)
         run_stage(out, "lmdb_causal", ["scripts/create_lmdb.py", "--data_path", str(out / "ode_pairs_causal"),
                                        "--lmdb_path", str(out / "ode_pairs_causal.lmdb")], args.fresh)
-        ode_over = [*ode_over, *shift_over, f"train.data_path={out / 'ode_pairs_causal.lmdb'}"]
+        # the causal chain's ODE stage (Causal Forcing): the student starts from the causal teacher's weights
+        ode_over = [*ode_over, *shift_over, f"train.data_path={out / 'ode_pairs_causal.lmdb'}",
+                    f"generator.checkpoint={causal_teacher}"]
     # 3. ODE regression -> ode_init; 4. score distillation on self-forcing rollouts.
-    run_stage(out, "ode_init", ["train.py", "--config_path", RECIPES["ode"], "--logdir", str(out / "ode_init"),
+    ode_recipe = RECIPES["ode_causal" if args.ode_teacher == "causal" else "ode"]
+    run_stage(out, "ode_init", ["train.py", "--config_path", ode_recipe, "--logdir", str(out / "ode_init"),
                                 "--disable-wandb", *ode_over], args.fresh)
     run_stage(out, args.loss, ["train.py", "--config_path", loss_recipe, "--logdir", str(out / args.loss),
                                "--disable-wandb", *distill_over], args.fresh)

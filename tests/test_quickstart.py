@@ -5,6 +5,7 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from tests.helpers import run_script
 from utils.io import atomic_save_safetensors, atomic_write_json
@@ -115,6 +116,11 @@ def test_short_causal_chain_reports_the_causal_teacher(tmp_path, random_teacher)
         record = json.loads(next((out / "videos" / name).glob("*/inference_record.json")).read_text())
         assert record["parameters"]["denoising_timesteps"] == [1000, 750, 500, 250], name
     assert "timestep_shift: 5.0" in (out / "causal_teacher" / "config.yaml").read_text()
+    # the causal chain's ODE stage as Causal Forcing runs it: the student starts from the causal teacher, and
+    # regresses against clean context only
+    ode_init = yaml.safe_load((out / "ode_init" / "config.yaml").read_text())
+    assert ode_init["generator"]["checkpoint"] == str((out / "causal_teacher" / "latest").resolve())
+    assert ode_init["train"]["ode_teacher_forcing"] is True
     assert "timestep_shift: 1.0" in (out / "dmd" / "config.yaml").read_text()
     causal = report["causal_teacher"]
     # block by block: 8 steps x CFG + a context pass per CFG branch for each frame, 3 blocks -> 3x the calls
