@@ -8,7 +8,8 @@ CFG) -> create_lmdb.py -> train.py (ODE init) -> train.py (DMD or SiD on self-fo
 inference.py (4-step causal student, KV cache) -> the judge. It writes report.json / report.md with the
 teacher's, the ODE-init student's and the distilled student's adherence, model evaluations and seconds per
 video, a training-curve PNG, a frame strip PNG and the mp4s. Finished stages are reused when the command
-runs again (each stage leaves a <stage>.done marker); --fresh starts over.
+runs again with the same inputs (each stage leaves a <stage>.done marker recording its command line and recipes;
+a stage whose inputs changed runs again from scratch, and so does every stage after it); --fresh starts over.
 """
 from __future__ import annotations
 
@@ -16,7 +17,6 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -24,9 +24,10 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
+from miniature.stages import Stages  # noqa: E402
 from miniature.world import ODE_PAIRS_PER_CAPTION, TEACHER_FOLDERS, WORLDS  # noqa: E402
 from utils.errors import UserError, run_main  # noqa: E402
-from utils.io import atomic_write_json, atomic_write_text  # noqa: E402
+from utils.io import atomic_write_text  # noqa: E402
 
 # Clips judged for the report: the judge's 12 captions 4 times over with their own seeds. Per-clip figures vary
 # (seam ratio 0.7-2.1, adherence 0-1 for one model), so a mean of 12 clips moves by about 0.08 with the clips'
@@ -44,21 +45,6 @@ SHORT = {
     "causal_teacher": ["train.max_steps=2", "train.save_iters=2"],
     "num_eval": 2,
 }
-
-
-def run_stage(out: Path, name: str, command: list[str], fresh: bool) -> None:
-    """Run one entry point unless its .done marker exists; a failure stops the chain with its exit status."""
-    marker = out / f"{name}.done"
-    if marker.exists() and not fresh:
-        print(f"[quickstart] {name}: done earlier, reused ({marker})", flush=True)
-        return
-    print(f"[quickstart] {name}: {' '.join(command)}", flush=True)
-    start = time.perf_counter()
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-    status = subprocess.call([sys.executable, *command], cwd=REPO_ROOT, env=env)
-    if status != 0:
-        raise SystemExit(f"[quickstart] {name} failed with exit status {status}")
-    atomic_write_json(marker, {"seconds": time.perf_counter() - start, "command": command})
 
 
 def decode_saved_latents(folder: Path, vae):
@@ -85,23 +71,21 @@ def save_teacher_videos(folder: Path, videos: list, prompts: list[tuple[str, int
 
 
 def generate_clips(out: Path, name: str, recipe: str, checkpoint: Path, prompts: list[tuple[str, int]],
-                   overrides: list[str], fresh: bool, vae) -> tuple[list, list]:
+                   overrides: list[str], stages: Stages, vae) -> tuple[list, list]:
     """inference.py on the prompts (prompt i uses seed base + i); returns (records, decoded clips) in prompt order."""
     folder = out / "videos" / name
-    if fresh and folder.exists():
-        shutil.rmtree(folder)
     prompt_file = out / f"{name}_prompts.txt"
     atomic_write_text(prompt_file, "\n".join(p for p, _ in prompts) + "\n")
     marker = out / f"infer_{name}.done"
-    if marker.exists() and not fresh and not set(prompts) <= set(_clips_in(folder)):
+    if marker.exists() and not set(prompts) <= set(_clips_in(folder)):
         # an earlier run judged another evaluation set (--eval_clips): generate this one
         print(f"[quickstart] infer_{name}: the clips there are not the {len(prompts)} asked for, generating them",
               flush=True)
         marker.unlink()
         shutil.rmtree(folder, ignore_errors=True)
-    run_stage(out, f"infer_{name}", ["inference.py", "--config_path", recipe, "--checkpoint", str(checkpoint),
-                                      "--data_path", str(prompt_file), "--seed", str(prompts[0][1]),
-                                      "--output_folder", str(folder), "--save_latents", *overrides], fresh)
+    stages.run(f"infer_{name}", ["inference.py", "--config_path", recipe, "--checkpoint", str(checkpoint),
+                                 "--data_path", str(prompt_file), "--seed", str(prompts[0][1]),
+                                 "--output_folder", str(folder), "--save_latents", *overrides], outputs=[folder])
     clips = _clips_in(folder)
     records = [clips[prompt][0] for prompt in prompts]
     return records, [decode_saved_latents(clips[prompt][1], vae) for prompt in prompts]
@@ -117,11 +101,11 @@ def _clips_in(folder: Path) -> dict[tuple[str, int], tuple[dict, Path]]:
 
 
 def judge_student(out: Path, name: str, recipe: str, checkpoint: Path, prompts: list[tuple[str, int]], overrides: list[str],
-                  fresh: bool, vae, world) -> tuple[dict, list]:
+                  stages: Stages, vae, world) -> tuple[dict, list]:
     """Generate the evaluation clips with inference.py and judge them."""
     from miniature.report import summarise
 
-    records, videos = generate_clips(out, name, recipe, checkpoint, prompts, overrides, fresh, vae)
+    records, videos = generate_clips(out, name, recipe, checkpoint, prompts, overrides, stages, vae)
     geometry = records[0]["geometry"]
     # every block gets the same forwards, each covering that block only: per frame, nfe = calls / blocks
     nfe = [r["nfe"] / len(r["geometry"]["block_sizes"]) for r in records]
@@ -155,14 +139,14 @@ def student_seconds(pipe, prompt: str, seed: int) -> float:
 
 
 def judge_long_video(out: Path, name: str, recipe: str, checkpoint: Path, prompts: list[tuple[str, int]],
-                     overrides: list[str], fresh: bool, vae, geometry, world) -> tuple[dict, list]:
+                     overrides: list[str], stages: Stages, vae, geometry, world) -> tuple[dict, list]:
     """The student rolled out to LONG_VIDEO_FACTOR x its training length (rolling cache), judged per segment."""
     from miniature.report import LONG_VIDEO_FACTOR, long_video_summary
     from utils.geometry import pixel_frames_for
 
     frames = pixel_frames_for(LONG_VIDEO_FACTOR * geometry.num_latent_frames, geometry.vae_stride[0])
     _, videos = generate_clips(out, f"{name}_long", recipe, checkpoint, prompts,
-                               [*overrides, "--num_output_frames", str(frames)], fresh, vae)
+                               [*overrides, "--num_output_frames", str(frames)], stages, vae)
     return long_video_summary(name, videos, [p for p, _ in prompts], geometry.num_pixel_frames, world), videos
 
 
@@ -226,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.fresh and out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
+    stages = Stages(out, REPO_ROOT, fresh=args.fresh)
     short = SHORT if args.short else None
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     start = time.perf_counter()
@@ -259,34 +244,34 @@ def main(argv: list[str] | None = None) -> int:
                     f"generator.checkpoint={init_export / 'generator.safetensors'}", *(short["distill"] if short else [])]
 
     # 2. ODE pairs from the teacher, packed into one LMDB.
-    run_stage(out, "ode_pairs", ["scripts/generate_ode_pairs.py", "--config_path", RECIPES["ode"], "--caption_path",
-                                 str(out / "ode_prompts.txt"), "--output_folder", str(out / "ode_pairs"),
-                                 "--num_prompts", str(num_pairs), *ode_over], args.fresh)
-    run_stage(out, "lmdb", ["scripts/create_lmdb.py", "--data_path", str(out / "ode_pairs"), "--lmdb_path",
-                            str(out / "ode_pairs.lmdb")], args.fresh)
+    stages.run("ode_pairs", ["scripts/generate_ode_pairs.py", "--config_path", RECIPES["ode"], "--caption_path",
+                             str(out / "ode_prompts.txt"), "--output_folder", str(out / "ode_pairs"),
+                             "--num_prompts", str(num_pairs), *ode_over], outputs=[out / "ode_pairs"])
+    stages.run("lmdb", ["scripts/create_lmdb.py", "--data_path", str(out / "ode_pairs"), "--lmdb_path",
+                        str(out / "ode_pairs.lmdb")], outputs=[out / "ode_pairs.lmdb"])
     if args.ode_teacher == "causal":
         # 2b. Causal ODE init: the teacher turned causal (teacher forcing on the pairs' clean videos) makes the
         #     pairs again, block by block; ODE regression then reads those.
         causal_teacher = out / "causal_teacher" / "latest"
-        run_stage(out, "causal_teacher", ["train.py", "--config_path", RECIPES["causal_teacher"], "--logdir",
-                                          str(out / "causal_teacher"), "--disable-wandb", *ode_over,
-                                          *(short["causal_teacher"] if short else [])], args.fresh)
+        stages.run("causal_teacher", ["train.py", "--config_path", RECIPES["causal_teacher"], "--logdir",
+                                      str(out / "causal_teacher"), "--disable-wandb", *ode_over,
+                                      *(short["causal_teacher"] if short else [])], outputs=[out / "causal_teacher"])
         causal_over = [*student_over, f"real_score.checkpoint={causal_teacher}", *(short["ode"] if short else [])]
-        run_stage(out, "ode_pairs_causal", ["scripts/generate_ode_pairs.py", "--config_path", RECIPES["ode_causal"],
-                                            "--caption_path", str(out / "ode_prompts.txt"), "--output_folder",
-                                            str(out / "ode_pairs_causal"), "--num_prompts", str(num_pairs),
-                                            *causal_over], args.fresh)
-        run_stage(out, "lmdb_causal", ["scripts/create_lmdb.py", "--data_path", str(out / "ode_pairs_causal"),
-                                       "--lmdb_path", str(out / "ode_pairs_causal.lmdb")], args.fresh)
+        stages.run("ode_pairs_causal", ["scripts/generate_ode_pairs.py", "--config_path", RECIPES["ode_causal"],
+                                        "--caption_path", str(out / "ode_prompts.txt"), "--output_folder",
+                                        str(out / "ode_pairs_causal"), "--num_prompts", str(num_pairs),
+                                        *causal_over], outputs=[out / "ode_pairs_causal"])
+        stages.run("lmdb_causal", ["scripts/create_lmdb.py", "--data_path", str(out / "ode_pairs_causal"),
+                                   "--lmdb_path", str(out / "ode_pairs_causal.lmdb")], outputs=[out / "ode_pairs_causal.lmdb"])
         # the causal chain's ODE stage (Causal Forcing): the student starts from the causal teacher's weights
         ode_over = [*ode_over, *shift_over, f"train.data_path={out / 'ode_pairs_causal.lmdb'}",
                     f"generator.checkpoint={causal_teacher}"]
     # 3. ODE regression -> ode_init; 4. score distillation on self-forcing rollouts.
     ode_recipe = RECIPES["ode_causal" if args.ode_teacher == "causal" else "ode"]
-    run_stage(out, "ode_init", ["train.py", "--config_path", ode_recipe, "--logdir", str(out / "ode_init"),
-                                "--disable-wandb", *ode_over], args.fresh)
-    run_stage(out, args.loss, ["train.py", "--config_path", loss_recipe, "--logdir", str(out / args.loss),
-                               "--disable-wandb", *distill_over], args.fresh)
+    stages.run("ode_init", ["train.py", "--config_path", ode_recipe, "--logdir", str(out / "ode_init"),
+                            "--disable-wandb", *ode_over], outputs=[out / "ode_init"])
+    stages.run(args.loss, ["train.py", "--config_path", loss_recipe, "--logdir", str(out / args.loss),
+                           "--disable-wandb", *distill_over], outputs=[out / args.loss])
 
     # 5. Judge: the teacher (many steps + CFG), the ODE-init student and the distilled student, in this run.
     print("[quickstart] judging the teacher, the ODE-init student and the distilled student", flush=True)
@@ -316,14 +301,14 @@ def main(argv: list[str] | None = None) -> int:
             stride=student_geometry.vae_stride[0], world=world)
     vae = build_vae(resolved.vae)
     results["ode_init"], init_videos = judge_student(out, "ode_init", RECIPES["ode"], init_export, prompts, student_over,
-                                                     args.fresh, vae, world)
+                                                     stages, vae, world)
     # the distilled student as deployed: its EMA weights; the raw weights beside them, for comparison
     distilled_over = [*student_over, f"generator.checkpoint={init_export / 'generator.safetensors'}"]
     results[args.loss], distilled_videos = judge_student(
-        out, args.loss, loss_recipe, out / args.loss / "latest", prompts, [*distilled_over, "--use_ema"], args.fresh, vae,
+        out, args.loss, loss_recipe, out / args.loss / "latest", prompts, [*distilled_over, "--use_ema"], stages, vae,
         world)
     results[f"{args.loss}_no_ema"], _ = judge_student(
-        out, f"{args.loss}_no_ema", loss_recipe, out / args.loss / "latest", prompts, distilled_over, args.fresh, vae,
+        out, f"{args.loss}_no_ema", loss_recipe, out / args.loss / "latest", prompts, distilled_over, stages, vae,
         world)
     # the speed check: the teacher and the deployed student timed back to back on every evaluation prompt
     student = student_pipeline(loss_recipe, out / args.loss / "latest", distilled_over, use_ema=True)
@@ -332,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
         prompts)}
     # every evaluation prompt again at 4x the length: per-segment adherence over 12 clips moves in steps of 1/12
     results["long_video"], long_videos = judge_long_video(out, args.loss, loss_recipe, out / args.loss / "latest", prompts,
-                                             [*distilled_over, "--use_ema"], args.fresh, vae, student_geometry, world)
+                                             [*distilled_over, "--use_ema"], stages, vae, student_geometry, world)
 
     # 6. Pictures and the report.
     from miniature.pictures import frame_strips, training_curves

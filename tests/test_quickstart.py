@@ -78,15 +78,22 @@ def test_short_quickstart_runs_the_chain_and_reuses_stages(tmp_path, random_teac
     # a second run reuses every finished stage and still writes the report
     second = run_script(args, timeout=900)
     assert second.returncode == 0, second.stderr[-3000:]
-    assert all(f"{stage}: done earlier, reused" in second.stdout for stage in STAGES)
+    assert all(f"{stage}: done earlier with the same inputs, reused" in second.stdout for stage in STAGES)
     # another evaluation set: 3 clips instead of 2, so the students' clips are made again, the training reused
     third = run_script([*args, "--eval_clips", "3"], timeout=900)
     assert third.returncode == 0, third.stderr[-3000:]
-    assert all(f"{stage}: done earlier, reused" in third.stdout for stage in ("ode_pairs", "lmdb", "ode_init", "dmd"))
+    assert all(f"{stage}: done earlier with the same inputs, reused" in third.stdout for stage in ("ode_pairs", "lmdb", "ode_init", "dmd"))
     assert "infer_dmd: the clips there are not the 3 asked for" in third.stdout
     report = json.loads((out / "report.json").read_text())
     assert all(report[name]["num_videos"] == 3 for name in ("teacher", "ode_init", "dmd", "dmd_no_ema"))
     assert report["settings"]["num_eval"] == 3 and len(list((out / "videos" / "dmd").glob("*/video.mp4"))) == 3
+    # other options into the same folder: the stages they change run again from scratch, and every stage after them
+    fourth = run_script([*args, "--eval_clips", "3", "--student_shift", "1"], timeout=900)
+    assert fourth.returncode == 0, fourth.stderr[-3000:]
+    assert "ode_pairs: running it again: its command line changed" in fourth.stdout
+    assert all(f"{stage}: running it again" in fourth.stdout for stage in STAGES[1:])
+    assert "timestep_shift: 1.0" in (out / "dmd" / "config.yaml").read_text()
+    assert len([r for r in (out / "dmd" / "metrics.jsonl").read_text().splitlines() if "critic_loss" in r]) == 1
 
 
 

@@ -312,6 +312,14 @@ def _recipe_layers(path: Path, seen: tuple[Path, ...] = ()) -> list:
     return layers + [data]
 
 
+def recipe_files(path: str | Path) -> list[Path]:
+    """The recipe and the `base:` recipes it builds on, the deepest base first (what a run of it reads)."""
+    path = Path(path).resolve()
+    data = _read_yaml(path)
+    base = data.get("base") if hasattr(data, "get") else None
+    return (recipe_files(path.parent / str(base)) if base else []) + [path]
+
+
 def _all_keys(node: Any, prefix: str = "") -> list[str]:
     keys = []
     for key in node.keys():

@@ -1,0 +1,86 @@
+"""The quickstart's stages: run each entry point once, and again only when what it reads has changed.
+
+A finished stage leaves `<stage>.done` holding its inputs: the command line (with the output folder and the
+repository written as <out> and <repo>, so a stage folder copied into another run still matches) and the text of
+every recipe the command names, with its `base:` recipes. A stage runs again when those differ, or when an
+earlier stage ran in this invocation (it reads what that one made); before it runs, what it wrote is removed, so
+a training stage starts over instead of resuming from checkpoints made under other options.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+from utils.io import atomic_write_json
+
+
+class Stages:
+    def __init__(self, out: Path, repo_root: Path, fresh: bool = False):
+        self.out, self.repo_root = out, repo_root
+        self.rerun_rest = fresh  # set once a stage runs: every later stage runs too
+
+    def inputs(self, command: Sequence[str]) -> dict:
+        """What a stage reads: its portable command line and the recipes it names (text, bases included)."""
+        from utils.config import recipe_files
+
+        portable = [arg.replace(str(self.out), "<out>").replace(str(self.repo_root), "<repo>") for arg in command]
+        recipes = {}
+        for arg in command:
+            path = self.repo_root / arg if not os.path.isabs(arg) else Path(arg)
+            if arg.endswith((".yaml", ".yml")) and path.is_file():
+                for recipe in recipe_files(path):
+                    recipes[str(recipe).replace(str(self.repo_root), "<repo>")] = recipe.read_text()
+        return {"command": portable, "recipes": recipes}
+
+    def stale_reason(self, name: str, inputs: dict) -> str | None:
+        """Why a finished stage must run again (None: reuse it)."""
+        marker = self.out / f"{name}.done"
+        if not marker.exists():
+            return "not run yet"
+        if self.rerun_rest:
+            return "an earlier stage ran again"
+        recorded = json.loads(marker.read_text()).get("inputs")
+        if recorded is None:
+            return "its marker does not record what it read (made by an older quickstart)"
+        if recorded["command"] != inputs["command"]:
+            return "its command line changed"
+        if recorded["recipes"] != inputs["recipes"]:
+            changed = sorted(set(recorded["recipes"]) ^ set(inputs["recipes"]) | {
+                k for k in set(recorded["recipes"]) & set(inputs["recipes"]) if recorded["recipes"][k] != inputs["recipes"][k]})
+            return f"its recipe changed ({', '.join(Path(c).name for c in changed)})"
+        return None
+
+    def run(self, name: str, command: list[str], outputs: Sequence[Path] = ()) -> bool:
+        """Run `python <command>` unless finished with the same inputs; returns whether it ran.
+
+        outputs: what the stage writes, removed before it runs again. A failure stops the chain with its status.
+        """
+        inputs = self.inputs(command)
+        reason = self.stale_reason(name, inputs)
+        marker = self.out / f"{name}.done"
+        if reason is None:
+            print(f"[quickstart] {name}: done earlier with the same inputs, reused ({marker})", flush=True)
+            return False
+        if marker.exists():
+            print(f"[quickstart] {name}: running it again: {reason}", flush=True)
+            marker.unlink()
+        for path in outputs:
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+        self.rerun_rest = True
+        print(f"[quickstart] {name}: {' '.join(command)}", flush=True)
+        start = time.perf_counter()
+        env = {**os.environ, "PYTHONPATH": str(self.repo_root)}
+        status = subprocess.call([sys.executable, *command], cwd=self.repo_root, env=env)
+        if status != 0:
+            raise SystemExit(f"[quickstart] {name} failed with exit status {status}")
+        atomic_write_json(marker, {"seconds": time.perf_counter() - start, "command": command, "inputs": inputs})
+        return True
