@@ -164,6 +164,10 @@ def adherence(
 
 # Seeds of the reported evaluation set; the teacher's training script selects checkpoints on other seeds.
 EVAL_FIRST_SEED = 1000
+# The teacher's checkpoints are selected on the same captions with these seeds (scripts/train_miniature_teacher.py);
+# each set may hold up to MAX_CLIPS clips before its seeds would run into the next set's.
+VALIDATION_FIRST_SEEDS = (2000, 3000)
+MAX_CLIPS = 1000
 
 
 def eval_prompts(first_seed: int = EVAL_FIRST_SEED, num_clips: int = 12) -> list[tuple[str, int]]:
@@ -174,8 +178,9 @@ def eval_prompts(first_seed: int = EVAL_FIRST_SEED, num_clips: int = 12) -> list
     itself: more clips per caption narrow the means that a clip's own noise moves (a seam ratio of 12 clips
     has a standard error near 0.08).
     """
-    if num_clips < 1:
-        raise ValueError(f"eval_prompts: num_clips {num_clips}, expected at least 1")
+    if not 1 <= num_clips <= MAX_CLIPS:
+        raise ValueError(f"eval_prompts: num_clips {num_clips}, expected 1 to {MAX_CLIPS} (more would reach the seeds "
+                         "of the next set)")
     shapes, colours = list(dict.fromkeys(c.shape for c in all_captions())), list(SHAPE_COLOURS)
     directions, backgrounds, speeds = list(DIRECTIONS), list(BACKGROUND_COLOURS), list(SPEED_ADVERBS)
     prompts = []

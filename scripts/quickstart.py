@@ -24,6 +24,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
+from miniature.judge import EVAL_FIRST_SEED, MAX_CLIPS  # noqa: E402
 from miniature.stages import Stages  # noqa: E402
 from miniature.world import ODE_PAIRS_PER_CAPTION, TEACHER_FOLDERS, WORLDS  # noqa: E402
 from utils.errors import UserError, run_main  # noqa: E402
@@ -182,8 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     pairs_per_caption = ODE_PAIRS_PER_CAPTION[args.world] if args.pairs_per_caption is None else args.pairs_per_caption
     eval_clips = args.eval_clips if args.eval_clips is not None else SHORT["num_eval"] if args.short else EVAL_CLIPS
-    if eval_clips < 1:
-        raise UserError(f"--eval_clips {eval_clips}: expected at least 1")
+    if not 1 <= eval_clips <= MAX_CLIPS:
+        raise UserError(f"--eval_clips {eval_clips}: expected 1 to {MAX_CLIPS} (the evaluation seeds start at "
+                        f"{EVAL_FIRST_SEED}; more clips would reach the teacher's validation seeds)")
     if args.student_shift is not None and not args.student_shift > 0:
         raise UserError(f"--student_shift {args.student_shift}: expected a shift above 0 (1 leaves the step list as it is)")
     if pairs_per_caption < 1:

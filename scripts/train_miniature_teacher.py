@@ -50,7 +50,7 @@ from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from miniature.judge import eval_prompts, score_clip  # noqa: E402
+from miniature.judge import VALIDATION_FIRST_SEEDS, eval_prompts, score_clip  # noqa: E402
 from miniature.vae import MiniatureVAE  # noqa: E402
 from miniature.world import (  # noqa: E402
     DEFAULT_WORLD,
@@ -76,9 +76,8 @@ RECIPE = CONFIGS / "ode.yaml"
 NUM_TRAIN_TIMESTEPS = 1000
 # Training seeds start here so no training clip repeats an evaluation clip (eval seeds are 1000 + i).
 TRAIN_SEED_OFFSET = 1_000_000
-# Checkpoints are selected on the evaluation captions with other noise (seeds 2000 + i and 3000 + i), so
-# the adherence the quickstart reports (seeds 1000 + i) is measured on clips the selection never saw.
-VALIDATION_FIRST_SEEDS = (2000, 3000)
+# Checkpoints are selected on the evaluation captions with other noise (VALIDATION_FIRST_SEEDS: seeds 2000 + i and
+# 3000 + i), so the adherence the quickstart reports (seeds 1000 + i) is measured on clips the selection never saw.
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -4,7 +4,7 @@ import dataclasses
 import pytest
 import torch
 
-from miniature.judge import adherence, eval_prompts, score_clip
+from miniature.judge import MAX_CLIPS, VALIDATION_FIRST_SEEDS, adherence, eval_prompts, score_clip
 from miniature.world import (
     BACKGROUND_COLOURS,
     DIRECTIONS,
@@ -44,6 +44,10 @@ def test_eval_set_is_small_fixed_and_covers_the_world():
     assert not {seed for _, seed in eval_prompts(num_clips=48)} & {seed for _, seed in validation}
     with pytest.raises(ValueError, match="num_clips 0"):
         eval_prompts(num_clips=0)
+    # the largest set stops short of the validation seeds
+    assert max(seed for _, seed in eval_prompts(num_clips=MAX_CLIPS)) < min(VALIDATION_FIRST_SEEDS)
+    with pytest.raises(ValueError, match="reach the seeds of the next set"):
+        eval_prompts(num_clips=MAX_CLIPS + 1)
 
 
 def test_world_clips_score_at_least_095():

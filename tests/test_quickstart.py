@@ -82,7 +82,8 @@ def test_short_quickstart_runs_the_chain_and_reuses_stages(tmp_path, random_teac
     # another evaluation set: 3 clips instead of 2, so the students' clips are made again, the training reused
     third = run_script([*args, "--eval_clips", "3"], timeout=900)
     assert third.returncode == 0, third.stderr[-3000:]
-    assert all(f"{stage}: done earlier with the same inputs, reused" in third.stdout for stage in ("ode_pairs", "lmdb", "ode_init", "dmd"))
+    assert all(f"{stage}: done earlier with the same inputs, reused" in third.stdout
+               for stage in ("ode_pairs", "lmdb", "ode_init", "dmd"))
     assert "infer_dmd: the clips there are not the 3 asked for" in third.stdout
     report = json.loads((out / "report.json").read_text())
     assert all(report[name]["num_videos"] == 3 for name in ("teacher", "ode_init", "dmd", "dmd_no_ema"))
@@ -223,7 +224,10 @@ def test_quickstart_refuses_a_missing_teacher_and_no_pairs_before_work(tmp_path)
     assert result.returncode == 2 and "--pairs_per_caption 0: expected at least 1" in result.stderr
     assert not (tmp_path / "qs").exists()
     result = run_script(["scripts/quickstart.py", "--eval_clips", "0", "--out", str(tmp_path / "qs")], timeout=120)
-    assert result.returncode == 2 and "--eval_clips 0: expected at least 1" in result.stderr
+    assert result.returncode == 2 and "--eval_clips 0: expected 1 to 1000" in result.stderr
+    assert not (tmp_path / "qs").exists()
+    result = run_script(["scripts/quickstart.py", "--eval_clips", "1001", "--out", str(tmp_path / "qs")], timeout=120)
+    assert result.returncode == 2 and "would reach the teacher's validation seeds" in result.stderr
     assert not (tmp_path / "qs").exists()
     result = run_script(["scripts/quickstart.py", "--student_shift", "0", "--out", str(tmp_path / "qs")], timeout=120)
     assert result.returncode == 2 and "--student_shift 0.0: expected a shift above 0" in result.stderr
