@@ -1,10 +1,11 @@
 """The quickstart's stages: run each entry point once, and again only when what it reads has changed.
 
 A finished stage leaves `<stage>.done` holding its inputs: the command line (with the output folder and the
-repository written as <out> and <repo>, so a stage folder copied into another run still matches) and the text of
-every recipe the command names, with its `base:` recipes. A stage runs again when those differ, or when an
-earlier stage ran in this invocation (it reads what that one made); before it runs, what it wrote is removed, so
-a training stage starts over instead of resuming from checkpoints made under other options.
+repository written as <out> and <repo>, so a stage folder copied into another run still matches) and the settings
+of every recipe the command names, with its `base:` recipes (as parsed: an edited comment changes nothing). A
+stage runs again when those differ, or when an earlier stage ran in this invocation (it reads what that one
+made); before it runs, what it wrote is removed, so a training stage starts over instead of resuming from
+checkpoints made under other options.
 """
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+import yaml
+
 from utils.io import atomic_write_json
 
 
@@ -26,7 +29,7 @@ class Stages:
         self.rerun_rest = fresh  # set once a stage runs: every later stage runs too
 
     def inputs(self, command: Sequence[str]) -> dict:
-        """What a stage reads: its portable command line and the recipes it names (text, bases included)."""
+        """What a stage reads: its portable command line and the recipes it names (settings, bases included)."""
         from utils.config import recipe_files
 
         portable = [arg.replace(str(self.out), "<out>").replace(str(self.repo_root), "<repo>") for arg in command]
@@ -35,7 +38,7 @@ class Stages:
             path = self.repo_root / arg if not os.path.isabs(arg) else Path(arg)
             if arg.endswith((".yaml", ".yml")) and path.is_file():
                 for recipe in recipe_files(path):
-                    recipes[str(recipe).replace(str(self.repo_root), "<repo>")] = recipe.read_text()
+                    recipes[str(recipe).replace(str(self.repo_root), "<repo>")] = yaml.safe_load(recipe.read_text())
         return {"command": portable, "recipes": recipes}
 
     def stale_reason(self, name: str, inputs: dict) -> str | None:

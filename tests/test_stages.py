@@ -53,6 +53,8 @@ def test_a_changed_recipe_or_base_recipe_reruns_the_stage(tmp_path, capsys):
     recipe = tmp_path / "recipe.yaml"
     assert stage(Stages(out, REPO_ROOT), "a", out / "a", recipe)
     assert stage(Stages(out, REPO_ROOT), "a", out / "a", recipe) is False
+    (tmp_path / "base.yaml").write_text("# a comment changes no setting\ntrain: {max_steps: 4}\n")
+    assert stage(Stages(out, REPO_ROOT), "a", out / "a", recipe) is False
     (tmp_path / "base.yaml").write_text("train: {max_steps: 8}\n")
     assert stage(Stages(out, REPO_ROOT), "a", out / "a", recipe)
     assert "its recipe changed (base.yaml)" in capsys.readouterr().out
