@@ -1,14 +1,16 @@
 """The quickstart's stages: run each entry point once, and again only when what it reads has changed.
 
 A finished stage leaves `<stage>.done` holding its inputs: the command line (with the output folder and the
-repository written as <out> and <repo>, so a stage folder copied into another run still matches) and the settings
-of every recipe the command names, with its `base:` recipes (as parsed: an edited comment changes nothing). A
-stage runs again when those differ, or when an earlier stage ran in this invocation (it reads what that one
-made); before it runs, what it wrote is removed, so a training stage starts over instead of resuming from
-checkpoints made under other options.
+repository written as <out> and <repo>, so a stage folder copied into another run still matches), the settings of
+every recipe the command names, with its `base:` recipes (as parsed: an edited comment changes nothing), and the
+content of every prompt list (.txt) it names (another evaluation set makes the clips again). A stage runs again
+when those differ, or when an earlier stage ran in this invocation (it reads what that one made); before it runs,
+what it wrote is removed, so a training stage starts over instead of resuming from checkpoints made under other
+options.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -29,17 +31,23 @@ class Stages:
         self.rerun_rest = fresh  # set once a stage runs: every later stage runs too
 
     def inputs(self, command: Sequence[str]) -> dict:
-        """What a stage reads: its portable command line and the recipes it names (settings, bases included)."""
+        """What a stage reads: its portable command line, the recipes it names (settings, bases included) and the
+        prompt lists it names (their content's hash)."""
         from utils.config import recipe_files
 
-        portable = [arg.replace(str(self.out), "<out>").replace(str(self.repo_root), "<repo>") for arg in command]
-        recipes = {}
+        portable = [self._portable(arg) for arg in command]
+        recipes, texts = {}, {}
         for arg in command:
             path = self.repo_root / arg if not os.path.isabs(arg) else Path(arg)
             if arg.endswith((".yaml", ".yml")) and path.is_file():
                 for recipe in recipe_files(path):
-                    recipes[str(recipe).replace(str(self.repo_root), "<repo>")] = yaml.safe_load(recipe.read_text())
-        return {"command": portable, "recipes": recipes}
+                    recipes[self._portable(str(recipe))] = yaml.safe_load(recipe.read_text())
+            elif arg.endswith(".txt") and path.is_file():  # a prompt or caption list
+                texts[self._portable(arg)] = hashlib.sha256(path.read_bytes()).hexdigest()
+        return {"command": portable, "recipes": recipes, "texts": texts}
+
+    def _portable(self, arg: str) -> str:
+        return arg.replace(str(self.out), "<out>").replace(str(self.repo_root), "<repo>")
 
     def stale_reason(self, name: str, inputs: dict) -> str | None:
         """Why a finished stage must run again (None: reuse it)."""
@@ -57,6 +65,10 @@ class Stages:
             changed = sorted(set(recorded["recipes"]) ^ set(inputs["recipes"]) | {
                 k for k in set(recorded["recipes"]) & set(inputs["recipes"]) if recorded["recipes"][k] != inputs["recipes"][k]})
             return f"its recipe changed ({', '.join(Path(c).name for c in changed)})"
+        if recorded.get("texts") != inputs["texts"]:
+            changed = sorted(k for k in set(recorded.get("texts") or {}) | set(inputs["texts"])
+                             if (recorded.get("texts") or {}).get(k) != inputs["texts"].get(k))
+            return f"a prompt list it reads changed ({', '.join(Path(c).name for c in changed)})"
         return None
 
     def run(self, name: str, command: list[str], outputs: Sequence[Path] = ()) -> bool:

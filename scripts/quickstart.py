@@ -77,13 +77,6 @@ def generate_clips(out: Path, name: str, recipe: str, checkpoint: Path, prompts:
     folder = out / "videos" / name
     prompt_file = out / f"{name}_prompts.txt"
     atomic_write_text(prompt_file, "\n".join(p for p, _ in prompts) + "\n")
-    marker = out / f"infer_{name}.done"
-    if marker.exists() and not set(prompts) <= set(_clips_in(folder)):
-        # an earlier run judged another evaluation set (--eval_clips): generate this one
-        print(f"[quickstart] infer_{name}: the clips there are not the {len(prompts)} asked for, generating them",
-              flush=True)
-        marker.unlink()
-        shutil.rmtree(folder, ignore_errors=True)
     stages.run(f"infer_{name}", ["inference.py", "--config_path", recipe, "--checkpoint", str(checkpoint),
                                  "--data_path", str(prompt_file), "--seed", str(prompts[0][1]),
                                  "--output_folder", str(folder), "--save_latents", *overrides], outputs=[folder])

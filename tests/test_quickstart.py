@@ -84,7 +84,8 @@ def test_short_quickstart_runs_the_chain_and_reuses_stages(tmp_path, random_teac
     assert third.returncode == 0, third.stderr[-3000:]
     assert all(f"{stage}: done earlier with the same inputs, reused" in third.stdout
                for stage in ("ode_pairs", "lmdb", "ode_init", "dmd"))
-    assert "infer_dmd: the clips there are not the 3 asked for" in third.stdout
+    assert "infer_ode_init: running it again: a prompt list it reads changed (ode_init_prompts.txt)" in third.stdout
+    assert "infer_dmd: running it again" in third.stdout
     report = json.loads((out / "report.json").read_text())
     assert all(report[name]["num_videos"] == 3 for name in ("teacher", "ode_init", "dmd", "dmd_no_ema"))
     assert report["settings"]["num_eval"] == 3 and len(list((out / "videos" / "dmd").glob("*/video.mp4"))) == 3

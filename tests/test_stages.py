@@ -60,6 +60,19 @@ def test_a_changed_recipe_or_base_recipe_reruns_the_stage(tmp_path, capsys):
     assert "its recipe changed (base.yaml)" in capsys.readouterr().out
 
 
+def test_another_prompt_list_reruns_the_stage(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    prompts = out / "prompts.txt"
+    prompts.write_text("a red circle\n")
+    assert stage(Stages(out, REPO_ROOT), "a", out / "a", prompts)
+    prompts.write_text("a red circle\n")  # written again, the same list
+    assert stage(Stages(out, REPO_ROOT), "a", out / "a", prompts) is False
+    prompts.write_text("a red circle\na blue square\n")
+    assert stage(Stages(out, REPO_ROOT), "a", out / "a", prompts)
+    assert "a prompt list it reads changed (prompts.txt)" in capsys.readouterr().out
+
+
 def test_a_marker_without_recorded_inputs_is_not_trusted(tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
