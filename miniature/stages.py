@@ -61,14 +61,11 @@ class Stages:
             return "its marker does not record what it read (made by an older quickstart)"
         if recorded["command"] != inputs["command"]:
             return "its command line changed"
-        if recorded["recipes"] != inputs["recipes"]:
-            changed = sorted(set(recorded["recipes"]) ^ set(inputs["recipes"]) | {
-                k for k in set(recorded["recipes"]) & set(inputs["recipes"]) if recorded["recipes"][k] != inputs["recipes"][k]})
-            return f"its recipe changed ({', '.join(Path(c).name for c in changed)})"
-        if recorded.get("texts") != inputs["texts"]:
-            changed = sorted(k for k in set(recorded.get("texts") or {}) | set(inputs["texts"])
-                             if (recorded.get("texts") or {}).get(k) != inputs["texts"].get(k))
-            return f"a prompt list it reads changed ({', '.join(Path(c).name for c in changed)})"
+        for key, what in (("recipes", "its recipe changed"), ("texts", "a prompt list it reads changed")):
+            before, now = recorded.get(key) or {}, inputs[key]
+            changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+            if changed:
+                return f"{what} ({', '.join(Path(k).name for k in changed)})"
         return None
 
     def run(self, name: str, command: list[str], outputs: Sequence[Path] = ()) -> bool:

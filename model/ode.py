@@ -63,10 +63,16 @@ class OdeRegression(Objective):
         with real_values():
             return self._draw_points(timesteps, generator)
 
-    def _draw_points(self, timesteps: Tensor, generator: Optional[torch.Generator]) -> list[int]:
+    @staticmethod
+    def _noisy_points(timesteps: Tensor) -> Tensor:
+        """Indices of the kept points with t != 0."""
         noisy = torch.nonzero(timesteps.cpu() != 0).flatten()
         if noisy.numel() == 0:
             raise UserError("the ODE pairs keep no noisy trajectory point (every timestep is 0)")
+        return noisy
+
+    def _draw_points(self, timesteps: Tensor, generator: Optional[torch.Generator]) -> list[int]:
+        noisy = self._noisy_points(timesteps)
         num_blocks = self.geometry.num_blocks
         if not self.clean_context:
             return noisy[torch.randint(0, noisy.numel(), (num_blocks,), generator=generator)].tolist()
@@ -80,9 +86,7 @@ class OdeRegression(Objective):
                      generator: Optional[torch.Generator] = None) -> tuple[list[int], list[int]]:
         """Teacher forcing: one target block per sample and one noisy kept point for it."""
         with real_values():
-            noisy = torch.nonzero(timesteps.cpu() != 0).flatten()
-            if noisy.numel() == 0:
-                raise UserError("the ODE pairs keep no noisy trajectory point (every timestep is 0)")
+            noisy = self._noisy_points(timesteps)
             blocks = torch.randint(0, self.geometry.num_blocks, (batch_size,), generator=generator)
             points = noisy[torch.randint(0, noisy.numel(), (batch_size,), generator=generator)]
             return blocks.tolist(), points.tolist()
