@@ -25,6 +25,7 @@ from pipeline.causal_inference import (
     recipe_for_checkpoint,
     resolve_generator_weights,
 )
+from pipeline.components import check_light_decoder
 from pipeline.run_options import DTYPES, MAX_SEED, check_device, default_dtype
 from utils.config import load_config, parse_cli
 from utils.datasets import TextPromptDataset
@@ -67,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     # 1. Check every input before loading anything.
     config = recipe_for_checkpoint(load_config(args.config_path, overrides), args.checkpoint)
     resolved = resolve_recipe(config, need_scores=False, check_weights=False)  # --checkpoint replaces the generator's
+    check_light_decoder(config, resolved.vae)  # inference.decoder: light, for the recipe's latents
     prompts = [args.prompt] if args.prompt is not None else TextPromptDataset(args.data_path).prompts
     if args.prompt is not None and not args.prompt.strip():
         raise UserError("--prompt is empty: expected a text prompt")
@@ -107,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         "device": str(device), "dtype": str(dtype).removeprefix("torch."), "attention_backend": config.attention_backend,
         "denoising_timesteps": [round(float(t), 4) for t in pipe.timesteps], "context_noise": config.rollout.context_noise,
         "cache_frames": geometry.cache_frames, "sink_frames": geometry.sink_frames, "fps": config.video.fps,
+        "decoder": pipe.decoder_name, "overlap_decode": pipe.overlap_decode,
         "config": OmegaConf.to_container(OmegaConf.structured(config)),
     }
 

@@ -55,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     from pathlib import Path
 
     from pipeline.causal_inference import CausalInferencePipeline, recipe_for_checkpoint, resolve_generator_weights
+    from pipeline.components import check_light_decoder
     from pipeline.run_options import check_device, default_dtype
     from utils.config import load_config
     from utils.geometry import pixel_frames_for, resolve_recipe
@@ -66,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"--max_queue {args.max_queue}: expected 0 or more waiting requests")
     config = recipe_for_checkpoint(load_config(args.config_path, overrides), args.checkpoint)
     resolved = resolve_recipe(config, need_scores=False, check_weights=False)
+    check_light_decoder(config, resolved.vae)
     geometry = resolved.geometry
     max_frames = args.max_frames or pixel_frames_for(20 * geometry.num_latent_frames, geometry.vae_stride[0])
     if max_frames < 1:
@@ -90,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
                          max_frames=max_frames, parameters=parameters)
     info = {"model": args.checkpoint or "recipe generator (random weights)", "device": str(device),
             "width": geometry.width, "height": geometry.height, "num_frames": geometry.num_pixel_frames,
-            "fps": config.video.fps, "task": config.video.task}
+            "fps": config.video.fps, "task": config.video.task, "decoder": pipe.decoder_name}
     app = create_app(manager, info)
     print(f"serving on http://{args.host}:{args.port} (load {pipe.load_s:.1f} s)", flush=True)
     try:

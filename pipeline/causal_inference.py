@@ -5,8 +5,10 @@ called per prompt (what the CLI, a notebook or a server calls). Each call:
   1. encodes the prompt (and, for TI2V, the first-frame image into a clean latent);
   2. runs `pipeline.rollout.BlockRollout` (the same block-wise few-step KV-cache routine training
      uses), all steps, no gradient;
-  3. decodes each finished block with the VAE's streaming decoder inside the rollout's `on_block`
-     callback, so the first pixels exist after the first block.
+  3. decodes each finished block with the VAE's streaming decoder (or the light decoder,
+     inference.decoder: light) from the rollout's `on_block` callback, so the first pixels exist after the
+     first block; with inference.overlap_decode, block k decodes on a second CUDA stream (a worker thread)
+     while block k+1 denoises, the same frames either way.
 
 Frame counts: `num_output_frames` counts pixel frames (like `video.num_frames`), 4k+1 for Wan VAEs, and
 its latent frames must fill whole blocks. Past the training length the KV cache rolls: a local window
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -24,7 +27,16 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from pipeline.components import build_dit, build_text_encoder, build_vae, compile_blocks, text_encoder_device
+from pipeline.components import (
+    build_dit,
+    build_light_decoder,
+    build_text_encoder,
+    build_vae,
+    check_light_decoder,
+    compile_blocks,
+    overlap_decode_enabled,
+    text_encoder_device,
+)
 from pipeline.schedule import few_step_timesteps
 from utils.config import Config
 from utils.errors import UserError
@@ -162,6 +174,7 @@ class InferenceComponents:
     text_encoder: object
     vae: torch.nn.Module
     generator: torch.nn.Module
+    light_decoder: Optional[torch.nn.Module] = None  # decodes instead of the VAE when given
 
 
 class CausalInferencePipeline:
@@ -184,6 +197,9 @@ class CausalInferencePipeline:
         self.device, self.dtype = torch.device(device), dtype
         self.profiler = profiler or MemoryProfiler(enabled=False, device=self.device)
         self.weights = resolve_generator_weights(checkpoint, use_ema, resolved.generator.arch)
+        if components is None:
+            check_light_decoder(config, resolved.vae)  # a decoder for other latents: refused before any load
+        self.overlap_decode = overlap_decode_enabled(config, self.device)
         self.timesteps = few_step_timesteps(
             config.rollout.denoising_step_list, config.rollout.warp_denoising_step, config.flow.timestep_shift,
             config.flow.num_train_timesteps,
@@ -192,6 +208,7 @@ class CausalInferencePipeline:
         start = self._clock()
         if components is not None:
             self.text_encoder, self.vae, self.generator = components.text_encoder, components.vae, components.generator
+            self.light_decoder = components.light_decoder
             self.load_s, self.base_memory_bytes = 0.0, current_bytes(self.device)
             self.compiled = compile_blocks(self.generator, config.inference.compile, config.inference.compile_mode, self.device)
             return
@@ -199,7 +216,8 @@ class CausalInferencePipeline:
             self.text_encoder = build_text_encoder(
                 config, device=text_encoder_device(config, self.device), dtype=dtype, seed=config.train.seed)
         with self.profiler.component("vae"):
-            self.vae = build_vae(resolved.vae, device=self.device, dtype=dtype)
+            self.vae = build_vae(resolved.vae, device=self.device, dtype=dtype)  # decodes, and encodes first frames
+            self.light_decoder = build_light_decoder(config, resolved.vae, device=self.device, dtype=dtype)
         with self.profiler.component("generator"):
             self.generator = self._load_generator().eval().requires_grad_(False)
         # 2. Compiled blocks (inference.compile); the first generation pays the compilation.
@@ -219,9 +237,19 @@ class CausalInferencePipeline:
                                               attention_backend=backend, arch=arch)
 
     def _clock(self) -> float:
+        """Wall time once the calling thread's CUDA stream is idle (not the whole device: decoding beside
+        denoising runs on a stream of its own, and each side times only its own work)."""
         if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+            torch.cuda.current_stream(self.device).synchronize()
         return time.perf_counter()
+
+    @property
+    def decoder_name(self) -> str:
+        return "light" if self.light_decoder is not None else "full"
+
+    def stream_decoder(self):
+        """A per-video decoder with `decode(block latents) -> pixels`: the light decoder's, or the VAE's."""
+        return self.light_decoder.stream() if self.light_decoder is not None else self.vae.stream_decoder()
 
     # ----------------------------------------------------------------------------------------- per request
     def task_for(self, image: str | Path | None) -> str:
@@ -297,11 +325,12 @@ class CausalInferencePipeline:
                 switches.append({"block": index, "prompt": new_prompt, "recache": bool(recache)})
                 return PromptSwitch(self.text_encoder.encode([new_prompt]).to(self.device, self.dtype), bool(recache))
 
-            with profiler.phase("rollout"):
+            with profiler.phase("rollout"), stream:
                 output = rollout.run(
                     stream.wrap(self.generator), noise, context, first_frame=first_frame, kv_cache=kv_cache,
                     on_block=stream.on_block, noise_generator=renoise, prompt_switch=switch_hook,
                 )
+                stream.finish()  # the last block's decode, when it runs beside
             video = torch.cat(stream.pixels, dim=1)[0].float().cpu()
         total_s = self._clock() - start
         if not bool(torch.isfinite(output.latents).all()):
@@ -330,48 +359,101 @@ class _StreamingDecode:
 
     The rollout emits a block (on_block) before its context pass, so each block's context pass is
     measured on its own (the generator proxy below) and booked to that block, not to the next one.
+    With overlap (pipe.overlap_decode, not while profiling memory phases), each block is handed to one
+    worker thread that decodes the blocks in order, on its own CUDA stream after the block's latents are
+    ready, while the rollout goes on; a failure there (a stopped stream, say) is raised at the next generator
+    forward.
+    Use it as a context manager: leaving it waits for the worker.
     """
 
     def __init__(self, pipe: CausalInferencePipeline, profiler: MemoryProfiler, start: float,
                  on_pixels: Optional[PixelCallback]):
         self.pipe, self.profiler, self.start, self.on_pixels = pipe, profiler, start, on_pixels
-        self.decoder = pipe.vae.stream_decoder()
+        self.decoder = pipe.stream_decoder()
         self.pixels: list[Tensor] = []
         self.until_block_s: list[float] = []  # from the previous decode's end to this block's emission
         self.context_pass_s: list[float] = []  # the context pass of each emitted block
         self.decode_s = 0.0
         self.first_block_latency_s: Optional[float] = None
+        overlap = pipe.overlap_decode and not profiler.enabled
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode") if overlap else None
+        self._side = torch.cuda.Stream(pipe.device) if overlap and pipe.device.type == "cuda" else None
+        self._pending: list[Future] = []
         self._mark = pipe._clock()
         self._step = 0
 
+    def __enter__(self) -> "_StreamingDecode":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._worker is not None:
+            self._worker.shutdown(wait=True, cancel_futures=True)
+
     def on_block(self, block_index: int, latents: Tensor) -> None:
         # 1. The block's denoising ends here; its decode is timed apart.
-        clock = self.pipe._clock
-        now = clock()
+        now = self.pipe._clock()
         self.until_block_s.append(now - self._mark)
-        # 2. Decode it; the first decoded pixels mark the first-block latency.
-        with self.profiler.phase(f"block_{block_index}/decode"):
-            pixels = self.decoder.decode(latents)
+        # 2. Decode it here, or hand it to the worker once an earlier block's failure has been raised.
+        if self._worker is None:
+            with self.profiler.phase(f"block_{block_index}/decode"):
+                self._decode(block_index, latents)
+        else:
+            self._raise_failure(wait=False)
+            ready = None
+            if self._side is not None:
+                ready = torch.cuda.Event()
+                ready.record()  # on the rollout's stream: the block's latents are final there
+            self._pending.append(self._worker.submit(self._decode_beside, block_index, latents, ready))
+        self._mark, self._step = self.pipe._clock(), 0
+
+    def finish(self) -> None:
+        """Wait for every block handed to the worker; raise the first failure."""
+        if self._worker is not None:
+            self._raise_failure(wait=True)
+
+    def _raise_failure(self, wait: bool) -> None:
+        """Raise a finished decode's failure (every decode's, waiting, when `wait`); forget the ones done well."""
+        for future in self._pending:
+            if wait or future.done():
+                future.result()
+        self._pending = [future for future in self._pending if not future.done()]
+
+    def _decode_beside(self, block_index: int, latents: Tensor, ready: Optional["torch.cuda.Event"]) -> None:
+        with torch.no_grad():  # grad mode is per thread
+            if self._side is None:
+                return self._decode(block_index, latents)
+            with torch.cuda.stream(self._side):
+                self._side.wait_event(ready)
+                latents.record_stream(self._side)  # the allocator must not reuse it before this stream is done
+                return self._decode(block_index, latents)
+
+    def _decode(self, block_index: int, latents: Tensor) -> None:
+        """Decode one block on the calling thread's stream; the first decoded pixels mark the first-block latency."""
+        clock = self.pipe._clock
+        started = clock()
+        pixels = self.decoder.decode(latents)
         done = clock()
-        self.decode_s += done - now
+        self.decode_s += done - started
         if self.first_block_latency_s is None:
             self.first_block_latency_s = done - self.start
         self.pixels.append(pixels.float().cpu())
         if self.on_pixels is not None:
             self.on_pixels(block_index, pixels)
-        self._mark, self._step = clock(), 0
 
     def forward(self, generator: torch.nn.Module, commit: bool, *args, **kwargs) -> Tensor:
         """One generator forward as a named memory phase; context passes (commit=True) are timed."""
         # a commit after the emitted block's own context pass re-caches for a prompt switch: it belongs to the
         # next block's time, like its denoising steps
-        recache = commit and len(self.context_pass_s) >= len(self.pixels)
+        if self._pending:  # a decode beside failed (a stopped stream): stop at this step, not at the next block
+            self._raise_failure(wait=False)
+        emitted = len(self.until_block_s)  # blocks emitted so far (their pixels may still be decoding beside)
+        recache = commit and len(self.context_pass_s) >= emitted
         if recache:
-            name = f"block_{len(self.pixels)}/recache"
+            name = f"block_{emitted}/recache"
         elif commit:  # the context pass of the block emitted last
-            name = f"block_{len(self.pixels) - 1}/context_pass"
+            name = f"block_{emitted - 1}/context_pass"
         else:
-            name, self._step = f"block_{len(self.pixels)}/step_{self._step}", self._step + 1
+            name, self._step = f"block_{emitted}/step_{self._step}", self._step + 1
         start = self.pipe._clock() if commit else 0.0
         with self.profiler.phase(name):
             flow = generator.forward_cached(*args, commit=commit, **kwargs)

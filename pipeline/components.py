@@ -125,3 +125,34 @@ def compile_blocks(model: nn.Module, enabled: bool | None, mode: str, device: to
     for block in model.blocks:
         block.compile(dynamic=False, mode=mode)
     return True
+
+
+def check_light_decoder(config: Config, vae: VaeSpec) -> Optional[dict]:
+    """The light decoder's architecture when the recipe decodes with one, checked against the VAE's latents.
+
+    It reads only the file's shapes, so a decoder made for other latents is refused before any model loads.
+    """
+    if config.inference.decoder != "light":
+        return None
+    from wan.light_decoder import check_light_decoder_matches, read_light_decoder_arch
+
+    path = config.inference.light_decoder
+    arch = read_light_decoder_arch(path)
+    check_light_decoder_matches(arch, vae.z_dim, vae.stride, path)
+    return arch
+
+
+def build_light_decoder(config: Config, vae: VaeSpec, *, device: str | torch.device = "cpu",
+                        dtype: torch.dtype = torch.float32) -> Optional[nn.Module]:
+    """The recipe's light decoder (inference.decoder: light), or None when it decodes with the full VAE."""
+    if check_light_decoder(config, vae) is None:
+        return None
+    from wan.light_decoder import LightDecoder
+
+    return LightDecoder.from_pretrained(config.inference.light_decoder, device=device, dtype=dtype)
+
+
+def overlap_decode_enabled(config: Config, device: torch.device) -> bool:
+    """inference.overlap_decode, its empty default resolved: on for CUDA, off elsewhere."""
+    choice = config.inference.overlap_decode
+    return device.type == "cuda" if choice is None else bool(choice)

@@ -307,6 +307,7 @@ def test_the_page_plays_the_stream_in_a_real_browser(server, tmp_path):
         browser.goto(server.url + "/")
         assert browser.evaluate("document.title") == "Self-Forcing streaming"
         browser.wait_for("document.getElementById('frames').value !== ''")  # /config loaded
+        assert browser.evaluate("document.getElementById('model').textContent").endswith("· full decoder")
         blank = browser.evaluate("document.getElementById('canvas').toDataURL()")
         browser.type_into("#prompt", PROMPT)
         browser.evaluate(f"document.getElementById('frames').value = {LONG}")
@@ -343,4 +344,11 @@ def test_serve_command_line_errors_are_one_line(tmp_path):
     assert_one_line_error(run_script(["serve.py", "--config_path", RECIPE, "--checkpoint", str(tmp_path / "none")]),
                           "none")
     assert_one_line_error(run_script(["serve.py", "--config_path", RECIPE, "--max_active", "0"]), "--max_active 0")
+    from tests.fixtures.light_decoder import write_checkpoint
+
+    wan22 = write_checkpoint("taew2_2", tmp_path / "taew2_2.pth")  # the 5B's decoder for a Wan2.1-latent recipe
+    assert_one_line_error(run_script(["serve.py", "--config_path", RECIPE, "--checkpoint", TEACHER, "--output_folder",
+                                      str(tmp_path / "o"), ABSENT_INIT, "inference.decoder=light",
+                                      f"inference.light_decoder={wan22}"]),
+                          "48-channel latents", "use taew2_1")
     assert not (tmp_path / "o").exists()
