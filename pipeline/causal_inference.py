@@ -359,9 +359,9 @@ class _StreamingDecode:
 
     The rollout emits a block (on_block) before its context pass, so each block's context pass is
     measured on its own (the generator proxy below) and booked to that block, not to the next one.
-    With overlap (pipe.overlap_decode, not while profiling memory phases), each block is handed to one
-    worker thread that decodes the blocks in order, on its own CUDA stream after the block's latents are
-    ready, while the rollout goes on; a failure there (a stopped stream, say) is raised at the next generator
+    With overlap (pipe.overlap_decode, not while profiling memory phases), the first block is decoded at once
+    and each later one is handed to one worker thread that decodes the blocks in order, on its own CUDA
+    stream after the block's latents are ready, while the rollout goes on; a failure there (a stopped stream, say) is raised at the next generator
     forward.
     Use it as a context manager: leaving it waits for the worker.
     """
@@ -393,8 +393,9 @@ class _StreamingDecode:
         # 1. The block's denoising ends here; its decode is timed apart.
         now = self.pipe._clock()
         self.until_block_s.append(now - self._mark)
-        # 2. Decode it here, or hand it to the worker once an earlier block's failure has been raised.
-        if self._worker is None:
+        # 2. Decode it here (the first block always: its pixels are the stream's latency, and a decode beside the
+        #    next block's denoising would share the device with it), or hand it to the worker.
+        if self._worker is None or len(self.until_block_s) == 1:
             with self.profiler.phase(f"block_{block_index}/decode"):
                 self._decode(block_index, latents)
         else:

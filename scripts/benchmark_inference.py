@@ -12,10 +12,16 @@ The text encoder is left out of both (a fixed random context of the model's text
     python scripts/benchmark_inference.py --config_path configs/tiny/self_forcing_dmd.yaml teacher.num_steps=8
     python scripts/benchmark_inference.py --config_path configs/self_forcing_dmd.yaml --skip_bidirectional \
         --variants sdpa:eager,sdpa:compile,flex:eager --json_out outputs/bench.json
+    python scripts/benchmark_inference.py --config_path configs/self_forcing_dmd_5B.yaml --skip_bidirectional \
+        --variants sdpa:compile:full:inline,sdpa:compile:full:overlap,sdpa:compile:light:inline,sdpa:compile:light:overlap
 
---variants times the causal side once per attention backend x compilation (inference.compile), each
-with a freshly built generator; --deadline_s skips the variants that would start after it (said in
-the report); --json_out rewrites the report after every variant, so a run cut short keeps its rows.
+--variants times the causal side once per item backend:eager|compile[:full|light][:inline|overlap]
+(attention backend, inference.compile, inference.decoder, inference.overlap_decode; a part left out is the
+recipe's), one generator per backend and compilation; the light decoder is the recipe's
+inference.light_decoder file, or random weights at the published TAEHV widths for the VAE's latents.
+--num_output_frames times longer videos (the KV cache rolls past the training length); --deadline_s
+skips the variants that would start after it (said in the report); --json_out rewrites the report after
+every variant, so a run cut short keeps its rows.
 """
 from __future__ import annotations
 
@@ -48,28 +54,26 @@ from utils.geometry import ResolvedRecipe, resolve_recipe  # noqa: E402
 from utils.tables import format_table  # noqa: E402
 
 
-def bench_causal(config: Config, resolved: ResolvedRecipe, vae, device: torch.device, dtype: torch.dtype,
-                 repeats: int) -> dict:
-    """Median of `repeats` timed generations after one warm-up."""
-    from pipeline.causal_inference import CausalInferencePipeline, InferenceComponents
+def bench_causal(config: Config, resolved: ResolvedRecipe, components, device: torch.device, dtype: torch.dtype,
+                 repeats: int, num_output_frames: int | None = None) -> dict:
+    """Median of `repeats` timed generations after one warm-up (prebuilt components: nothing is loaded)."""
+    from pipeline.causal_inference import CausalInferencePipeline
 
-    spec = dataclasses.replace(resolved.generator, checkpoint=None)  # random weights
-    generator = random_dit(spec, causal=True, attention_backend=config.attention_backend, device=device,
-                           dtype=dtype).eval().requires_grad_(False)
-    text = RandomTextEncoder(spec.arch["text_len"], spec.arch["text_dim"], device, dtype)
-    pipe = CausalInferencePipeline(config, resolved, device, dtype,
-                                   components=InferenceComponents(text_encoder=text, vae=vae, generator=generator))
+    pipe = CausalInferencePipeline(config, resolved, device, dtype, components=components)
     started = synchronize(device)
-    pipe.generate("warm-up", seed=SEED)  # a compiled generator compiles here
+    pipe.generate("warm-up", seed=SEED, num_output_frames=num_output_frames)  # a compiled generator compiles here
     warmup_s = synchronize(device) - started
     reset_peak(device)
-    runs = [pipe.generate("benchmark", seed=SEED) for _ in range(repeats)]
+    runs = [pipe.generate("benchmark", seed=SEED, num_output_frames=num_output_frames) for _ in range(repeats)]
     total = statistics.median(r.timings["total_s"] for r in runs)
     frames = runs[0].video.shape[0]
+    decode_s = statistics.median(r.timings["vae_decode_s"] for r in runs)
     return {
         "mode": "causal",
         "attention_backend": config.attention_backend,
         "compiled": pipe.compiled,
+        "decoder": pipe.decoder_name,
+        "overlap_decode": pipe.overlap_decode,
         "warmup_s": warmup_s,
         "steps_x_cfg": f"{len(config.rollout.denoising_step_list)}x1 (+1 context pass)",
         "nfe_per_video": runs[0].nfe,
@@ -78,10 +82,26 @@ def bench_causal(config: Config, resolved: ResolvedRecipe, vae, device: torch.de
         "fps": frames / total,
         "first_block_latency_s": statistics.median(r.timings["first_block_latency_s"] for r in runs),
         "denoise_s": statistics.median(r.timings["denoise_s"] for r in runs),
-        "vae_decode_s": statistics.median(r.timings["vae_decode_s"] for r in runs),
+        "vae_decode_s": decode_s,
         "denoise_fps": frames / statistics.median(r.timings["denoise_s"] for r in runs),
+        "decode_fps": frames / decode_s,
         "peak_gib": peak_gib(device),
+        # the same generator, seed and decoder give the same frames in line and beside: compare across rows
+        "video_sum": float(runs[-1].video.double().sum()),
     }
+
+
+def random_light_decoder(config: Config, resolved: ResolvedRecipe, device: torch.device, dtype: torch.dtype):
+    """The recipe's light decoder file, or one at the published widths with random weights (speed only)."""
+    from pipeline.components import build_light_decoder
+    from wan.light_decoder import LightDecoder
+
+    if config.inference.light_decoder:
+        light_config = dataclasses.replace(config, inference=dataclasses.replace(config.inference, decoder="light"))
+        return build_light_decoder(light_config, resolved.vae, device=device, dtype=dtype)
+    torch.manual_seed(SEED)
+    model = LightDecoder(latent_channels=resolved.vae.z_dim, patch_size=resolved.vae.stride[1] // 8)
+    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 
 def bench_bidirectional(config: Config, resolved: ResolvedRecipe, vae, device: torch.device, dtype: torch.dtype) -> dict:
@@ -125,36 +145,77 @@ def bench_bidirectional(config: Config, resolved: ResolvedRecipe, vae, device: t
     }
 
 
-def parse_variants(text: str | None, config: Config) -> list[tuple[str, bool | None]]:
-    """'sdpa:eager,sdpa:compile' -> [(backend, compile)]; none given: the recipe's backend and inference.compile."""
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    backend: str
+    compiled: bool | None
+    decoder: str
+    overlap: bool | None
+
+    @property
+    def name(self) -> str:
+        overlap = {None: "default", True: "overlap", False: "inline"}[self.overlap]
+        return f"{self.backend}:{'compile' if self.compiled else 'eager'}:{self.decoder}:{overlap}"
+
+
+def parse_variants(text: str | None, config: Config) -> list[Variant]:
+    """'sdpa:compile:light:overlap,...' -> variants; a part left out (or no --variants) is the recipe's."""
+    inference = config.inference
     if not text:
-        return [(config.attention_backend, config.inference.compile)]
+        return [Variant(config.attention_backend, inference.compile, inference.decoder, inference.overlap_decode)]
     variants = []
     for item in text.split(","):
-        backend, _, mode = item.partition(":")
-        if backend not in ("sdpa", "flash", "flex") or mode not in ("eager", "compile"):
-            raise UserError(f"--variants item {item!r}: expected <sdpa|flash|flex>:<eager|compile>")
-        variants.append((backend, mode == "compile"))
+        parts = item.split(":")
+        backend, mode = parts[0], parts[1] if len(parts) > 1 else None
+        decoder = parts[2] if len(parts) > 2 else inference.decoder
+        decode = parts[3] if len(parts) > 3 else None
+        if (backend not in ("sdpa", "flash", "flex") or mode not in ("eager", "compile") or len(parts) > 4
+                or decoder not in ("full", "light") or decode not in (None, "inline", "overlap")):
+            raise UserError(f"--variants item {item!r}: expected <sdpa|flash|flex>:<eager|compile>[:<full|light>]"
+                            "[:<inline|overlap>]")
+        overlap = inference.overlap_decode if decode is None else decode == "overlap"
+        variants.append(Variant(backend, mode == "compile", decoder, overlap))
     return variants
 
 
 def bench_variants(config: Config, resolved: ResolvedRecipe, vae, device: torch.device, dtype: torch.dtype,
                    known: argparse.Namespace, report: dict) -> None:
-    """The causal side once per variant, in order; what cannot run (deadline, missing kernel) says why."""
+    """The causal side once per variant, in order; what cannot run (deadline, missing kernel) says why.
+
+    Variants with the same backend and compilation share one generator (built, and compiled, once).
+    """
+    from pipeline.causal_inference import InferenceComponents
+
     deadline = None if known.deadline_s is None else time.monotonic() + known.deadline_s
-    for backend, compiled in parse_variants(known.variants, config):
-        name = f"{backend}:{'compile' if compiled else 'eager'}"
+    spec = dataclasses.replace(resolved.generator, checkpoint=None)  # random weights
+    text = RandomTextEncoder(spec.arch["text_len"], spec.arch["text_dim"], device, dtype)
+    generators: dict = {}
+    light = None
+    for variant in parse_variants(known.variants, config):
         if deadline is not None and time.monotonic() > deadline:
-            report["skipped"].append({"variant": name, "reason": f"time budget of {known.deadline_s:.0f} s spent"})
+            report["skipped"].append({"variant": variant.name, "reason": f"time budget of {known.deadline_s:.0f} s spent"})
             continue
-        variant = dataclasses.replace(config, attention_backend=backend,
-                                      inference=dataclasses.replace(config.inference, compile=compiled))
+        inference = dataclasses.replace(config.inference, compile=variant.compiled, overlap_decode=variant.overlap)
+        run_config = dataclasses.replace(config, attention_backend=variant.backend, inference=inference)
         try:
-            report["results"].append(bench_causal(variant, resolved, vae, device, dtype, known.repeats))
+            key = (variant.backend, variant.compiled)
+            if key not in generators:
+                generators.clear()  # one generator held at a time
+                generators[key] = random_dit(spec, causal=True, attention_backend=variant.backend, device=device,
+                                             dtype=dtype).eval().requires_grad_(False)
+            if variant.decoder == "light" and light is None:
+                light = random_light_decoder(config, resolved, device, dtype)
+            components = InferenceComponents(text_encoder=text, vae=vae, generator=generators[key],
+                                              light_decoder=light if variant.decoder == "light" else None)
+            row = bench_causal(run_config, resolved, components, device, dtype, known.repeats, known.num_output_frames)
+            report["results"].append({**row, "variant": variant.name})
         except UserError as err:  # e.g. flash-attn not installed
-            report["skipped"].append({"variant": name, "reason": str(err)})
+            report["skipped"].append({"variant": variant.name, "reason": str(err)})
         except torch.OutOfMemoryError:
-            report["skipped"].append({"variant": name, "reason": "out of GPU memory"})
+            report["skipped"].append({"variant": variant.name, "reason": "out of GPU memory"})
+        except Exception as err:  # noqa: BLE001 - one broken variant must not cost the item's other rows
+            first = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
+            report["skipped"].append({"variant": variant.name, "reason": f"failed: {type(err).__name__}: {first}"})
         if device.type == "cuda":
             torch.cuda.empty_cache()
         write_report(report, known.json_out)
@@ -177,7 +238,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="timed causal generations (median reported)")
     parser.add_argument("--skip_bidirectional", action="store_true", help="time only the causal side")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    parser.add_argument("--variants", default=None, help="backend:eager|compile list for the causal side, in order")
+    parser.add_argument("--variants", default=None,
+                        help="backend:eager|compile[:full|light][:inline|overlap] list for the causal side, in order")
+    parser.add_argument("--num_output_frames", type=int, default=None, help="pixel frames (default: video.num_frames)")
     parser.add_argument("--deadline_s", type=float, default=None, help="start no variant after this many seconds")
     parser.add_argument("--json_out", default=None, help="also write the report here (after every variant)")
     known, overrides = parse_cli(parser, argv)
@@ -215,9 +278,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print(f"{report['device']}, {report['dtype']}, {report['model']} at {report['size']}, {report['latent_frames']} latent "
           f"frames, blocks of {report['num_frame_per_block']}")
-    header = ("mode", "attention", "compiled", "steps x cfg", "nfe", "frames", "total s", "fps", "first block s",
-              "denoise s", "decode s", "denoise fps", "peak GiB")
-    rows = [(r["mode"], r["attention_backend"], "yes" if r["compiled"] else "no", r["steps_x_cfg"], r["nfe_per_video"],
+    header = ("mode", "attention", "compiled", "decoder", "overlap", "steps x cfg", "nfe", "frames", "total s", "fps",
+              "first block s", "denoise s", "decode s", "denoise fps", "peak GiB")
+    rows = [(r["mode"], r["attention_backend"], "yes" if r["compiled"] else "no", r.get("decoder", "full"),
+             "yes" if r.get("overlap_decode") else "no", r["steps_x_cfg"], r["nfe_per_video"],
              r["frames"], f"{r['total_s']:.3f}", f"{r['fps']:.2f}", f"{r['first_block_latency_s']:.3f}",
              f"{r['denoise_s']:.3f}", f"{r['vae_decode_s']:.3f}",
              f"{r['denoise_fps']:.2f}", "-" if r["peak_gib"] is None else f"{r['peak_gib']:.1f}") for r in results]

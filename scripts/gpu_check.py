@@ -4,13 +4,16 @@
     bash scripts/gpu_check.sh --dry-run          # the same chain at tiny sizes on the CPU (what the tests run)
 
 Items, in order (each in its own process, so one failure or OOM costs only that item):
-  1. causal inference, Wan2.1-T2V-1.3B at 480x832, 81 frames, 4 steps;
-  2. causal inference, Wan2.2-TI2V-5B at 704x1280, 81 frames, 4 steps;
-     each: end-to-end FPS, denoise-only FPS, time to the first block, peak memory, per attention backend
-     (sdpa, flash when installed, flex) and compilation (inference.compile) off / on;
+  1. causal inference, Wan2.1-T2V-1.3B at 480x832, 81 frames, 4 steps, compiled;
+  2. causal inference, Wan2.2-TI2V-5B at 704x1280, 81 frames, 4 steps, compiled;
+     each: the full VAE decoder and the light (TAEHV) decoder, each decoded in line and beside the denoising
+     (inference.overlap_decode): end-to-end FPS, denoise-only FPS, decode FPS, time to the first block, peak;
   3. one DMD iteration (generator step + critic step) for the 1.3B student with a 1.3B teacher, batch 1;
   4. one DMD iteration for the 5B student with LoRA, batch 1;
-  5. memory: scripts/estimate_memory.py's estimate of item 3's step peak beside the same step measured on the GPU.
+  5. memory: scripts/estimate_memory.py's estimate of item 3's step peak beside the same step measured on the GPU;
+  6. long video, 1.3B, 237 frames (60 latent frames, the KV cache rolling), both decoders beside the denoising;
+  7. long video, 5B, 237 frames, the same;
+  8. attention backends (sdpa, flash when installed, flex) x compilation off / on, 1.3B, full decoder in line.
 Before each item the GPU's free memory is read; an item that cannot fit, or that would start after the time
 budget, is skipped and the reason written. Results: DIR/gpu_check.json (everything) and DIR/gpu_check.md (rows
 for docs/BENCHMARKS.md), rewritten after every item.
@@ -32,7 +35,11 @@ sys.path.insert(0, str(REPO_ROOT))
 from utils.errors import UserError, run_main  # noqa: E402
 from utils.io import atomic_write_json, atomic_write_text  # noqa: E402
 
-GPU_VARIANTS = "sdpa:eager,sdpa:compile,flash:eager,flash:compile,flex:eager,flex:compile"
+ATTENTION_VARIANTS = "sdpa:eager:full:inline,sdpa:compile:full:inline,flash:eager:full:inline,flash:compile:full:inline," \
+    "flex:eager:full:inline,flex:compile:full:inline"
+DECODER_VARIANTS = "sdpa:compile:full:inline,sdpa:compile:light:overlap,sdpa:compile:light:inline,sdpa:compile:full:overlap"
+LONG_VARIANTS = "sdpa:compile:light:overlap,sdpa:compile:full:overlap"
+LONG_FRAMES = "237"  # 60 latent frames: 20 blocks of 3, the cache rolling past the training length's 21
 NO_ACCUMULATION = "train.total_batch_size=null"
 
 
@@ -48,10 +55,10 @@ class Item:
 
 
 GPU_ITEMS = (
-    Item("Wan2.1-T2V-1.3B 480x832 inference", "inference", "configs/self_forcing_dmd.yaml", 20, 150,
-         args=("--variants", GPU_VARIANTS, "--repeats", "2")),
-    Item("Wan2.2-TI2V-5B 704x1280 inference", "inference", "configs/self_forcing_dmd_5B.yaml", 45, 170,
-         args=("--variants", GPU_VARIANTS, "--repeats", "2")),
+    Item("Wan2.1-T2V-1.3B 480x832 inference", "inference", "configs/self_forcing_dmd.yaml", 20, 180,
+         args=("--variants", DECODER_VARIANTS, "--repeats", "2")),
+    Item("Wan2.2-TI2V-5B 704x1280 inference", "inference", "configs/self_forcing_dmd_5B.yaml", 45, 220,
+         args=("--variants", DECODER_VARIANTS, "--repeats", "2")),
     Item("DMD 1.3B student + 1.3B teacher", "train", "configs/self_forcing_dmd.yaml", 90, 120,
          overrides=("real_score.preset=wan2.1-t2v-1.3b", "fake_score.preset=wan2.1-t2v-1.3b", NO_ACCUMULATION),
          args=("--steps", "1", "--warmup", "1")),
@@ -59,15 +66,24 @@ GPU_ITEMS = (
          overrides=("train.lora_rank=64", NO_ACCUMULATION), args=("--steps", "1", "--warmup", "1")),
     Item("memory estimate vs measured, DMD 1.3B + 1.3B teacher", "memory", "configs/self_forcing_dmd.yaml", 90, 420,
          overrides=("real_score.preset=wan2.1-t2v-1.3b", "fake_score.preset=wan2.1-t2v-1.3b", NO_ACCUMULATION)),
+    Item("Wan2.1-T2V-1.3B 480x832 long video", "inference", "configs/self_forcing_dmd.yaml", 20, 120,
+         args=("--variants", LONG_VARIANTS, "--repeats", "1", "--num_output_frames", LONG_FRAMES)),
+    Item("Wan2.2-TI2V-5B 704x1280 long video", "inference", "configs/self_forcing_dmd_5B.yaml", 45, 170,
+         args=("--variants", LONG_VARIANTS, "--repeats", "1", "--num_output_frames", LONG_FRAMES)),
+    Item("Wan2.1-T2V-1.3B 480x832 attention backends", "inference", "configs/self_forcing_dmd.yaml", 20, 150,
+         args=("--variants", ATTENTION_VARIANTS, "--repeats", "2")),
 )
 TINY = "configs/tiny/self_forcing_dmd.yaml"
 DRY_RUN_ITEMS = (
-    Item("tiny inference", "inference", TINY, 0, 120, args=("--variants", "sdpa:eager,flash:eager,flex:eager", "--repeats", "1")),
+    Item("tiny inference", "inference", TINY, 0, 120,
+         args=("--variants", "sdpa:eager:full:inline,sdpa:eager:light:overlap,flash:eager,flex:eager", "--repeats", "1")),
     Item("tiny DMD, umT5 stand-in", "train", TINY, 0, 120, overrides=("text_encoder.preset=umt5-xxl",),
          args=("--steps", "1", "--warmup", "0")),
     Item("tiny DMD, LoRA rank 4", "train", TINY, 0, 120, overrides=("train.lora_rank=4",),
          args=("--steps", "1", "--warmup", "0")),
     Item("tiny memory estimate vs measured", "memory", TINY, 0, 120),
+    Item("tiny long video", "inference", TINY, 0, 120,
+         args=("--variants", "sdpa:eager:light:overlap", "--repeats", "1", "--num_output_frames", "69")),
 )
 
 
@@ -122,8 +138,9 @@ def _fmt(value, spec: str) -> str:
 def markdown(entries: list[dict], device: str) -> str:
     """Rows for docs/BENCHMARKS.md: inference per variant, training per item, then what was skipped and why."""
     lines = [f"Device: {device}. Random weights; the text encoder is a fixed random context.", "",
-             "| model | size, frames | attention | compiled | e2e FPS | denoise FPS | first block s | peak GiB | warm-up s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| model | size, frames | attention | compiled | decoder | overlap | e2e FPS | denoise FPS | decode FPS | "
+             "first block s | peak GiB | warm-up s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     skipped = []
     for entry in entries:
         report = entry.get("report")
@@ -131,7 +148,8 @@ def markdown(entries: list[dict], device: str) -> str:
             continue
         for r in report["results"]:
             lines.append(f"| {report['model']} | {report['size']}, {r['frames']} | {r['attention_backend']} | "
-                         f"{'yes' if r['compiled'] else 'no'} | {r['fps']:.1f} | {r['denoise_fps']:.1f} | "
+                         f"{'yes' if r['compiled'] else 'no'} | {r['decoder']} | {'yes' if r['overlap_decode'] else 'no'} | "
+                         f"{r['fps']:.1f} | {r['denoise_fps']:.1f} | {r['decode_fps']:.1f} | "
                          f"{r['first_block_latency_s']:.3f} | {_fmt(r['peak_gib'], '.1f')} | {r['warmup_s']:.1f} |")
         skipped += [f"{entry['item']}, {s['variant']}: {s['reason']}" for s in report.get("skipped", [])]
     lines += ["", "| DMD iteration | LoRA | s / generator step | s / critic step | peak GiB |", "|---|---|---|---|---|"]

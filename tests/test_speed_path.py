@@ -84,12 +84,18 @@ def test_gpu_check_dry_run_writes_every_row(tmp_path):
     proc = _gpu_check("--dry-run", "--out", str(out))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = json.loads((out / "gpu_check.json").read_text())
-    assert report["dry_run"] and [item["kind"] for item in report["items"]] == ["inference", "train", "train", "memory"]
+    kinds = [item["kind"] for item in report["items"]]
+    assert report["dry_run"] and kinds == ["inference", "train", "train", "memory", "inference"]
     inference = report["items"][0]["report"]
     backends = [row["attention_backend"] for row in inference["results"]]
     assert backends[0] == "sdpa" and "flex" in backends
     for row in inference["results"]:
         assert row["frames"] == 21 and row["fps"] > 0 and row["denoise_fps"] >= row["fps"] and row["first_block_latency_s"] > 0
+        assert row["decode_fps"] > 0
+    decoding = [(row["decoder"], row["overlap_decode"]) for row in inference["results"]]
+    assert decoding[:2] == [("full", False), ("light", True)]
+    (long_row,) = report["items"][4]["report"]["results"]
+    assert long_row["frames"] == 69 and (long_row["decoder"], long_row["overlap_decode"]) == ("light", True)
     # flash is either measured or skipped with the reason (flash-attn is not installed on a CPU machine)
     flash_skips = [s for s in inference["skipped"] if s["variant"].startswith("flash")]
     assert "flash" in backends or "flash-attn" in flash_skips[0]["reason"]
@@ -101,12 +107,13 @@ def test_gpu_check_dry_run_writes_every_row(tmp_path):
     assert report["items"][2]["report"]["lora_rank"] == 4
     table = (out / "gpu_check.md").read_text()
     assert table.count("| tiny-t2v | 48x32, 21 |") == len(backends)
+    assert "| tiny-t2v | 48x32, 69 | sdpa | no | light | yes |" in table
     assert "| tiny DMD, LoRA rank 4 | 4 |" in table
     assert "| tiny memory estimate vs measured | " in table
 
 
 def test_gpu_check_refuses_bad_input(tmp_path):
-    assert_one_line_error(_gpu_check("--dry-run", "--items", "9"), "--items", "1..4")
+    assert_one_line_error(_gpu_check("--dry-run", "--items", "9"), "--items", "1..5")
     a_file = tmp_path / "file"
     a_file.write_text("x")
     assert_one_line_error(_gpu_check("--dry-run", "--out", str(a_file)), "--out", "is a file")
