@@ -75,9 +75,28 @@ def test_damaged_checkpoints_are_refused_in_one_line(tmp_path):
 
 
 def test_a_decoder_for_other_latents_is_refused():
-    arch = {"latent_channels": 16, "patch_size": 1, "variant": "base", "widths": (256, 128, 64, 64)}
+    arch = {"latent_channels": 16, "patch_size": 1, "variant": "base", "widths": (256, 128, 64, 64),
+            "time_upscale": (False, True, True), "space_upscale": (True, True, True)}
     check_light_decoder_matches(arch, 16, (4, 8, 8), "taew2_1.pth")  # Wan2.1 latents: fine
     with pytest.raises(UserError, match="use taew2_1 for Wan2.1 latents.*taew2_2 for Wan2.2-TI2V-5B"):
         check_light_decoder_matches(arch, 48, (4, 16, 16), "taew2_1.pth")
-    with pytest.raises(UserError, match="16-channel latents at 8x space"):
+    with pytest.raises(UserError, match="16-channel latents at 8x space and 4x time"):
         check_light_decoder_matches({**arch, "latent_channels": 16}, 16, (4, 16, 16), "x.pth")
+
+
+@pytest.mark.parametrize("variant", ["base", "super"])
+def test_our_own_export_round_trips_with_its_upscaling_stages(tmp_path, variant):
+    """A decoder for other latents (6 channels, 4x space: the miniature VAE's) keeps its stages in the metadata."""
+    torch.manual_seed(0)
+    model = LightDecoder(latent_channels=6, variant=variant, widths=(16, 16, 8, 8), space_upscale=(True, True, False))
+    assert model.spatial_upscale == 4 and model.t_upscale == 4
+    path = model.save(tmp_path / "light_decoder.safetensors")
+    loaded = LightDecoder.from_pretrained(path)
+    assert loaded.arch() == model.arch()
+    latents = torch.randn(1, 3, 6, 5, 4)
+    frames = loaded.decode(latents)
+    assert frames.shape == (1, 9, 3, 20, 16)
+    assert torch.equal(frames, model.eval().decode(latents))
+    check_light_decoder_matches(read_light_decoder_arch(path), 6, (4, 4, 4), path)
+    with pytest.raises(UserError, match="4x space"):
+        check_light_decoder_matches(read_light_decoder_arch(path), 6, (4, 8, 8), path)

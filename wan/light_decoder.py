@@ -36,7 +36,11 @@ from utils.weights import read_weight_file
 BASE_WIDTHS = (256, 128, 64, 64)  # the published base decoder's channels per stage
 SUPER_WIDTHS = (512, 256, 128, 64)  # the published "super" decoder's
 WAN_TIME_UPSCALE = (False, True, True)  # per stage: Wan VAEs make 4 frames per latent after the first
+WAN_SPACE_UPSCALE = (True, True, True)  # per stage: 2x each, 8x before the pixel patch
 VARIANTS = ("base", "super")
+# Our own exports (scripts/train_light_decoder.py) keep the published key layout and say in the safetensors
+# metadata which stages upscale (no weights tell it); published files hold none and are Wan's.
+METADATA_FORMAT = "taehv-decoder"
 
 
 # ---------------------------------------------------------------------------------------------------- layers
@@ -94,21 +98,24 @@ class _TimeGrow(nn.Module):
 _MEMORY = (_MemoryBlock, _SuperMemoryBlock)
 
 
-def _base_layers(latent_channels: int, out_channels: int, widths: Sequence[int], strides: Sequence[int]) -> list:
+def _base_layers(latent_channels: int, out_channels: int, widths: Sequence[int], strides: Sequence[int],
+                 scales: Sequence[int]) -> list:
     layers: list[nn.Module] = [_SoftClamp(), _conv3(latent_channels, widths[0]), nn.ReLU()]
     for stage in range(3):
         width, following = widths[stage], widths[stage + 1]
-        layers += [_MemoryBlock(width), _MemoryBlock(width), _MemoryBlock(width), nn.Upsample(scale_factor=2),
+        layers += [_MemoryBlock(width), _MemoryBlock(width), _MemoryBlock(width), nn.Upsample(scale_factor=scales[stage]),
                    _TimeGrow(width, strides[stage]), _conv3(width, following, bias=False)]
     return layers + [nn.ReLU(), _conv3(widths[3], out_channels)]
 
 
-def _super_layers(latent_channels: int, out_channels: int, widths: Sequence[int], strides: Sequence[int]) -> list:
+def _super_layers(latent_channels: int, out_channels: int, widths: Sequence[int], strides: Sequence[int],
+                  scales: Sequence[int]) -> list:
     layers: list[nn.Module] = [nn.Conv2d(latent_channels, widths[0], 1, bias=False)]
     for stage in range(3):
-        width, following = widths[stage], widths[stage + 1]
+        width, following, scale = widths[stage], widths[stage + 1], scales[stage]
         layers += [_SuperMemoryBlock(width), _SuperMemoryBlock(width), _SuperMemoryBlock(width),
-                   _conv3(width, following * 4), nn.ReLU(), nn.PixelShuffle(2), _TimeGrow(following, strides[stage])]
+                   _conv3(width, following * scale**2), nn.ReLU(), nn.PixelShuffle(scale),
+                   _TimeGrow(following, strides[stage])]
     return layers + [_conv3(widths[3], out_channels)]
 
 
@@ -117,19 +124,29 @@ class LightDecoder(nn.Module):
     """The TAEHV decoder for Wan latents: `decode` for a whole video, `stream()` for block-by-block decoding."""
 
     def __init__(self, latent_channels: int, patch_size: int = 1, variant: str = "base",
-                 widths: Optional[Sequence[int]] = None, time_upscale: Sequence[bool] = WAN_TIME_UPSCALE):
+                 widths: Optional[Sequence[int]] = None, time_upscale: Sequence[bool] = WAN_TIME_UPSCALE,
+                 space_upscale: Sequence[bool] = WAN_SPACE_UPSCALE):
         super().__init__()
         if variant not in VARIANTS:
             raise UserError(f"light decoder variant {variant!r}: expected one of {', '.join(VARIANTS)}")
-        widths = tuple(widths or (SUPER_WIDTHS if variant == "super" else BASE_WIDTHS))
-        if len(widths) != 4 or len(time_upscale) != 3:
-            raise UserError(f"light decoder widths {widths} / time_upscale {tuple(time_upscale)}: expected 4 and 3 entries")
+        widths = tuple(int(w) for w in (widths or (SUPER_WIDTHS if variant == "super" else BASE_WIDTHS)))
+        if len(widths) != 4 or len(time_upscale) != 3 or len(space_upscale) != 3:
+            raise UserError(f"light decoder widths {widths} / time_upscale {tuple(time_upscale)} / space_upscale "
+                            f"{tuple(space_upscale)}: expected 4, 3 and 3 entries")
         self.latent_channels, self.patch_size, self.variant, self.widths = latent_channels, patch_size, variant, widths
-        strides = [2 if up else 1 for up in time_upscale]
+        self.time_upscale = tuple(bool(up) for up in time_upscale)
+        self.space_upscale = tuple(bool(up) for up in space_upscale)
+        strides = [2 if up else 1 for up in self.time_upscale]
+        scales = [2 if up else 1 for up in self.space_upscale]
         build = _super_layers if variant == "super" else _base_layers
-        self.decoder = nn.Sequential(*build(latent_channels, 3 * patch_size**2, widths, strides))
+        self.decoder = nn.Sequential(*build(latent_channels, 3 * patch_size**2, widths, strides, scales))
         self.t_upscale = math.prod(strides)
-        self.spatial_upscale = 8 * patch_size  # three 2x stages, then the pixel patch
+        self.spatial_upscale = math.prod(scales) * patch_size  # the stages' 2x, then the pixel patch
+
+    def arch(self) -> dict:
+        """The constructor's arguments (what an export records)."""
+        return {"latent_channels": self.latent_channels, "patch_size": self.patch_size, "variant": self.variant,
+                "widths": self.widths, "time_upscale": self.time_upscale, "space_upscale": self.space_upscale}
 
     # ---------------------------------------------------------------------------------------------- loading
     @classmethod
@@ -137,7 +154,7 @@ class LightDecoder(nn.Module):
                         dtype: torch.dtype = torch.float32) -> "LightDecoder":
         """A published TAEHV checkpoint (taew2_1 / taew2_2, .pth or .safetensors) or one of our own exports."""
         state = read_decoder_state(path)
-        model = cls(**arch_from_state(state, path))
+        model = cls(**arch_from_state(state, path, **read_upscale_metadata(path)))
         state = _fit_time_growth(state, model.decoder.state_dict())
         expected = model.decoder.state_dict()
         wrong = [f"decoder.{k} {tuple(v.shape)} != {tuple(expected[k].shape)}"
@@ -150,6 +167,16 @@ class LightDecoder(nn.Module):
                             + "; ".join(problems))
         model.decoder.load_state_dict(state, strict=True)
         return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+    def save(self, path: str | Path) -> Path:
+        """The weights in the published key layout (`decoder.*`), the upscaling stages in the metadata."""
+        from utils.io import atomic_save_safetensors
+
+        metadata = {"format": METADATA_FORMAT, "time_upscale": _flags(self.time_upscale),
+                    "space_upscale": _flags(self.space_upscale)}
+        state = {f"decoder.{k}": v.detach().float().cpu().contiguous() for k, v in self.decoder.state_dict().items()}
+        atomic_save_safetensors(Path(path), state, metadata=metadata)
+        return Path(path)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -223,12 +250,13 @@ class LightStreamDecoder:
 
 
 # ---------------------------------------------------------------------------------------------------- shapes
-def arch_from_state(state: dict[str, Tensor], path: Path | str) -> dict:
-    """The decoder's architecture read from its weights (keys without the `decoder.` prefix)."""
+def arch_from_state(state: dict[str, Tensor], path: Path | str, time_upscale: Sequence[bool] = WAN_TIME_UPSCALE,
+                    space_upscale: Sequence[bool] = WAN_SPACE_UPSCALE) -> dict:
+    """The decoder's architecture read from its weights (keys without the `decoder.` prefix) and upscale flags."""
     try:
-        if "0.weight" in state:  # super: a 1x1 input projection; its stages end in a pixel shuffle (4x channels)
+        if "0.weight" in state:  # super: a 1x1 input projection; its stages end in a pixel shuffle (scale^2 channels)
             latent_channels, widths = state["0.weight"].shape[1], [state["0.weight"].shape[0]]
-            widths += [state[f"{i}.weight"].shape[0] // 4 for i in (4, 11, 18)]
+            widths += [state[f"{i}.weight"].shape[0] // (4 if up else 1) for i, up in zip((4, 11, 18), space_upscale)]
             variant = "super"
         else:  # base: clamp, then a 3x3 convolution
             latent_channels, widths = state["1.weight"].shape[1], [state[f"{i}.weight"].shape[0] for i in (1, 8, 14, 20)]
@@ -241,7 +269,29 @@ def arch_from_state(state: dict[str, Tensor], path: Path | str) -> dict:
     if 3 * patch * patch != out_channels:
         raise UserError(f"light decoder {path} makes {out_channels} channels per pixel patch: expected 3 x patch^2")
     return {"latent_channels": int(latent_channels), "patch_size": patch, "variant": variant,
-            "widths": tuple(int(w) for w in widths)}
+            "widths": tuple(int(w) for w in widths), "time_upscale": tuple(time_upscale),
+            "space_upscale": tuple(space_upscale)}
+
+
+def _flags(values: Sequence[bool]) -> str:
+    return ",".join("1" if v else "0" for v in values)
+
+
+def read_upscale_metadata(path: str | Path) -> dict:
+    """The upscaling stages an export of ours records; {} for a published file (Wan's stages)."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        return {}
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata() or {}
+    if metadata.get("format") != METADATA_FORMAT:
+        return {}
+    try:
+        return {key: tuple(part == "1" for part in metadata[key].split(",")) for key in ("time_upscale", "space_upscale")}
+    except KeyError as err:
+        raise UserError(f"light decoder {path} lacks the metadata {err.args[0]}: re-export it") from None
 
 
 def _fit_time_growth(state: dict[str, Tensor], expected: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -261,10 +311,12 @@ def _fit_time_growth(state: dict[str, Tensor], expected: dict[str, Tensor]) -> d
 
 def check_light_decoder_matches(decoder_arch: dict, z_dim: int, vae_stride: Sequence[int], path: str | Path) -> None:
     """A light decoder made for other latents than the recipe's VAE: one line naming both."""
-    spatial = 8 * decoder_arch["patch_size"]
-    if decoder_arch["latent_channels"] != z_dim or spatial != int(vae_stride[1]) or int(vae_stride[0]) != 4:
+    spatial = 2 ** sum(decoder_arch["space_upscale"]) * decoder_arch["patch_size"]
+    temporal = 2 ** sum(decoder_arch["time_upscale"])
+    if decoder_arch["latent_channels"] != z_dim or spatial != int(vae_stride[1]) or temporal != int(vae_stride[0]):
         raise UserError(
-            f"light decoder {path} decodes {decoder_arch['latent_channels']}-channel latents at {spatial}x space, but "
+            f"light decoder {path} decodes {decoder_arch['latent_channels']}-channel latents at {spatial}x space and "
+            f"{temporal}x time, but "
             f"the recipe's VAE makes {z_dim}-channel latents at stride {tuple(int(s) for s in vae_stride)}: use taew2_1 "
             "for Wan2.1 latents (1.3B, 14B, A14B) and taew2_2 for Wan2.2-TI2V-5B")
 
@@ -284,7 +336,7 @@ def read_decoder_state(path: str | Path) -> dict[str, Tensor]:
 
 def read_light_decoder_arch(path: str | Path) -> dict:
     """The architecture of a light-decoder file, read before any model is built (for the recipe check)."""
-    return arch_from_state(read_decoder_state(path), path)
+    return arch_from_state(read_decoder_state(path), path, **read_upscale_metadata(path))
 
 
 __all__ = ["LightDecoder", "LightStreamDecoder", "arch_from_state", "check_light_decoder_matches",
