@@ -115,7 +115,7 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def plot_curves(metrics_path: Path, out_path: Path) -> None:
+def plot_curves(metrics_path: Path, out_path: Path, curve_keys: tuple[str, ...] = CURVE_KEYS) -> None:
     """Each logged loss (and evaluation metric) against the step (finite values only)."""
     import matplotlib
 
@@ -123,7 +123,7 @@ def plot_curves(metrics_path: Path, out_path: Path) -> None:
     import matplotlib.pyplot as plt
 
     records = read_metrics(metrics_path)
-    keys = [k for k in CURVE_KEYS if any(k in r for r in records)]
+    keys = [k for k in curve_keys if any(k in r for r in records)]
     if not keys:
         return
     figure, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.5), squeeze=False)
