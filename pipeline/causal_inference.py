@@ -361,9 +361,9 @@ class _StreamingDecode:
     measured on its own (the generator proxy below) and booked to that block, not to the next one.
     With overlap (pipe.overlap_decode, not while profiling memory phases), the first block is decoded at once
     and each later one is handed to one worker thread that decodes the blocks in order, on its own CUDA
-    stream after the block's latents are ready, while the rollout goes on; a failure there (a stopped stream, say) is raised at the next generator
-    forward.
-    Use it as a context manager: leaving it waits for the worker.
+    stream after the block's latents are ready, while the rollout goes on; a failure there (a stopped
+    stream, say) is raised at the next generator forward. Use it as a context manager: leaving it waits for
+    the worker.
     """
 
     def __init__(self, pipe: CausalInferencePipeline, profiler: MemoryProfiler, start: float,

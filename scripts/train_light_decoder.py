@@ -16,9 +16,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-from pathlib import Path
-
-import torch
 
 from pipeline.causal_inference import CausalInferencePipeline, recipe_for_checkpoint, resolve_generator_weights
 from pipeline.run_options import DTYPES, check_device, default_dtype
