@@ -19,9 +19,44 @@ from torch import Tensor
 
 from model.objective import Batch, Logs, Models, Objective
 from pipeline.rollout import predict_x0
+from utils.config import Config
 from utils.errors import UserError
 from utils.fake import real_values
 from utils.geometry import Geometry
+
+STEP_TOLERANCE = 1.0  # timesteps: a kept point counts as the student's step within this
+
+
+def ode_point_timesteps(stored: Tensor, config: Config, source: str) -> Tensor:
+    """The timesteps ODE regression gives the kept points [P] (the last one clean), per train.ode_point_timesteps.
+
+    stored: they must be the student's warped step list (one line naming both lists otherwise); student_steps:
+    the noisy points are labelled with that list in order (Self-Forcing's published ODE init). `source` names
+    where the points come from (the LMDB, or the recipe's ode settings before pairs are made).
+    """
+    from pipeline.schedule import few_step_timesteps
+
+    rollout, flow = config.rollout, config.flow
+    student = few_step_timesteps(rollout.denoising_step_list, rollout.warp_denoising_step, flow.timestep_shift,
+                                 flow.num_train_timesteps)
+    stored = stored.detach().cpu().to(torch.float32)
+    noisy = stored[:-1]
+    student_text = f"[{', '.join(f'{t:.1f}' for t in student.tolist())}]"
+    stored_text = f"[{', '.join(f'{t:.1f}' for t in noisy.tolist())}]"
+    if config.train.ode_point_timesteps == "student_steps":
+        if noisy.numel() != student.numel():
+            raise UserError(f"{source} keeps {noisy.numel()} noisy points {stored_text} but train.ode_point_timesteps="
+                            f"student_steps labels them with the student's {student.numel()} steps {student_text}: "
+                            "keep one point per student step")
+        return torch.cat([student, stored[-1:]])
+    if noisy.numel() != student.numel() or float((noisy - student).abs().max()) > STEP_TOLERANCE:
+        raise UserError(
+            f"{source} keeps noisy points at t = {stored_text} but the student rolls out at {student_text} "
+            "(rollout.denoising_step_list, warped): sample the pairs at ode.shift = flow.timestep_shift with one kept "
+            "point per student step (e.g. keep_indices [0, N/4, N/2, 3N/4, -1] of N steps), or set "
+            "train.ode_point_timesteps=student_steps to label them with the student's list (Self-Forcing's published "
+            "ODE init)")
+    return stored
 
 
 class OdeRegression(Objective):

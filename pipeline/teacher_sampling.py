@@ -62,6 +62,13 @@ def resolve_keep_indices(keep_indices: Sequence[int], num_steps: int) -> list[in
     return resolved
 
 
+def kept_point_timesteps(sampling: SamplingConfig, keep_indices: Sequence[int], num_train_timesteps: int) -> Tensor:
+    """The timesteps of the trajectory points `keep_indices` keeps, as sample_teacher labels them (float32)."""
+    sigmas = teacher_sigmas(sampling.num_steps, sampling.shift, num_train_timesteps)
+    kept = resolve_keep_indices(keep_indices, sampling.num_steps)
+    return (sigmas[kept] * num_train_timesteps).to(torch.float32)
+
+
 def _check_inputs(noise: Tensor, cond: Tensor, uncond: Tensor, first_frame: Tensor | None) -> None:
     if noise.ndim != 5:
         raise UserError(f"teacher noise must be [B, F, C, H, W], got shape {tuple(noise.shape)}")

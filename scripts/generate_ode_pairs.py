@@ -50,11 +50,9 @@ def pair_seed(base_seed: int, index: int) -> int:
 
 def trajectory_timesteps(ode: OdeConfig, num_train_timesteps: int) -> torch.Tensor:
     """Timesteps of the kept trajectory points [P], known before any model runs (sample_teacher's own figures)."""
-    from pipeline.schedule import teacher_sigmas
-    from pipeline.teacher_sampling import resolve_keep_indices
+    from pipeline.teacher_sampling import kept_point_timesteps
 
-    kept = resolve_keep_indices(ode.keep_indices, ode.num_steps)
-    return (teacher_sigmas(ode.num_steps, ode.shift, num_train_timesteps)[kept] * num_train_timesteps).to(torch.float32)
+    return kept_point_timesteps(ode, ode.keep_indices, num_train_timesteps)
 
 
 def read_prompts(args: argparse.Namespace, config: Config) -> TextPromptDataset | ImageTextDataset:
@@ -165,6 +163,11 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError("parallel.cfg_parallel with ode.causal_teacher is not supported: the causal teacher keeps a KV "
                         "cache per branch on every rank; use parallel.sp_size instead")
     timesteps = trajectory_timesteps(config.ode, config.flow.num_train_timesteps)
+    if config.train.trainer == "ode":  # pairs the ODE stage would refuse are refused before they cost GPU hours
+        from model.ode import ode_point_timesteps
+
+        ode_point_timesteps(timesteps, config, f"{args.config_path} (ode.shift {config.ode.shift:g}, ode.num_steps "
+                            f"{config.ode.num_steps}, ode.keep_indices {list(config.ode.keep_indices)})")
     fingerprint = geometry_fingerprint(recipe.geometry, timesteps.tolist())
     prompts_data = read_prompts(args, config)
     num_prompts = min(len(prompts_data), args.num_prompts or len(prompts_data))

@@ -16,8 +16,8 @@ PROMPTS = os.path.join(REPO_ROOT, "prompts/tiny_prompts.txt")
 
 def pairs(folder, *overrides):
     result = run_script(["scripts/generate_ode_pairs.py", "--config_path", TINY_ODE, "--caption_path", PROMPTS,
-                         "--output_folder", str(folder), "--num_prompts", "2", "ode.num_steps=6",
-                         "ode.keep_indices=[0,3,-1]", *overrides])
+                         "--output_folder", str(folder), "--num_prompts", "2", "ode.num_steps=4",
+                         "ode.keep_indices=[0,1,2,3,-1]", *overrides])  # 4 steps at shift 5: the student's steps
     assert result.returncode == 0, result.stderr
     from utils.lmdb_store import read_pair_tensors, scan_pair_folder
 

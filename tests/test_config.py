@@ -33,7 +33,7 @@ def test_defaults_are_the_published_ones():
     assert c.flow.timestep_shift == 5.0 and c.distill.guidance_scale == 3.0 and c.distill.guidance_form == "dmd"
     assert (c.optim.lr, c.optim.lr_critic, c.optim.beta1, c.optim.beta2) == (2e-6, 4e-7, 0.0, 0.999)
     assert (c.train.ema_weight, c.train.ema_start_step, c.distill.dfake_gen_update_ratio) == (0.99, 200, 5)
-    assert c.ode.num_steps == 48 and c.ode.shift == 8.0 and c.ode.guidance_scale == 6.0
+    assert c.ode.num_steps == 48 and c.ode.shift == 5.0 and c.ode.guidance_scale == 6.0
     assert c.ode.keep_indices == [0, 12, 24, 36, -1]
 
 

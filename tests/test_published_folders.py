@@ -185,7 +185,7 @@ real_score: {{checkpoint: {root}}}
 vae: {{preset: {VAE_PRESET[family]}}}
 video: {VIDEO[family]}
 teacher: {{sampler: euler, num_steps: 2}}
-ode: {{sampler: euler, num_steps: 4, keep_indices: [0, 2, -1]}}
+ode: {{sampler: euler, num_steps: 4, keep_indices: [0, 1, 2, 3, -1]}}
 distill: {{dfake_gen_update_ratio: 1}}
 train: {{trainer: score_distillation, mixed_precision: false, gradient_checkpointing: false, sharding_strategy: full,
         max_steps: 1, log_iters: 1, save_iters: 1, ema_start_step: 0, data_path: prompts/tiny_prompts.txt}}

@@ -52,12 +52,17 @@ def checkpoint_tensors(folder):
 
 
 def write_tiny_ode_lmdb(config, path, seed=0):
-    """Consistent synthetic ODE pairs for the recipe's geometry: x_t = (1 - s) x0 + s n at the kept timesteps."""
+    """Consistent synthetic ODE pairs for the recipe's geometry: x_t = (1 - s) x0 + s n at the kept timesteps, which
+    are the student's warped steps (as the recipes' pairs are sampled) and the clean point."""
+    from pipeline.schedule import few_step_timesteps
     from utils.geometry import derive_geometry
     from utils.lmdb_store import fingerprint_fields, geometry_fingerprint, make_header, write_ode_lmdb
 
     geometry = derive_geometry(config)
-    timesteps = [1000.0, 750.0, 500.0, 250.0, 0.0]
+    rollout, flow = config.rollout, config.flow
+    student = few_step_timesteps(rollout.denoising_step_list, rollout.warp_denoising_step, flow.timestep_shift,
+                                 flow.num_train_timesteps)
+    timesteps = [*student.tolist(), 0.0]
     prompts = Path(PROMPTS).read_text().split("\n")
     prompts = [p for p in prompts if p.strip()]
     generator = torch.Generator().manual_seed(seed)

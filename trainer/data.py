@@ -15,10 +15,17 @@ from utils.geometry import Geometry
 
 
 def build_dataset(config: Config, geometry: Geometry) -> Dataset:
-    """ODE regression reads the pair LMDB; score distillation a prompt file (image<TAB>prompt lines for TI2V)."""
+    """ODE regression reads the pair LMDB; score distillation a prompt file (image<TAB>prompt lines for TI2V).
+
+    Called before any model is built: a database the recipe cannot train on is refused first."""
     train = config.train
     if train.trainer in PAIR_TRAINERS:
-        return OdeLmdbDataset(train.data_path, geometry)
+        dataset = OdeLmdbDataset(train.data_path, geometry)
+        if train.trainer == "ode":  # the points' timesteps: the student's steps (teacher forcing reads clean ends)
+            from model.ode import ode_point_timesteps
+
+            dataset.ode_timesteps = ode_point_timesteps(dataset.ode_timesteps, config, f"ODE LMDB {train.data_path}")
+        return dataset
     if config.video.task == "ti2v":
         if train.image_root is None:
             raise UserError("video.task is ti2v: set train.image_root to the folder of first-frame images")

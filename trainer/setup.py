@@ -162,6 +162,7 @@ def build_training(
     device, seed = info.device, config.train.seed
     data_parallel = build_data_parallel(info, config.parallel.sp_size, config.train.sharding_strategy)
     mesh = build_mesh(info, config.train.sharding_strategy)
+    dataset = build_dataset(config, recipe.geometry)  # before the models: a database it cannot use is refused first
     models = build_models(config, recipe, device, mesh, data_parallel.sequence, profiler)
     score_distillation = config.train.trainer == "score_distillation"
 
@@ -174,7 +175,6 @@ def build_training(
     if config.video.task == "ti2v" and score_distillation:
         with profiler.component("vae"):
             vae = build_vae(recipe.vae, device=device)
-    dataset = build_dataset(config, recipe.geometry)
     sampler = ShardedSampler(len(dataset), config.train.batch_size, data_parallel.rank, data_parallel.size, seed)
     batches = BatchSource(dataset, sampler, text_encoder, config.text_encoder.negative_prompt, device,
                           ti2v=config.video.task == "ti2v", vae=vae)

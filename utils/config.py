@@ -90,11 +90,16 @@ class SamplingConfig:
 
 @dataclass
 class OdeConfig(SamplingConfig):
-    """Teacher sampling for ODE pairs (upstream: 48 Euler steps, shift 8, CFG 6)."""
+    """Teacher sampling for ODE pairs: 48 Euler steps, CFG 6 (Self-Forcing's and CausVid's published pairs).
+
+    shift 5 (= flow.timestep_shift): the kept points 0, 12, 24, 36 then sit on the student's warped steps
+    [1000, 937.5, 833.3, 625], as Causal Forcing samples them; train.ode_point_timesteps checks it. Self-Forcing's
+    pairs used shift 8 and labelled the points with the student's list (train.ode_point_timesteps=student_steps).
+    """
 
     sampler: str = "euler"
     num_steps: int = 48
-    shift: float = 8.0
+    shift: float = 5.0
     guidance_scale: float = 6.0
     keep_indices: List[int] = field(default_factory=lambda: [0, 12, 24, 36, -1])  # trajectory points kept; -1 = clean
     # false (published): the bidirectional teacher makes the pairs. true ("causal ODE init", the remedy reported
@@ -196,6 +201,13 @@ class TrainConfig:
     # Causal Forcing's ODE stage (pairs from a causal teacher): each sample regresses one block, at a noisy point,
     # against the clean point of every earlier block, so a block's context is never noisy (ode_clean_context unused)
     ode_teacher_forcing: bool = False
+    # The timesteps ODE regression gives the kept noisy points. stored: the times the teacher sampled them at,
+    # which must be the student's warped rollout.denoising_step_list (checked before any model is built, and
+    # before pairs are generated): ODE init then practises exactly the steps the student rolls out at (Causal
+    # Forcing, CausVid). student_steps: Self-Forcing's published ODE init, which labels the kept points with the
+    # student's list whatever times they were sampled at (its pairs: shift 8, so 3 of 4 labels are off by up to
+    # 100 timesteps); for reproducing it.
+    ode_point_timesteps: str = "stored"
     data_path: Optional[str] = None  # ODE LMDB (trainer=ode, teacher_forcing) or a prompt file (score distillation)
     image_root: Optional[str] = None  # TI2V: folder of first-frame images named in the prompt file
 
@@ -284,6 +296,7 @@ CHOICES = {
     "distill.guidance_form": ("standard", "dmd"),
     "train.trainer": ("ode", "score_distillation", "teacher_forcing"),
     "train.sharding_strategy": ("full", "hybrid_full"),
+    "train.ode_point_timesteps": ("stored", "student_steps"),
     "text_encoder.device": ("auto", "cpu", "cuda"),
     "logging.wandb_mode": ("online", "offline"),
     "inference.compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
