@@ -1,14 +1,15 @@
 """Before a long job: every input a recipe needs, whether it is here, and the command that makes it if not.
 
 `python scripts/verify.py plan --config_path <recipe>` prints one line per input (model folders, VAE, umT5 and
-tokenizer, the ODE LMDB or the prompt file, the ode_init a DMD/SiD recipe starts from); a missing one FAILs with
-where it comes from. Nothing is loaded: it reads the recipe and looks at the disk.
+tokenizer, the ODE LMDB or the prompt file, the export of the stage a recipe starts from: ode_init, the causal
+teacher, the causal ode_init); a missing one FAILs with the command that makes it. Nothing is loaded: it reads
+the recipe and looks at the disk.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
-from utils.config import Config, load_config
+from utils.config import PAIR_TRAINERS, Config, load_config
 
 Check = tuple[str, "bool | None", str]
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -17,19 +18,37 @@ PROMPTS_HINT = ("a text file of prompts, one per line: the published recipe trai
                 "or any prompts of your own")
 
 
-def _ode_recipe_for(checkpoint: str) -> tuple[str, str] | None:
-    """The shipped ODE recipe whose `--logdir <folder>` export is `checkpoint` (<folder>/latest/generator.safetensors)."""
+# Where each shipped training stage writes its export (the --logdir of README's commands), and so where the
+# recipes of the following stages read it: <logdir>/latest/generator.safetensors.
+STAGE_LOGDIRS = {
+    "configs/ode.yaml": "checkpoints/ode_init_1.3B",
+    "configs/ode_5B.yaml": "checkpoints/ode_init_5B",
+    "configs/causal_teacher.yaml": "checkpoints/causal_teacher_1.3B",
+    "configs/causal_teacher_5B.yaml": "checkpoints/causal_teacher_5B",
+    "configs/ode_causal.yaml": "checkpoints/ode_init_causal_1.3B",
+    "configs/ode_causal_5B.yaml": "checkpoints/ode_init_causal_5B",
+}
+
+
+def _stage_recipe_for(checkpoint: str) -> tuple[str, str] | None:
+    """The shipped stage recipe whose `--logdir <folder>` export is `checkpoint` (<folder>/latest/generator.safetensors)."""
     path = Path(checkpoint)
     if path.parent.name != "latest":
         return None
     logdir = str(path.parent.parent)
-    for recipe in sorted(CONFIGS.glob("*.yaml")):
-        config = load_config(recipe)
-        if config.train.trainer == "ode" and config.train.data_path:
-            suffix = Path(config.train.data_path).stem.removeprefix("ode_pairs_")
-            if logdir.endswith(f"ode_init_{suffix}"):
-                return f"configs/{recipe.name}", logdir
+    for recipe, stage_logdir in STAGE_LOGDIRS.items():
+        if logdir.endswith(stage_logdir):
+            return recipe, logdir
     return None
+
+
+def _pairs_recipe_for(data_path: str, config_path: str) -> str:
+    """The recipe that samples the pairs of `data_path`: the shipped ODE recipe training on them, else this one."""
+    for recipe in STAGE_LOGDIRS:
+        config = load_config(CONFIGS.parent / recipe)
+        if config.train.trainer == "ode" and config.train.data_path == data_path:
+            return recipe
+    return config_path
 
 
 def _exists(name: str, path: str | None, what: str, make: str) -> Check:
@@ -44,14 +63,17 @@ def check_plan(config: Config, config_path: str) -> list[Check]:
     checks: list[Check] = []
     download = "download the official folder (or its -Diffusers twin) into it; see README, Weights"
     roles = {"generator": config.generator, "real_score": config.real_score}
-    if config.train.trainer != "ode":  # the ODE stage has no critic
+    pairs_stage = config.train.trainer in PAIR_TRAINERS
+    if config.train.trainer == "teacher_forcing":
+        del roles["real_score"]  # trains on the clean ends of pairs another recipe sampled: no teacher runs
+    if not pairs_stage:  # only score distillation has a critic
         roles["fake_score"] = config.fake_score
     for role, ref in roles.items():
         make = download
-        found = _ode_recipe_for(ref.checkpoint) if ref.checkpoint else None
+        found = _stage_recipe_for(ref.checkpoint) if ref.checkpoint else None
         if found:
             recipe, logdir = found
-            make = f"train the ODE stage first: torchrun --nproc_per_node 8 train.py --config_path {recipe} --logdir {logdir}"
+            make = f"train that stage first: torchrun --nproc_per_node 8 train.py --config_path {recipe} --logdir {logdir}"
         checks.append(_exists(f"{role}.checkpoint", ref.checkpoint, f"a {role} checkpoint", make))
     if config.model_folder:
         checks.append(_exists("model_folder", config.model_folder, "a model folder", download))
@@ -59,10 +81,11 @@ def check_plan(config: Config, config_path: str) -> list[Check]:
     checks.append(_exists("text_encoder.checkpoint", config.text_encoder.checkpoint, "an umT5 file", download))
     checks.append(_exists("text_encoder.tokenizer", config.text_encoder.tokenizer, "a tokenizer folder", download))
     data = config.train.data_path
-    if config.train.trainer == "ode":
+    if pairs_stage:
         pairs = str(Path(data).with_suffix("")) if data else "data/ode_pairs"
+        sampler = _pairs_recipe_for(data, config_path) if data else config_path
         make = (f"make the pairs, then pack them: torchrun --nproc_per_node=8 scripts/generate_ode_pairs.py --config_path "
-                f"{config_path} --caption_path <prompts.txt> --output_folder {pairs} && python scripts/create_lmdb.py "
+                f"{sampler} --caption_path <prompts.txt> --output_folder {pairs} && python scripts/create_lmdb.py "
                 f"--data_path {pairs} --lmdb_path {data}")
         checks.append(_exists("train.data_path (ODE LMDB)", data, "an ODE LMDB", make))
     else:

@@ -17,9 +17,13 @@ from tests.helpers import REPO_ROOT, run_script
 
 CHAINS = {
     "5B": dict(folders=("Wan2.2-TI2V-5B",), ode="configs/ode_5B.yaml", dmd="configs/self_forcing_dmd_5B.yaml",
+               causal_teacher="configs/causal_teacher_5B.yaml", ode_causal="configs/ode_causal_5B.yaml",
+               dmd_causal="configs/self_forcing_dmd_causal_5B.yaml", dmd_longlive="configs/self_forcing_dmd_longlive_5B.yaml",
                pairs="data/ode_pairs_5B", video=["video.height=64", "video.width=96", "video.image_or_video_shape=[1,3,48,4,6]"],
                vae="tiny-wan2.2"),
     "1.3B": dict(folders=("Wan2.1-T2V-1.3B", "Wan2.1-T2V-14B"), ode="configs/ode.yaml", dmd="configs/self_forcing_dmd.yaml",
+                 causal_teacher="configs/causal_teacher.yaml", ode_causal="configs/ode_causal.yaml",
+                 dmd_causal="configs/self_forcing_dmd_causal.yaml", dmd_longlive="configs/self_forcing_dmd_longlive.yaml",
                  pairs="data/ode_pairs_1.3B", video=["video.height=32", "video.width=48",
                                                      "video.image_or_video_shape=[1,3,16,4,6]"], vae="tiny-wan2.1"),
 }
@@ -40,10 +44,8 @@ def _run(cwd: Path, *args: str):
     return proc
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("name", list(CHAINS))
-def test_readme_chain_runs_on_the_downloaded_folders(tmp_path, name):
-    chain = CHAINS[name]
+def _fresh_folder(tmp_path: Path, chain: dict) -> Path:
+    """A working folder holding only the downloaded folders and the prompt files."""
     work = tmp_path / "work"
     for folder in chain["folders"]:
         official_folder(work / "wan_models" / folder, folder)
@@ -51,6 +53,19 @@ def test_readme_chain_runs_on_the_downloaded_folders(tmp_path, name):
     prompts = "a red cat moving left\na blue dog on the background\n"
     (work / "prompts" / "my_prompts.txt").write_text(prompts)
     (work / "prompts" / "vidprom_filtered_extended.txt").write_text(prompts)
+    return work
+
+
+def _plan(work: Path, recipe: str) -> dict:
+    proc = run_script([str(Path(REPO_ROOT) / "scripts/verify.py"), "plan", "--config_path", recipe, "--json"], cwd=str(work))
+    return {item["check"]: item for item in json.loads(proc.stdout)}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(CHAINS))
+def test_readme_chain_runs_on_the_downloaded_folders(tmp_path, name):
+    chain = CHAINS[name]
+    work = _fresh_folder(tmp_path, chain)
     recipe = lambda key: str(Path(REPO_ROOT) / chain[key])  # noqa: E731
     sizes = _sizes(chain)
 
@@ -79,3 +94,41 @@ def test_readme_chain_runs_on_the_downloaded_folders(tmp_path, name):
     _run(work, "inference.py", "--config_path", recipe("dmd"), "--checkpoint", f"logs/dmd_{name}/latest", "--use_ema",
          "--prompt", "a red cat moving left", "--output_folder", "videos", *sizes)
     assert len(list((work / "videos").glob("*/video.mp4"))) == 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(CHAINS))
+def test_causal_chain_runs_on_the_downloaded_folders(tmp_path, name):
+    """README's causal chain: bidirectional pairs -> causal teacher -> causal pairs -> causal ode_init -> DMD, and the
+    LongLive form (DMD from the causal teacher), every recipe reading where the stage before it wrote."""
+    chain = CHAINS[name]
+    work = _fresh_folder(tmp_path, chain)
+    recipe = lambda key: str(Path(REPO_ROOT) / chain[key])  # noqa: E731
+    sizes = _sizes(chain)
+    causal_pairs = chain["pairs"].replace("ode_pairs_", "ode_pairs_causal_")
+
+    # 1. The bidirectional pairs the causal teacher trains on; plan names the recipe that makes them.
+    item = _plan(work, recipe("causal_teacher"))["train.data_path (ODE LMDB)"]
+    assert item["result"] == "FAIL" and f"--config_path {chain['ode']}" in item["detail"]
+    _run(work, "scripts/generate_ode_pairs.py", "--config_path", recipe("ode"), "--caption_path", "prompts/my_prompts.txt",
+         "--output_folder", chain["pairs"], *sizes)
+    _run(work, "scripts/create_lmdb.py", "--data_path", chain["pairs"], "--lmdb_path", f"{chain['pairs']}.lmdb")
+    # 2. The causal teacher by teacher forcing; plan for the next stage points at it until it exists.
+    item = _plan(work, recipe("ode_causal"))["real_score.checkpoint"]
+    assert item["result"] == "FAIL" and f"--config_path {chain['causal_teacher']}" in item["detail"]
+    _run(work, "train.py", "--config_path", recipe("causal_teacher"), "--logdir", f"checkpoints/causal_teacher_{name}",
+         "--disable-wandb", *sizes)
+    # 3. Causal pairs from it, block by block; 4. causal ODE init from its weights, against clean context.
+    _run(work, "scripts/generate_ode_pairs.py", "--config_path", recipe("ode_causal"), "--caption_path",
+         "prompts/my_prompts.txt", "--output_folder", causal_pairs, *sizes)
+    _run(work, "scripts/create_lmdb.py", "--data_path", causal_pairs, "--lmdb_path", f"{causal_pairs}.lmdb")
+    plan = _plan(work, recipe("ode_causal"))
+    assert all(item["result"] != "FAIL" for item in plan.values()), plan
+    _run(work, "train.py", "--config_path", recipe("ode_causal"), "--logdir", f"checkpoints/ode_init_causal_{name}",
+         "--disable-wandb", *sizes)
+    # 5. DMD from the causal ODE init, and the LongLive form from the causal teacher.
+    for key, logdir in (("dmd_causal", f"logs/dmd_causal_{name}"), ("dmd_longlive", f"logs/dmd_longlive_{name}")):
+        plan = _plan(work, recipe(key))
+        assert all(item["result"] != "FAIL" for item in plan.values()), plan
+        _run(work, "train.py", "--config_path", recipe(key), "--logdir", logdir, "--disable-wandb", *sizes)
+        assert (work / logdir / "latest" / "generator_ema.safetensors").is_file()
