@@ -58,6 +58,7 @@ class TeacherForcing(Objective):
                                                      window_frames=g.cache_frames if rolling else None,
                                                      sink_frames=g.sink_frames if rolling else 0)
         squared = (flow.float() - (noise - clean).float()).pow(2).mean(dim=(2, 3, 4))  # [B, F]
-        loss = squared[is_target].mean()
+        weights = is_target.to(squared.dtype)  # a masked mean, not boolean indexing: static shapes (memory estimates)
+        loss = (squared * weights).sum() / weights.sum()
         return loss, {"flow_loss": loss.detach(), "target_block": target.float().mean(),
                       "timestep": timesteps.mean()}
