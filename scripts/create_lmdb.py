@@ -71,6 +71,24 @@ def rows(pairs: list[PairInfo], header: dict, progress: bool) -> Iterator[tuple[
         yield pair.prompt, latents
 
 
+LMDB_MAGIC = bytes.fromhex("dec0efbe")  # an LMDB data file's meta page: 0xBEEFC0DE after the 16-byte page header
+
+
+def check_lmdb_target(path: Path) -> bool:
+    """True when `path` holds an LMDB (ours to replace, a damaged one included); a folder or any other file is
+    refused in one line before any work, so no one's data is overwritten."""
+    if path.is_dir():
+        raise UserError(f"--lmdb_path {path} is a folder: expected a file name (the database is one file)")
+    if not path.exists():
+        return False
+    with open(path, "rb") as handle:
+        head = handle.read(20)
+    if head[16:20] != LMDB_MAGIC:
+        raise UserError(f"--lmdb_path {path} is an existing file that is not an LMDB database: it is not replaced; "
+                        "give a new path (or remove it yourself)")
+    return True
+
+
 @run_main
 def main(argv: list[str] | None = None) -> int:
     parser = OneLineArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -78,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lmdb_path", required=True, help="the LMDB file to write")
     args = parser.parse_args(argv)
 
-    # 1. Read every pair's metadata and choose the rows.
+    # 1. Where it goes (never over a file of another kind), then every pair's metadata and the rows.
+    replacing = check_lmdb_target(Path(args.lmdb_path))
     data = Path(args.data_path)
     if not data.is_dir():
         raise UserError(f"--data_path {data} is not a folder: expected the output folder of generate_ode_pairs.py")
@@ -91,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     # 2. Write the database (temp file, then rename).
     header = build_header(selected)
     lmdb_store.write_ode_lmdb(args.lmdb_path, header, rows(selected, header, progress=True))
+    if replacing:
+        print(f"lmdb: replaced the earlier database at {args.lmdb_path}")
     print(f"lmdb: {len(selected)} pairs ({len(pairs) - len(selected)} copies of a prompt and seed dropped) of shape "
           f"{header['shape']} {header['dtype']}, fingerprint {header['fingerprint']} -> {args.lmdb_path}")
     return 0

@@ -129,6 +129,19 @@ def test_a_repeated_prompt_keeps_each_seed_copies_keep_the_lowest_index_and_buil
     reader.close()
 
 
+def test_an_existing_file_is_replaced_only_when_it_is_a_database(tmp_path, capsys):
+    write_pairs(tmp_path / "pairs", {0: "a"}, tiny_geometry())
+    notes = tmp_path / "notes.txt"
+    notes.write_text("someone's notes")
+    assert_one_line_error(create(tmp_path / "pairs", notes, capsys), "notes.txt", "not an LMDB database")
+    assert notes.read_text() == "someone's notes"
+    first = create(tmp_path / "pairs", tmp_path / "db.lmdb", capsys)
+    assert first.returncode == 0 and "replaced" not in first.stdout
+    again = create(tmp_path / "pairs", tmp_path / "db.lmdb", capsys)  # its own output: replaced, and said so
+    assert again.returncode == 0 and "replaced the earlier database" in again.stdout
+    assert OdeLmdbReader(tmp_path / "db.lmdb").header["count"] == 1
+
+
 def test_mixed_geometries_and_an_empty_folder_are_refused(tmp_path, capsys):
     write_pairs(tmp_path / "pairs", {0: "a"}, tiny_geometry())
     write_pairs(tmp_path / "pairs", {1: "b"}, tiny_geometry("video.height=64"))
