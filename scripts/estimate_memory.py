@@ -15,6 +15,7 @@ measures the same step with real tensors (random weights) on the launched ranks 
 """
 from __future__ import annotations
 
+import math
 import os
 import sys
 import time
@@ -107,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     bad = [o for o in overrides if "=" not in o or o.startswith("-")]
     if bad:
         raise UserError(f"unexpected argument {bad[0]!r}: expected key=value overrides (see estimate_memory.py --help)")
-    if args.gpu_memory_gb <= 0:
+    if not math.isfinite(args.gpu_memory_gb) or args.gpu_memory_gb <= 0:  # nan passes a plain <= 0 test
         raise UserError(f"--gpu_memory_gb {args.gpu_memory_gb}: expected a positive size in GB")
 
     from trainer.memory_estimate import GIB, estimate, measure_step

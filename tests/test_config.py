@@ -14,6 +14,14 @@ RECIPES = [
     "configs/self_forcing_sid_5B.yaml",
     "configs/ode_5B.yaml",
     "configs/ode.yaml",
+    "configs/causal_teacher.yaml",
+    "configs/causal_teacher_5B.yaml",
+    "configs/ode_causal.yaml",
+    "configs/ode_causal_5B.yaml",
+    "configs/self_forcing_dmd_causal.yaml",
+    "configs/self_forcing_dmd_causal_5B.yaml",
+    "configs/self_forcing_dmd_longlive.yaml",
+    "configs/self_forcing_dmd_longlive_5B.yaml",
     "configs/tiny/ode.yaml",
     "configs/tiny/self_forcing_dmd.yaml",
     "configs/tiny/self_forcing_sid.yaml",
@@ -56,6 +64,9 @@ EXPLAINED = {
     # the ODE stage trains the generator alone, with Adam betas (0.9, 0.999) and no EMA (commented in ode recipes)
     "configs/ode_5B.yaml": {"optim.beta1": 0.9, "train.ema_weight": 0.0},
     "configs/ode.yaml": {"optim.beta1": 0.9, "train.ema_weight": 0.0},
+    # the causal chain's first two stages build on the ODE recipes (commented there)
+    **{f"configs/{name}.yaml": {"optim.beta1": 0.9, "train.ema_weight": 0.0}
+       for name in ("causal_teacher", "causal_teacher_5B", "ode_causal", "ode_causal_5B")},
 }
 
 
@@ -69,8 +80,9 @@ def test_real_recipes_resolve_to_the_published_defaults(recipe):
                  if OmegaConf.select(resolved, key) != value}
     assert not differing, differing
     assert OmegaConf.select(resolved, "video.image_or_video_shape") in ([1, 21, 16, 60, 104], [1, 21, 48, 44, 80])
-    if resolved.train.trainer == "score_distillation":  # DMD/SiD start from an ODE stage's export
-        assert "ode_init" in resolved.generator.checkpoint
+    if resolved.train.trainer == "score_distillation":  # DMD/SiD start from an ODE stage's export (LongLive: the causal teacher)
+        stage = "causal_teacher" if "longlive" in recipe else "ode_init"
+        assert f"/{stage}_" in resolved.generator.checkpoint
 
 
 def test_base_and_overrides():
@@ -92,6 +104,10 @@ BAD = [
     (["real_score.checkpoint=/nonexistent/teacher"], ["/nonexistent/teacher", "does not exist"]),
     (["distill.distribution_loss=dmd2"], ["distill.distribution_loss", "dmd2", "sid"]),
     (["train.max_steps=many"], ["train.max_steps"]),
+    (["video.fps=-1"], ["video.fps", "positive frame rate"]),
+    (["optim.beta2=1.0"], ["optim.beta2", "[0, 1)"]),
+    (["optim.beta1_critic=-0.1"], ["optim.beta1_critic", "[0, 1)"]),
+    (["train.max_consecutive_nonfinite=0"], ["train.max_consecutive_nonfinite", "at least 1"]),
 ]
 
 

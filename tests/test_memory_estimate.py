@@ -90,5 +90,6 @@ def test_bad_input_is_one_line(tmp_path):
     assert_one_line_error(run_script([script, "--config_path", DMD, "--nproc_per_node", "3", "parallel.sp_size=2"]),
                           "parallel.sp_size=2 does not divide the 3 rank(s)")
     assert_one_line_error(run_script([script, "--config_path", DMD, "--gpu_memory_gb", "-1"]), "--gpu_memory_gb")
+    assert_one_line_error(run_script([script, "--config_path", DMD, "--gpu_memory_gb", "nan"]), "--gpu_memory_gb nan")
     assert_one_line_error(run_script([script, "--config_path", DMD, "nonsense"]), "unexpected argument 'nonsense'")
     assert_one_line_error(run_script([script, "--config_path", str(tmp_path / "missing.yaml")]), "not found")
