@@ -5,9 +5,9 @@
         [--batch_size 4] [--lr 3e-4] [--widths 256,128,64,64] [--crop 32] [key=value ...]
 
 Use it when the recipe's VAE has no published light decoder (taew2_1 serves Wan2.1 latents, taew2_2 the 5B's)
-or was fine-tuned. Data-free: the student rolls out each prompt (clip i: prompt i mod N, seed --seed + i) and
-the full VAE decodes it; the light decoder learns those pixels from those latents. The last --eval_clips clips
-are held out: report.json gives the PSNR against the full decode on them and both decoders' time.
+or was fine-tuned. Data-free: the student rolls out the prompts (clip i: prompt i mod N of a seeded shuffle of
+the file, noise seed --seed + i) and the full VAE decodes them; the light decoder learns those pixels from those
+latents. The last --eval_clips clips are held out: report.json gives the PSNR against the full decode on them and both decoders' time.
 A rerun with the same arguments resumes where it stopped (the bank's finished clips, the last checkpoint);
 other arguments are refused. The export goes to inference.light_decoder with inference.decoder=light.
 """
@@ -16,6 +16,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+
+import torch
 
 from pipeline.causal_inference import CausalInferencePipeline, recipe_for_checkpoint, resolve_generator_weights
 from pipeline.run_options import DTYPES, check_device, default_dtype
@@ -32,7 +34,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--config_path", required=True, help="the student's recipe (its VAE is the one distilled)")
     parser.add_argument("--checkpoint", default=None, help="the student: a trainer export folder or weights file")
     parser.add_argument("--use_ema", action="store_true", help="the export's generator_ema.safetensors")
-    parser.add_argument("--prompts", required=True, help="a text file, one prompt per line (clip i uses line i mod N)")
+    parser.add_argument("--prompts", required=True, help="a text file, one prompt per line (shuffled with --seed)")
     parser.add_argument("--out", required=True, help="the run's folder (bank, checkpoint, export, report)")
     parser.add_argument("--clips", type=int, default=64, help="clips the student makes, held-out ones included")
     parser.add_argument("--eval_clips", type=int, default=8, help="the last clips, never trained on (PSNR)")
@@ -91,8 +93,11 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     pipe = CausalInferencePipeline(config, resolved, device, dtype, checkpoint=args.checkpoint, use_ema=args.use_ema)
 
+    # clip i: prompt order[i mod N] of a seeded shuffle, so the held-out clips' prompts are spread over the list
+    order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(args.seed)).tolist()
+
     def make_clip(index: int):
-        result = pipe.generate(prompts[index % len(prompts)], seed=args.seed + index)
+        result = pipe.generate(prompts[order[index % len(prompts)]], seed=args.seed + index)
         return result.latents[0], result.video
 
     build_bank(out / "bank", settings.clips, make_clip)
