@@ -54,7 +54,12 @@ def main(argv: list[str] | None = None) -> int:
     # 1. Every input checked before loading.
     from pathlib import Path
 
-    from pipeline.causal_inference import CausalInferencePipeline, recipe_for_checkpoint, resolve_generator_weights
+    from pipeline.causal_inference import (
+        CausalInferencePipeline,
+        max_pixel_frames,
+        recipe_for_checkpoint,
+        resolve_generator_weights,
+    )
     from pipeline.components import check_light_decoder
     from pipeline.run_options import check_device, default_dtype
     from utils.config import load_config
@@ -69,9 +74,11 @@ def main(argv: list[str] | None = None) -> int:
     resolved = resolve_recipe(config, need_scores=False, check_weights=False)
     check_light_decoder(config, resolved.vae)
     geometry = resolved.geometry
-    max_frames = args.max_frames or pixel_frames_for(20 * geometry.num_latent_frames, geometry.vae_stride[0])
-    if max_frames < 1:
-        raise UserError(f"--max_frames {max_frames}: expected a positive number of pixel frames")
+    longest = max_pixel_frames(geometry.vae_stride[0])
+    max_frames = args.max_frames or min(pixel_frames_for(20 * geometry.num_latent_frames, geometry.vae_stride[0]), longest)
+    if not 1 <= max_frames <= longest:
+        raise UserError(f"--max_frames {max_frames}: expected 1 .. {longest} pixel frames (the RoPE position table "
+                        "holds that many)")
     check_output_folder(args.output_folder, "--output_folder")
     device = check_device(args.device)
     resolve_generator_weights(args.checkpoint, args.use_ema, resolved.generator.arch)

@@ -40,10 +40,11 @@ from pipeline.components import (
 from pipeline.schedule import few_step_timesteps
 from utils.config import Config
 from utils.errors import UserError
-from utils.geometry import Geometry, ResolvedRecipe, geometry_for
+from utils.geometry import Geometry, ResolvedRecipe, geometry_for, pixel_frames_for
 from utils.memory import MemoryProfiler, current_bytes, lifetime_peak_bytes
 from utils.presets import ARCH_FIELDS, dit_folder, read_checkpoint_config
 from utils.temporal import temporal_report
+from wan.modules.rope import ROPE_MAX_POSITIONS
 
 GENERATOR_FILE = "generator.safetensors"  # the trainer's export names
 GENERATOR_EMA_FILE = "generator_ema.safetensors"
@@ -133,9 +134,19 @@ def inference_geometry(config: Config, resolved: ResolvedRecipe, num_output_fram
         rollout = dataclasses.replace(rollout, local_attn_size=trained)
         config = dataclasses.replace(config, rollout=rollout)
     try:
-        return geometry_for(config, resolved.generator, resolved.vae, num_frames=frames)
+        geometry = geometry_for(config, resolved.generator, resolved.vae, num_frames=frames)
     except UserError as err:
         raise UserError(f"--num_output_frames {frames}: {err}") from None
+    longest = max_pixel_frames(geometry.vae_stride[0])
+    if frames > longest:  # frame positions are absolute: past the RoPE table the generator cannot place a frame
+        raise UserError(f"--num_output_frames {frames}: at most {longest} pixel frames (the RoPE position table holds "
+                        f"{ROPE_MAX_POSITIONS} latent frames)")
+    return geometry
+
+
+def max_pixel_frames(temporal_stride: int) -> int:
+    """The longest video the generator can place: one latent frame per RoPE frame position."""
+    return pixel_frames_for(ROPE_MAX_POSITIONS, temporal_stride)
 
 
 def check_image(image: str | Path | None, task: str, geometry: Geometry) -> None:

@@ -7,7 +7,8 @@
 Use it when the recipe's VAE has no published light decoder (taew2_1 serves Wan2.1 latents, taew2_2 the 5B's)
 or was fine-tuned. Data-free: the student rolls out the prompts (clip i: prompt i mod N of a seeded shuffle of
 the file, noise seed --seed + i) and the full VAE decodes them; the light decoder learns those pixels from those
-latents. The last --eval_clips clips are held out: report.json gives the PSNR against the full decode on them and both decoders' time.
+latents. The last --eval_clips clips are held out: report.json gives the PSNR against the full decode on them and
+both decoders' time.
 A rerun with the same arguments resumes where it stopped (the bank's finished clips, the last checkpoint);
 other arguments are refused. The export goes to inference.light_decoder with inference.decoder=light.
 """

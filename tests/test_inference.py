@@ -104,7 +104,8 @@ def test_cli_writes_mp4_with_expected_frames_size_and_full_record(tmp_path, chec
     assert {"text_encoder", "vae", "generator", "block_0/step_0", "block_1/context_pass", "block_0/decode"} <= names
 
 
-@pytest.mark.parametrize("case", ["missing_image", "unreadable_checkpoint", "frames_not_in_blocks", "missing_ema"])
+@pytest.mark.parametrize("case", ["missing_image", "unreadable_checkpoint", "frames_not_in_blocks", "missing_ema",
+                                  "frames_past_the_position_table"])
 def test_cli_bad_input_gives_one_line_and_writes_nothing(tmp_path, checkpoint, case):
     ckpt = checkpoint
     extra = []
@@ -117,6 +118,8 @@ def test_cli_bad_input_gives_one_line_and_writes_nothing(tmp_path, checkpoint, c
         fragment = "generator.safetensors"
     elif case == "frames_not_in_blocks":
         extra, fragment = ["--num_output_frames", "25"], "num_frame_per_block=3"  # 7 latent frames: not whole blocks of 3
+    elif case == "frames_past_the_position_table":  # 1026 latent frames, whole blocks, past the 1024 RoPE positions
+        extra, fragment = ["--num_output_frames", "4101"], "at most 4093 pixel frames"
     else:
         ckpt = tmp_path / "no_ema"
         ckpt.mkdir()

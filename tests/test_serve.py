@@ -344,6 +344,8 @@ def test_serve_command_line_errors_are_one_line(tmp_path):
     assert_one_line_error(run_script(["serve.py", "--config_path", RECIPE, "--checkpoint", str(tmp_path / "none")]),
                           "none")
     assert_one_line_error(run_script(["serve.py", "--config_path", RECIPE, "--max_active", "0"]), "--max_active 0")
+    assert_one_line_error(run_script(["serve.py", "--config_path", RECIPE, "--checkpoint", TEACHER, ABSENT_INIT,
+                                      "--max_frames", "5000"]), "--max_frames 5000", "RoPE")
     from tests.fixtures.light_decoder import write_checkpoint
 
     wan22 = write_checkpoint("taew2_2", tmp_path / "taew2_2.pth")  # the 5B's decoder for a Wan2.1-latent recipe
