@@ -40,12 +40,14 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 def main(argv: list[str] | None = None) -> None:
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     from model import build_objective
+    from trainer.checkpoint import check_run_folders
     from trainer.loop import RunOptions, Trainer, TrainingDiverged
     from utils.config import load_config
     from utils.dist import cleanup, init_distributed
     from utils.io import check_output_folder
 
     check_output_folder(args.logdir, "--logdir")
+    check_run_folders(args.logdir)
     config = load_config(args.config_path, overrides)
     info = init_distributed()
     options = RunOptions(logdir=Path(args.logdir), use_wandb=config.logging.wandb and not args.disable_wandb,

@@ -71,6 +71,16 @@ def test_a_run_refused_for_bad_input_leaves_no_logdir(tmp_path):
     assert not logdir.exists()
 
 
+@pytest.mark.parametrize("name", ["checkpoints", "latest"])
+def test_a_file_where_the_run_keeps_a_folder_is_refused_before_training(tmp_path, name):
+    logdir = tmp_path / "run"
+    logdir.mkdir()
+    (logdir / name).write_text("not a folder")
+    result = train(logdir, "train.max_steps=1", "train.save_iters=1")
+    assert_one_line_error(result, f"a file named {name}")
+    assert sorted(os.listdir(logdir)) == [name] and (logdir / name).read_text() == "not a folder"
+
+
 # --------------------------------------------------------------------------------------------- the recipe
 @pytest.mark.parametrize("config,overrides,fragment", [
     (TINY_ODE, ["train.data_path=unused.lmdb"], "train.trainer is score_distillation there and ode here"),

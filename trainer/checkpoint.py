@@ -87,13 +87,29 @@ def _single_process_quiet() -> Iterator[None]:
         yield
 
 
+CHECKPOINT_FOLDER = "checkpoints"  # <logdir>/checkpoints/step_NNNNNN/
+EXPORT_FOLDER = "latest"  # <logdir>/latest/: the inference export
+
+
+def check_run_folders(logdir: str | Path) -> None:
+    """The run's own folders inside --logdir must be folders (or absent): a file in their place would fail the first
+    save, after training; refused in one line before anything is built."""
+    from utils.errors import UserError
+
+    for name in (CHECKPOINT_FOLDER, EXPORT_FOLDER):
+        path = Path(logdir) / name
+        if path.exists() and not path.is_dir():
+            raise UserError(f"--logdir {logdir} holds a file named {name}, where the run keeps its {name} folder: "
+                            "move it, or use another --logdir")
+
+
 class CheckpointManager:
     """Random states are stored per data-parallel rank (rng_dp{d}.pt, by the first rank of each sequence group, whose
     ranks draw alike), so a run resumed with another sp_size gives each data shard the states it had."""
 
     def __init__(self, logdir: str | Path, keep_last: int, rank: int, data_rank: Optional[int] = None,
                  writes_rng: bool = True) -> None:
-        self.root = Path(logdir) / "checkpoints"
+        self.root = Path(logdir) / CHECKPOINT_FOLDER
         self.keep_last = keep_last
         self.rank = rank
         self.data_rank = rank if data_rank is None else data_rank

@@ -17,7 +17,7 @@ from typing import Any, Callable
 import torch
 
 from model.objective import frozen
-from trainer.checkpoint import CheckpointManager, ModelAndOptimizer, full_state_dict, write_export
+from trainer.checkpoint import EXPORT_FOLDER, CheckpointManager, ModelAndOptimizer, full_state_dict, write_export
 from trainer.evaluation import TrainingEvaluator, check_evaluation
 from trainer.logger import TrainLogger, repair_metrics
 from trainer.lora import merge_lora_state_dict
@@ -154,7 +154,7 @@ class Trainer:
                 weights["generator_ema"] = self._export_weights(self.setup.generator)
         if self.info.is_main:
             config_json = arch_to_config_json(self.setup.recipe.generator.arch)
-            write_export(self.options.logdir / "latest", weights, config_json, to_yaml(self.config))
+            write_export(self.options.logdir / EXPORT_FOLDER, weights, config_json, to_yaml(self.config))
         barrier()
 
     # ------------------------------------------------------------------------------------- steps
