@@ -33,6 +33,10 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--output_folder", default="outputs/serve", help="where finished videos are written")
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bf16 on cuda, fp32 on cpu")
+    parser.add_argument("--allow_host", action="append", default=[],
+                        help="a host name the server answers to besides IP addresses and localhost (repeatable)")
+    parser.add_argument("--allow_origin", action="append", default=[],
+                        help="a web origin besides the server's own page that may use it, e.g. https://my.site (repeatable)")
     return parse_cli(parser, argv)
 
 
@@ -87,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     # 2. Load once, then serve.
     import uvicorn
 
-    from service.app import create_app
+    from service.app import AccessRules, create_app
     from service.jobs import JobManager
 
     dtype = default_dtype(args.dtype, device)
@@ -100,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     info = {"model": args.checkpoint or "recipe generator (random weights)", "device": str(device),
             "width": geometry.width, "height": geometry.height, "num_frames": geometry.num_pixel_frames,
             "fps": config.video.fps, "task": config.video.task, "decoder": pipe.decoder_name}
-    app = create_app(manager, info)
+    app = create_app(manager, info, AccessRules(allow_hosts=tuple(h.lower() for h in args.allow_host),
+                                                allow_origins=tuple(args.allow_origin)))
     print(f"serving on http://{args.host}:{args.port} (load {pipe.load_s:.1f} s)", flush=True)
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning", ws_max_size=32 << 20)

@@ -11,11 +11,17 @@
                                 (uint8 RGB frames [f, H, W, 3]), and "done" / "stopped" / "error". The client
                                 may send {"type": "switch_prompt", "prompt", "recache"} and {"type": "stop"}.
 Bad requests get {"error": "<one line>"} with a 4xx status (over WebSocket: an "error" message, then close).
+
+Only its own page may drive it: a request whose Host names another site (DNS rebinding) and a WebSocket or a
+state-changing request whose Origin is another site's (cross-site WebSocket hijacking) get 403. A Host must be an
+IP address, localhost, or one given with --allow_host; an Origin must be the page's own (http(s)://<Host>) or one
+given with --allow_origin. Clients that send no Origin (scripts, curl) are not browsers and are served.
 """
 from __future__ import annotations
 
 import asyncio
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -61,9 +67,63 @@ def error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": " ".join(message.split())}, status_code=status)
 
 
-def create_app(manager: JobManager, info: dict) -> FastAPI:
+@dataclass(frozen=True)
+class AccessRules:
+    """Which Host and Origin headers the server accepts (see the module docstring)."""
+
+    allow_hosts: tuple[str, ...] = ()  # host names beyond IP addresses and localhost
+    allow_origins: tuple[str, ...] = ()  # origins beyond the page's own, e.g. "https://my-front-end.example"
+
+    def host_refusal(self, host_header: Optional[str]) -> Optional[str]:
+        name = _host_name(host_header or "")
+        if not name:
+            return "the request names no Host"
+        if name == "localhost" or name in self.allow_hosts or _is_ip(name):
+            return None
+        return f"Host {name!r} is not this server's (start it with --allow_host {name} to serve that name)"
+
+    def origin_refusal(self, origin: Optional[str], host_header: Optional[str]) -> Optional[str]:
+        if origin is None:  # not sent by a browser page
+            return None
+        own = {f"http://{host_header}", f"https://{host_header}"}
+        if origin in own or origin in self.allow_origins:
+            return None
+        return f"requests from the page at {origin[:80]!r} are refused: only this server's own page may use it " \
+               "(or an origin given with --allow_origin)"
+
+
+def _host_name(host_header: str) -> str:
+    """'127.0.0.1:8000' -> '127.0.0.1'; '[::1]:8000' -> '::1'; lower case."""
+    host = host_header.strip().lower()
+    if host.startswith("["):
+        return host[1:host.find("]")] if "]" in host else ""
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+def _is_ip(name: str) -> bool:
+    import ipaddress
+
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
+STATE_CHANGING = ("POST", "PUT", "PATCH", "DELETE")
+
+
+def create_app(manager: JobManager, info: dict, rules: AccessRules = AccessRules()) -> FastAPI:
     app = FastAPI(title="Self-Forcing streaming service", docs_url=None, redoc_url=None)
     app.state.manager = manager
+
+    @app.middleware("http")
+    async def only_our_page(request: Request, call_next):
+        host = request.headers.get("host")
+        refusal = rules.host_refusal(host)
+        if refusal is None and request.method in STATE_CHANGING:
+            refusal = rules.origin_refusal(request.headers.get("origin"), host)
+        return error(403, refusal) if refusal is not None else await call_next(request)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, err: RequestValidationError) -> JSONResponse:
@@ -130,7 +190,12 @@ def create_app(manager: JobManager, info: dict) -> FastAPI:
 
     @app.websocket("/ws")
     async def stream(socket: WebSocket) -> None:
+        host = socket.headers.get("host")
+        refusal = rules.host_refusal(host) or rules.origin_refusal(socket.headers.get("origin"), host)
         await socket.accept()
+        if refusal is not None:  # accepted only to say why in one message, then closed: nothing was read or started
+            await _refuse(socket, 403, refusal)
+            return
         try:
             body = GenerateRequest.model_validate(json.loads(await socket.receive_text()))
             listener = new_listener()

@@ -69,10 +69,10 @@ class Server:
             assert self.process.poll() is None, (tmp / "server.log").read_text()
         raise TimeoutError("the server did not answer /health")
 
-    def request(self, method: str, path: str, body: dict | None = None) -> tuple[int, bytes]:
+    def request(self, method: str, path: str, body: dict | None = None, headers: dict | None = None) -> tuple[int, bytes]:
         data = None if body is None else json.dumps(body).encode()
         request = urllib.request.Request(self.url + path, data=data, method=method,
-                                         headers={"content-type": "application/json"})
+                                         headers={"content-type": "application/json", **(headers or {})})
         try:
             with urllib.request.urlopen(request, timeout=60) as answer:
                 return answer.status, answer.read()
@@ -294,6 +294,32 @@ def test_too_many_sessions_get_429_and_the_job_api_works(server):
     assert server.request("GET", "/jobs/nope")[0] == 404
     for job in jobs:
         assert server.get(f"/jobs/{job['job_id']}")["status"] == "stopped"
+
+
+# --------------------------------------------------------------------------------------------- who may drive it
+def test_only_its_own_page_may_drive_it(server):
+    from websockets.sync.client import connect
+
+    evil = "http://evil.example"
+    # a page elsewhere cannot start or stop a job over HTTP
+    for method, path, body in (("POST", "/jobs", {"prompt": PROMPT}), ("DELETE", "/jobs/anything", None)):
+        status, answer = server.request(method, path, body, headers={"Origin": evil})
+        assert status == 403 and "evil.example" in json.loads(answer)["error"], answer
+    # nor through a name that resolves to this machine (DNS rebinding): the Host is checked on every request
+    status, answer = server.request("GET", "/health", headers={"Host": f"evil.example:{server.port}"})
+    assert status == 403 and "--allow_host" in json.loads(answer)["error"]
+    # nor over the WebSocket: one error message, then the socket closes, and no job exists
+    with connect(f"ws://127.0.0.1:{server.port}/ws", origin=evil) as socket:  # refused before it reads a request
+        message = json.loads(socket.recv(timeout=30))
+    assert message["type"] == "error" and message["status"] == 403
+    health = server.get("/health")
+    assert health["active"] == 0 and health["queued"] == 0
+    # its own page's origin and clients without one are served (a bad body gets the usual 422)
+    status, _ = server.request("POST", "/jobs", {"prompt": 3}, headers={"Origin": server.url})
+    assert status == 422
+    with connect(f"ws://127.0.0.1:{server.port}/ws", origin=server.url) as socket:
+        socket.send(json.dumps({"prompt": 3}))
+        assert json.loads(socket.recv(timeout=30))["status"] == 422
 
 
 # --------------------------------------------------------------------------------------------- the page
