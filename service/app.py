@@ -212,7 +212,11 @@ def create_app(manager: JobManager, info: dict, rules: AccessRules = AccessRules
             return
         except WebSocketDisconnect:
             return
-        await socket.send_json({"type": "queued", "job_id": job.id, "queue_position": manager.position(job)})
+        try:
+            await socket.send_json({"type": "queued", "job_id": job.id, "queue_position": manager.position(job)})
+        except Exception:  # noqa: BLE001 - the client left before it heard back: the job must not run for nobody
+            manager.stop(job)
+            return
         await _relay(socket, manager, job, listener[1])
 
     app.mount("/", StaticFiles(directory=STATIC, html=True), name="page")
@@ -256,10 +260,12 @@ async def _relay(socket: WebSocket, manager: JobManager, job: Job, events: async
     sender, receiver = asyncio.create_task(send()), asyncio.create_task(receive())
     try:
         done, _ = await asyncio.wait({sender, receiver}, return_when=asyncio.FIRST_COMPLETED)
-        if receiver in done:  # the client went away (or broke the socket): free its slot
+        send_failed = sender in done and sender.exception() is not None  # the client is gone: sending fails
+        if receiver in done or send_failed:  # the client went away (or broke the socket): free its slot
             manager.stop(job)
             sender.cancel()
-            receiver.exception()  # retrieved: a disconnect is the normal end here
+            if receiver in done:
+                receiver.exception()  # retrieved: a disconnect is the normal end here
         else:
             receiver.cancel()
             await socket.close()

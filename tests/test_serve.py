@@ -205,6 +205,33 @@ def test_two_sessions_run_side_by_side(server):
     assert not np.array_equal(video_of(a), video_of(b))  # own noise, own cache
 
 
+@pytest.mark.parametrize("moment", ["right after the request", "while queued"])
+def test_a_client_that_leaves_early_leaves_no_job_running(server, moment):
+    """The longest video takes tens of seconds here; a job whose client is gone stops at its next block."""
+    from websockets.sync.client import connect
+
+    longest = server.get("/config")["max_frames"]
+    written = set(server.out.glob("*")) if server.out.exists() else set()
+    holder = None
+    if moment == "while queued":  # a stream holds the one slot, so the next request waits
+        holder = connect(f"ws://127.0.0.1:{server.port}/ws", max_size=None)
+        holder.send(json.dumps({"prompt": PROMPT, "seed": 0, "num_frames": longest}))
+        while json.loads(holder.recv(timeout=60)).get("type") != "block":
+            pass
+    with connect(f"ws://127.0.0.1:{server.port}/ws", max_size=None) as socket:
+        socket.send(json.dumps({"prompt": OTHER, "seed": 5, "num_frames": longest}))
+        if moment == "while queued":
+            assert json.loads(socket.recv(timeout=30))["type"] == "queued"
+    if holder is not None:
+        holder.close()
+    deadline = time.time() + 20
+    while time.time() < deadline and (server.get("/health")["active"] or server.get("/health")["queued"]):
+        time.sleep(0.2)
+    health = server.get("/health")
+    assert health["active"] == 0 and health["queued"] == 0, health
+    assert (set(server.out.glob("*")) if server.out.exists() else set()) == written  # no video was finished
+
+
 def test_a_disconnect_frees_the_slot_for_the_next_in_queue(server):
     import contextlib
     import threading
