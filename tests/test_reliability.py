@@ -215,3 +215,33 @@ def test_an_image_over_the_pixel_budget_is_refused_before_decoding(tmp_path):
     assert 9000 * 8000 > MAX_IMAGE_PIXELS
     with pytest.raises(UserError, match="9000x8000"):
         load_image(huge, 32, 48)
+
+
+def test_an_image_of_extreme_shape_is_refused_and_a_long_one_stays_small(tmp_path):
+    """A 1x200000 PNG is 859 bytes but covering a frame with it took gigabytes: refused by its aspect ratio; one
+    within the limit is cut in its own coordinates, never resized past the source or the target."""
+    from PIL import Image
+
+    from utils.datasets import MAX_IMAGE_ASPECT, load_image
+
+    thin = tmp_path / "thin.png"
+    Image.new("RGB", (200000, 1)).save(thin)
+    with pytest.raises(UserError, match="200000x1, 200000:1"):
+        load_image(thin, 704, 1280)
+    long = tmp_path / "long.png"
+    Image.new("RGB", (4000, 4000 // MAX_IMAGE_ASPECT), (200, 10, 10)).save(long)
+    sizes = []
+    resize = Image.Image.resize
+
+    def recorded(self, size, *args, **kwargs):
+        sizes.append(tuple(size))
+        return resize(self, size, *args, **kwargs)
+
+    Image.Image.resize = recorded
+    try:
+        pixels = load_image(long, 704, 1280)
+    finally:
+        Image.Image.resize = resize
+    assert pixels.shape == (3, 704, 1280)
+    assert torch.allclose(pixels[:, 300, 600], torch.tensor([200, 10, 10]) / 127.5 - 1, atol=1e-2)
+    assert sizes == [(1280, 704)]  # straight to the frame, not through a 11264x704 cover of it

@@ -93,6 +93,7 @@ class TextPromptDataset(Dataset):
 
 # --------------------------------------------------------------------------------------------- images
 MAX_IMAGE_PIXELS = 8192 * 8192  # a first frame larger than this is refused before it is decoded
+MAX_IMAGE_ASPECT = 16  # and one longer than 16:1 either way (1x200000 is small but would cover a frame at 140 M pixels)
 
 
 def load_image(path: str | os.PathLike, height: int, width: int) -> torch.Tensor:
@@ -105,6 +106,10 @@ def load_image(path: str | os.PathLike, height: int, width: int) -> torch.Tensor
             if opened.width * opened.height > MAX_IMAGE_PIXELS:
                 raise UserError(f"image {path} is {opened.width}x{opened.height} ({opened.width * opened.height / 1e6:.0f} M "
                                 f"pixels): expected at most {MAX_IMAGE_PIXELS / 1e6:.0f} M pixels (e.g. 8192x8192)")
+            aspect = max(opened.width, opened.height) / max(1, min(opened.width, opened.height))
+            if aspect > MAX_IMAGE_ASPECT:
+                raise UserError(f"image {path} is {opened.width}x{opened.height}, {aspect:.0f}:1: expected a first frame "
+                                f"at most {MAX_IMAGE_ASPECT}:1 (the video is {width}x{height})")
             image = opened.convert("RGB")
     except Image.DecompressionBombError:
         raise UserError(f"image {path} is larger than PIL will decode: expected at most {MAX_IMAGE_PIXELS / 1e6:.0f} M "
@@ -112,12 +117,12 @@ def load_image(path: str | os.PathLike, height: int, width: int) -> torch.Tensor
     except (OSError, UnidentifiedImageError, ValueError) as err:
         reason = "not found" if isinstance(err, FileNotFoundError) else "cannot be read as an image"
         raise UserError(f"image {path} {reason}: expected a PNG, JPEG or WebP file") from None
-    # 1. Scale so the image covers the target on both axes, then crop the centre.
+    # 1. The centre region with the target's aspect, resized straight to the target (the region is cut in the
+    #    source's coordinates, so no intermediate is larger than the source or the target).
     scale = max(height / image.height, width / image.width)
-    resized_w, resized_h = max(width, round(image.width * scale)), max(height, round(image.height * scale))
-    image = image.resize((resized_w, resized_h), Image.Resampling.BICUBIC)
-    left, top = (resized_w - width) // 2, (resized_h - height) // 2
-    image = image.crop((left, top, left + width, top + height))
+    box_w, box_h = min(image.width, width / scale), min(image.height, height / scale)
+    left, top = (image.width - box_w) / 2, (image.height - box_h) / 2
+    image = image.resize((width, height), Image.Resampling.BICUBIC, box=(left, top, left + box_w, top + box_h))
     # 2. HWC uint8 -> CHW float in [-1, 1].
     pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float()
     return pixels / 127.5 - 1.0
