@@ -6,7 +6,8 @@
 
 Each prompt gives <output_folder>/<task>_<W>x<H>_<YYYYmmdd_HHMMSS>_<slug>/ with video.mp4, frames.png and
 inference_record.json (prompt, parameters, checkpoint, seed, timings, memory). --num_output_frames counts
-pixel frames (4k+1); longer than the recipe's video, the KV cache rolls (rollout.local_attn_size, sink_size).
+pixel frames, any number from 1 (made as whole blocks, the asked ones kept); longer than the recipe's video, the
+KV cache rolls (rollout.local_attn_size, sink_size).
 Everything that can be wrong is checked before a model is loaded, and a failed run writes nothing.
 """
 from __future__ import annotations
@@ -105,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         pipe.generator.set_sequence_parallel(groups.sequence)
     parameters = {
         "config_path": args.config_path, "overrides": overrides, "checkpoint": args.checkpoint, "use_ema": args.use_ema,
-        "image": args.image, "seed": args.seed, "num_output_frames": geometry.num_pixel_frames,
+        "image": args.image, "seed": args.seed, "num_output_frames": args.num_output_frames or config.video.num_frames,
         "device": str(device), "dtype": str(dtype).removeprefix("torch."), "attention_backend": config.attention_backend,
         "denoising_timesteps": [round(float(t), 4) for t in pipe.timesteps], "context_noise": config.rollout.context_noise,
         "cache_frames": geometry.cache_frames, "sink_frames": geometry.sink_frames, "fps": config.video.fps,

@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     resolved = resolve_recipe(config, need_scores=False, check_weights=False)
     check_light_decoder(config, resolved.vae)
     geometry = resolved.geometry
-    longest = max_pixel_frames(geometry.vae_stride[0])
+    longest = max_pixel_frames(config, geometry.vae_stride[0])
     max_frames = args.max_frames or min(pixel_frames_for(20 * geometry.num_latent_frames, geometry.vae_stride[0]), longest)
     if not 1 <= max_frames <= longest:
         raise UserError(f"--max_frames {max_frames}: expected 1 .. {longest} pixel frames (the RoPE position table "

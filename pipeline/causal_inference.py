@@ -10,10 +10,11 @@ called per prompt (what the CLI, a notebook or a server calls). Each call:
      first block; with inference.overlap_decode, block k decodes on a second CUDA stream (a worker thread)
      while block k+1 denoises, the same frames either way.
 
-Frame counts: `num_output_frames` counts pixel frames (like `video.num_frames`), 4k+1 for Wan VAEs, and
-its latent frames must fill whole blocks. Past the training length the KV cache rolls: a local window
-of `rollout.local_attn_size` frames (or the training video's latent frames when that is -1, the
-window the model was trained on) with `rollout.sink_size` sink frames kept at the start.
+Frame counts: `num_output_frames` counts pixel frames (like `video.num_frames`); any count from 1 up is made
+as the fewest whole latent frames in whole blocks that hold it (utils.geometry.frames_to_make: 40 frames are
+made as 45), and the first `num_output_frames` are kept, streamed and returned. Past the training length the
+KV cache rolls: a local window of `rollout.local_attn_size` frames (or the training video's latent frames when
+that is -1, the window the model was trained on) with `rollout.sink_size` sink frames kept at the start.
 """
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ from pipeline.components import (
 from pipeline.schedule import few_step_timesteps
 from utils.config import Config
 from utils.errors import UserError
-from utils.geometry import Geometry, ResolvedRecipe, geometry_for, pixel_frames_for
+from utils.geometry import Geometry, ResolvedRecipe, frames_to_make, geometry_for, pixel_frames_for
 from utils.memory import MemoryProfiler, current_bytes, lifetime_peak_bytes
 from utils.presets import ARCH_FIELDS, dit_folder, read_checkpoint_config
 from utils.temporal import temporal_report
@@ -122,9 +123,18 @@ def list_like(value: object) -> object:
 def inference_geometry(config: Config, resolved: ResolvedRecipe, num_output_frames: Optional[int]) -> Geometry:
     """Geometry of an output video of `num_output_frames` pixel frames (None: the recipe's), cache window included.
 
-    Raises UserError when the frames do not fit the VAE stride or the blocks: call it before loading anything.
+    Any count from 1 to max_pixel_frames: the geometry is of the frames made (frames_to_make), whole blocks.
+    Raises UserError for a count out of range: call it before loading anything.
     """
-    frames = num_output_frames or config.video.num_frames
+    asked = num_output_frames or config.video.num_frames
+    if asked < 1:
+        raise UserError(f"--num_output_frames {asked}: expected a positive number of pixel frames")
+    stride = resolved.vae.stride[0]
+    longest = max_pixel_frames(config, stride)
+    if asked > longest:  # frame positions are absolute: past the RoPE table the generator cannot place a frame
+        raise UserError(f"--num_output_frames {asked}: at most {longest} pixel frames (the RoPE position table holds "
+                        f"{ROPE_MAX_POSITIONS} latent frames)")
+    frames = frames_to_make(asked, stride, config.video.num_frame_per_block, config.rollout.independent_first_frame)
     rollout = config.rollout
     if rollout.local_attn_size == -1 and frames > config.video.num_frames:
         # Global attention means "everything the model was trained to see"; beyond that the cache rolls.
@@ -134,19 +144,19 @@ def inference_geometry(config: Config, resolved: ResolvedRecipe, num_output_fram
         rollout = dataclasses.replace(rollout, local_attn_size=trained)
         config = dataclasses.replace(config, rollout=rollout)
     try:
-        geometry = geometry_for(config, resolved.generator, resolved.vae, num_frames=frames)
+        return geometry_for(config, resolved.generator, resolved.vae, num_frames=frames)
     except UserError as err:
-        raise UserError(f"--num_output_frames {frames}: {err}") from None
-    longest = max_pixel_frames(geometry.vae_stride[0])
-    if frames > longest:  # frame positions are absolute: past the RoPE table the generator cannot place a frame
-        raise UserError(f"--num_output_frames {frames}: at most {longest} pixel frames (the RoPE position table holds "
-                        f"{ROPE_MAX_POSITIONS} latent frames)")
-    return geometry
+        raise UserError(f"--num_output_frames {asked}: {err}") from None
 
 
-def max_pixel_frames(temporal_stride: int) -> int:
-    """The longest video the generator can place: one latent frame per RoPE frame position."""
-    return pixel_frames_for(ROPE_MAX_POSITIONS, temporal_stride)
+def max_pixel_frames(config: Config, temporal_stride: int) -> int:
+    """The longest video the generator can place: whole blocks within the RoPE table's frame positions."""
+    block = config.video.num_frame_per_block
+    if config.rollout.independent_first_frame:
+        latent = 1 + (ROPE_MAX_POSITIONS - 1) // block * block
+    else:
+        latent = ROPE_MAX_POSITIONS // block * block
+    return pixel_frames_for(latent, temporal_stride)
 
 
 def check_image(image: str | Path | None, task: str, geometry: Geometry) -> None:
@@ -301,6 +311,7 @@ class CausalInferencePipeline:
         from wan.modules.sequence_parallel import sp_size_of
 
         geometry = self.check_request(image, num_output_frames)
+        kept = num_output_frames or self.config.video.num_frames  # the frames made are whole blocks; these are kept
         task = self.task_for(image)
         profiler = self.profiler
         if self.device.type == "cuda" and not profiler.enabled:
@@ -325,7 +336,7 @@ class CausalInferencePipeline:
             rollout = BlockRollout(geometry, self.timesteps.to(self.device), self.config.rollout.context_noise)
 
             # 3. Rollout with streaming decode of each finished block (and prompt switches, when asked).
-            stream = _StreamingDecode(self, profiler, start, on_block)
+            stream = _StreamingDecode(self, profiler, start, on_block, kept)
             switches: list[dict] = []
 
             def switch_hook(index: int) -> Optional[PromptSwitch]:
@@ -342,7 +353,8 @@ class CausalInferencePipeline:
                     on_block=stream.on_block, noise_generator=renoise, prompt_switch=switch_hook,
                 )
                 stream.finish()  # the last block's decode, when it runs beside
-            video = torch.cat(stream.pixels, dim=1)[0].float().cpu()
+            made = torch.cat(stream.pixels, dim=1)[0].float().cpu()
+            video = made[:kept]
         total_s = self._clock() - start
         if not bool(torch.isfinite(output.latents).all()):
             raise UserError(f"the generator produced non-finite latents (NaN/Inf) for {prompt[:40]!r}: its weights "
@@ -354,9 +366,9 @@ class CausalInferencePipeline:
         generate_events = [e for e in profiler.events if e["name"] == "generate"]
         peak = generate_events[-1]["peak_bytes"] if generate_events else lifetime_peak_bytes(self.device)
         memory = {"backend": profiler.backend, "base_bytes": self.base_memory_bytes, "peak_bytes": peak}
-        # 5. Temporal quality; drift segments have the training length, so a longer video compares its later
-        #    stretches with the first.
-        temporal = temporal_report(video, geometry.block_sizes, geometry.vae_stride[0],
+        # 5. Temporal quality of the frames made (whole blocks); drift segments have the training length, so a
+        #    longer video compares its later stretches with the first.
+        temporal = temporal_report(made, geometry.block_sizes, geometry.vae_stride[0],
                                    segment_frames=self.resolved.geometry.num_pixel_frames)
         return InferenceResult(
             prompt=prompt, task=task, seed=seed, image=None if image is None else str(image), video=video,
@@ -378,8 +390,9 @@ class _StreamingDecode:
     """
 
     def __init__(self, pipe: CausalInferencePipeline, profiler: MemoryProfiler, start: float,
-                 on_pixels: Optional[PixelCallback]):
+                 on_pixels: Optional[PixelCallback], kept: int):
         self.pipe, self.profiler, self.start, self.on_pixels = pipe, profiler, start, on_pixels
+        self.left_to_show = kept  # on_pixels sees the first `kept` frames; the last block's extra ones are not shown
         self.decoder = pipe.stream_decoder()
         self.pixels: list[Tensor] = []
         self.until_block_s: list[float] = []  # from the previous decode's end to this block's emission
@@ -449,8 +462,10 @@ class _StreamingDecode:
         if self.first_block_latency_s is None:
             self.first_block_latency_s = done - self.start
         self.pixels.append(pixels.float().cpu())
-        if self.on_pixels is not None:
-            self.on_pixels(block_index, pixels)
+        shown = pixels[:, :self.left_to_show]
+        self.left_to_show -= shown.shape[1]
+        if self.on_pixels is not None and shown.shape[1]:
+            self.on_pixels(block_index, shown)
 
     def forward(self, generator: torch.nn.Module, commit: bool, *args, **kwargs) -> Tensor:
         """One generator forward as a named memory phase; context passes (commit=True) are timed."""

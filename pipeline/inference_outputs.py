@@ -60,7 +60,8 @@ def build_record(result: InferenceResult, parameters: dict) -> dict:
         "seed": result.seed,
         "image": result.image,
         "checkpoint": parameters.get("checkpoint"),
-        "num_pixel_frames": int(result.video.shape[0]),
+        "num_pixel_frames": int(result.video.shape[0]),  # kept: the frames asked for
+        "num_pixel_frames_made": geometry.num_pixel_frames,  # whole latent frames in whole blocks
         "num_latent_frames": geometry.num_latent_frames,
         "height": geometry.height,
         "width": geometry.width,

@@ -207,9 +207,10 @@ class JobManager:
         job.started_at = time.perf_counter()
         try:
             geometry = self.pipe.check_request(request.image_path, request.num_frames)
+            kept = request.num_frames or self.pipe.config.video.num_frames  # made in whole blocks, these are sent
             job.num_blocks = len(geometry.block_sizes)
             job.publish({"type": "started", "job_id": job.id, "num_blocks": job.num_blocks,
-                         "num_frames": geometry.num_pixel_frames, "width": geometry.width, "height": geometry.height,
+                         "num_frames": kept, "width": geometry.width, "height": geometry.height,
                          "fps": self.pipe.config.video.fps})
 
             def on_block(index: int, pixels) -> None:
@@ -236,7 +237,7 @@ class JobManager:
 
             result = self.pipe.generate(request.prompt, image=request.image_path, num_output_frames=request.num_frames,
                                         seed=request.seed, on_block=on_block, prompt_switch=prompt_switch)
-            parameters = {**self.parameters, "seed": request.seed, "num_output_frames": geometry.num_pixel_frames,
+            parameters = {**self.parameters, "seed": request.seed, "num_output_frames": kept,
                           "image": None if request.image_path is None else "uploaded"}
             job.folder = save_result(result, self.output_folder, parameters, fps=self.pipe.config.video.fps)
             job.record = json.loads((job.folder / RECORD_FILE).read_text())  # the record as written, not built twice

@@ -104,7 +104,7 @@ def test_cli_writes_mp4_with_expected_frames_size_and_full_record(tmp_path, chec
     assert {"text_encoder", "vae", "generator", "block_0/step_0", "block_1/context_pass", "block_0/decode"} <= names
 
 
-@pytest.mark.parametrize("case", ["missing_image", "unreadable_checkpoint", "frames_not_in_blocks", "missing_ema",
+@pytest.mark.parametrize("case", ["missing_image", "unreadable_checkpoint", "missing_ema", "no_frames",
                                   "frames_past_the_position_table"])
 def test_cli_bad_input_gives_one_line_and_writes_nothing(tmp_path, checkpoint, case):
     ckpt = checkpoint
@@ -116,10 +116,10 @@ def test_cli_bad_input_gives_one_line_and_writes_nothing(tmp_path, checkpoint, c
         ckpt.mkdir()
         (ckpt / "generator.safetensors").write_bytes(b"this is not a safetensors file")
         fragment = "generator.safetensors"
-    elif case == "frames_not_in_blocks":
-        extra, fragment = ["--num_output_frames", "25"], "num_frame_per_block=3"  # 7 latent frames: not whole blocks of 3
-    elif case == "frames_past_the_position_table":  # 1026 latent frames, whole blocks, past the 1024 RoPE positions
-        extra, fragment = ["--num_output_frames", "4101"], "at most 4093 pixel frames"
+    elif case == "no_frames":
+        extra, fragment = ["--num_output_frames", "0"], "--num_output_frames 0"
+    elif case == "frames_past_the_position_table":  # made as 1026 latent frames, past the 1024 RoPE positions
+        extra, fragment = ["--num_output_frames", "4093"], "at most 4089 pixel frames"
     else:
         ckpt = tmp_path / "no_ema"
         ckpt.mkdir()
@@ -130,6 +130,26 @@ def test_cli_bad_input_gives_one_line_and_writes_nothing(tmp_path, checkpoint, c
                        "--output_folder", str(out), *extra])
     assert_one_line_error(proc, fragment)
     assert not out.exists()
+
+
+def test_any_frame_count_is_made_in_whole_blocks_and_kept(tmp_path, checkpoint, pipe):
+    from utils.video_io import read_mp4
+
+    for asked, made in ((1, 9), (40, 45), (100, 105)):  # stride 4, blocks of 3 latent frames
+        streamed = []
+        result = pipe.generate(PROMPT, seed=2, num_output_frames=asked,
+                               on_block=lambda index, pixels: streamed.append(pixels.shape[1]))
+        assert result.video.shape[0] == sum(streamed) == asked and result.geometry.num_pixel_frames == made
+        whole = pipe.generate(PROMPT, seed=2, num_output_frames=made)
+        assert torch.equal(result.video, whole.video[:asked])  # the first frames of the whole blocks made
+    out = tmp_path / "out"
+    proc = run_script(["inference.py", "--config_path", RECIPE, "--checkpoint", str(checkpoint), "--prompt", PROMPT,
+                       "--output_folder", str(out), "--num_output_frames", "40"])
+    assert proc.returncode == 0, proc.stderr
+    (folder,) = list(out.iterdir())
+    record = json.loads((folder / "inference_record.json").read_text())
+    assert (record["num_pixel_frames"], record["num_pixel_frames_made"]) == (40, 45)
+    assert record["parameters"]["num_output_frames"] == 40 and read_mp4(folder / "video.mp4").shape[0] == 40
 
 
 # --------------------------------------------------------------------------------------------- Python API

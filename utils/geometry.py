@@ -81,6 +81,17 @@ def pixel_frames_for(num_latent_frames: int, temporal_stride: int) -> int:
     return temporal_stride * (num_latent_frames - 1) + 1
 
 
+def frames_to_make(asked: int, temporal_stride: int, num_frame_per_block: int, independent_first_frame: bool) -> int:
+    """The fewest pixel frames of whole latent frames and whole blocks that hold `asked` frames (inference keeps
+    the first `asked`): 40 frames with stride 4 and blocks of 3 are made as 45, 1 frame as 9."""
+    latent = -(-(asked - 1) // temporal_stride) + 1
+    if independent_first_frame:
+        latent = 1 + -(-(latent - 1) // num_frame_per_block) * num_frame_per_block if latent > 1 else 1
+    else:
+        latent = -(-latent // num_frame_per_block) * num_frame_per_block
+    return pixel_frames_for(latent, temporal_stride)
+
+
 def block_sizes_for(num_latent_frames: int, num_frame_per_block: int, independent_first_frame: bool) -> tuple:
     """Latent frames per rollout block; the first block may hold the TI2V image frame alone."""
     rest = num_latent_frames - 1 if independent_first_frame else num_latent_frames
