@@ -160,7 +160,8 @@ def max_pixel_frames(config: Config, temporal_stride: int) -> int:
 
 
 def check_image(image: str | Path | None, task: str, geometry: Geometry) -> None:
-    """TI2V needs a readable first-frame image; T2V recipes take one optionally (then the run is TI2V)."""
+    """A student does what it learnt: a TI2V student needs a readable first-frame image, and a text-to-video one
+    (video.task t2v) takes none: started from an image it would run a conditioning it never trained on."""
     from utils.datasets import load_image
 
     if image is None:
@@ -168,6 +169,10 @@ def check_image(image: str | Path | None, task: str, geometry: Geometry) -> None
             raise UserError("video.task is ti2v: give the first frame with --image")
         return
     load_image(image, geometry.height, geometry.width)  # opening it is cheap; a bad file fails here, before work
+    if task != "ti2v":
+        raise UserError(f"this student learnt text-to-video only (its recipe's video.task is {task}), so it does not "
+                        "start from an image: leave --image out, or distil an image-to-video student (video.task: "
+                        "ti2v)")
 
 
 # --------------------------------------------------------------------------------------------- result
@@ -273,8 +278,10 @@ class CausalInferencePipeline:
         return self.light_decoder.stream() if self.light_decoder is not None else self.vae.stream_decoder()
 
     # ----------------------------------------------------------------------------------------- per request
-    def task_for(self, image: str | Path | None) -> str:
-        return "ti2v" if image is not None else self.config.video.task
+    @property
+    def takes_image(self) -> bool:
+        """Whether requests may (and must) give a first frame: the student learnt image-to-video."""
+        return self.config.video.task == "ti2v"
 
     def check_request(self, image: str | Path | None = None, num_output_frames: Optional[int] = None) -> Geometry:
         """Everything about a request that can be wrong, checked before any work."""
@@ -312,7 +319,7 @@ class CausalInferencePipeline:
 
         geometry = self.check_request(image, num_output_frames)
         kept = num_output_frames or self.config.video.num_frames  # the frames made are whole blocks; these are kept
-        task = self.task_for(image)
+        task = self.config.video.task  # check_request: an image exactly when the student learnt ti2v
         profiler = self.profiler
         if self.device.type == "cuda" and not profiler.enabled:
             torch.cuda.reset_peak_memory_stats(self.device)

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from tests.helpers import assert_one_line_error, run_script
+from utils.errors import UserError
 
 RECIPE = "configs/tiny/self_forcing_dmd.yaml"
 PROMPT = "a red circle moving left on a blue background"
@@ -105,7 +106,7 @@ def test_cli_writes_mp4_with_expected_frames_size_and_full_record(tmp_path, chec
 
 
 @pytest.mark.parametrize("case", ["missing_image", "unreadable_checkpoint", "missing_ema", "no_frames",
-                                  "frames_past_the_position_table"])
+                                  "frames_past_the_position_table", "image_for_a_text_to_video_student"])
 def test_cli_bad_input_gives_one_line_and_writes_nothing(tmp_path, checkpoint, case):
     ckpt = checkpoint
     extra = []
@@ -116,6 +117,11 @@ def test_cli_bad_input_gives_one_line_and_writes_nothing(tmp_path, checkpoint, c
         ckpt.mkdir()
         (ckpt / "generator.safetensors").write_bytes(b"this is not a safetensors file")
         fragment = "generator.safetensors"
+    elif case == "image_for_a_text_to_video_student":
+        import imageio.v3 as iio
+
+        iio.imwrite(tmp_path / "first.png", np.zeros((32, 48, 3), dtype=np.uint8))
+        extra, fragment = ["--image", str(tmp_path / "first.png")], "learnt text-to-video only"
     elif case == "no_frames":
         extra, fragment = ["--num_output_frames", "0"], "--num_output_frames 0"
     elif case == "frames_past_the_position_table":  # made as 1026 latent frames, past the 1024 RoPE positions
@@ -178,12 +184,23 @@ def test_ema_weights_are_used_when_asked(recipe, checkpoint, pipe):
     assert not torch.allclose(ema.generate(PROMPT, seed=0).latents, pipe.generate(PROMPT, seed=0).latents)
 
 
-def test_ti2v_keeps_the_encoded_first_frame(pipe, image_path):
-    result = pipe.generate(PROMPT, image=image_path, seed=2)
-    encoded = pipe.encode_first_frame(image_path, result.geometry)
+def test_ti2v_keeps_the_encoded_first_frame(pipe, image_path, recipe):
+    import dataclasses
+
+    from pipeline.causal_inference import CausalInferencePipeline, InferenceComponents
+
+    config, resolved = recipe
+    ti2v = dataclasses.replace(config, video=dataclasses.replace(config.video, task="ti2v"))
+    student = CausalInferencePipeline(ti2v, resolved, "cpu", torch.float32, components=InferenceComponents(
+        text_encoder=pipe.text_encoder, vae=pipe.vae, generator=pipe.generator))
+    result = student.generate(PROMPT, image=image_path, seed=2)
+    encoded = student.encode_first_frame(image_path, result.geometry)
     assert result.task == "ti2v"
     assert torch.equal(result.latents[:, :1], encoded)
     assert not torch.allclose(result.latents[:, 1:2], encoded)
+    # the same generator as a text-to-video student: an image is refused in one line, before any work
+    with pytest.raises(UserError, match="learnt text-to-video only .*video.task: ti2v"):
+        pipe.generate(PROMPT, image=image_path, seed=2)
 
 
 def test_longer_than_cache_rolls_and_starts_like_the_short_video(pipe, recipe):

@@ -30,6 +30,17 @@ OTHER = "a green square moving up on a white background"
 # the recipe's generator.checkpoint is its training init (outputs/quickstart/...), absent on a fresh clone: named
 # missing here on purpose, since --checkpoint replaces it
 ABSENT_INIT = "generator.checkpoint=outputs/absent/ode_init/latest/generator.safetensors"
+def _png(width: int = 8, height: int = 8) -> str:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), (10, 200, 10)).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+VALID_PNG = _png()
 LONG = 141  # pixel frames: 4x the miniature's 9 latent frames, 12 blocks, the cache rolls
 
 
@@ -276,6 +287,7 @@ def test_a_disconnect_frees_the_slot_for_the_next_in_queue(server):
     ({"prompt": "x" * 10000}, "at most 2000"),
     ({"prompt": PROMPT, "image": base64.b64encode(b"not an image at all").decode()}, "cannot be read as an image"),
     ({"prompt": PROMPT, "image": "%%% not base64"}, "not base64"),
+    ({"prompt": PROMPT, "image": VALID_PNG}, "learnt text-to-video only"),
     ({"prompt": PROMPT, "num_frames": 0}, "num_frames 0"),
     ({"prompt": PROMPT, "num_frames": 10**6}, "num_frames 1000000"),
     ({"prompt": PROMPT, "seed": -1}, "seed -1"),
@@ -368,6 +380,8 @@ def test_the_page_plays_the_stream_in_a_real_browser(server, tmp_path):
         assert browser.evaluate("document.title") == "Self-Forcing streaming"
         browser.wait_for("document.getElementById('frames').value !== ''")  # /config loaded
         assert browser.evaluate("document.getElementById('model').textContent").endswith("· full decoder")
+        # a text-to-video student: the page offers no first-frame field
+        assert browser.evaluate("document.getElementById('image-field').hidden") is True
         blank = browser.evaluate("document.getElementById('canvas').toDataURL()")
         browser.type_into("#prompt", PROMPT)
         browser.evaluate(f"document.getElementById('frames').value = {LONG}")

@@ -16,6 +16,7 @@ function say(text) { $("message").textContent = text || ""; }
 async function loadInfo() {
   info = await (await fetch("config")).json();
   $("model").textContent = `${info.model} · ${info.width}x${info.height} · ${info.fps} fps · ${info.device} · ${info.decoder} decoder`;
+  $("image-field").hidden = !info.takes_image;  // only a student that learnt image-to-video starts from an image
   $("frames").value = info.num_frames;
   $("frames").max = info.max_frames;
   $("canvas").width = info.width;
