@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -104,17 +103,9 @@ def random_model(arch: dict, dtype: torch.dtype, device: str, backend: str) -> C
 
 def time_call(call, device: torch.device, warmup: int, repeats: int) -> float:
     """Milliseconds per call (median of `repeats`)."""
-    times = []
-    for i in range(warmup + repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        call()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        if i >= warmup:
-            times.append((time.perf_counter() - start) * 1000)
-    return sorted(times)[len(times) // 2]
+    from utils.timing import median_seconds
+
+    return median_seconds(call, device, warmup, repeats) * 1000
 
 
 @run_main

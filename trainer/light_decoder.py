@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import math
 import statistics
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -27,6 +26,7 @@ from tqdm.auto import tqdm
 
 from utils.errors import UserError
 from utils.io import atomic_save_safetensors, atomic_write, atomic_write_json
+from utils.timing import median_seconds
 from wan.light_decoder import LightDecoder
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -168,20 +168,6 @@ def psnr(frames: torch.Tensor, target: torch.Tensor) -> float:
     return 10 * math.log10(4.0 / max(mse, 1e-12))
 
 
-def timed(decode: Callable[[], torch.Tensor], device: torch.device, repeats: int = 3) -> float:
-    def once() -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        decode()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return time.perf_counter() - start
-
-    once()  # warm-up
-    return statistics.median(once() for _ in range(repeats))
-
-
 def evaluate(out: Path, settings: DistillSettings, model: LightDecoder, full_decode: Callable[[torch.Tensor], torch.Tensor],
              device: torch.device) -> dict:
     """PSNR against the full decode on the held-out clips; both decoders' seconds on the first of them."""
@@ -192,8 +178,8 @@ def evaluate(out: Path, settings: DistillSettings, model: LightDecoder, full_dec
         values.append(psnr(model.decode(latents[None].to(device))[0].cpu(), target))
     latents = load_clip(out / "bank", held_out[0])[0][None].to(device)
     with torch.no_grad():
-        light_s = timed(lambda: model.decode(latents), device)
-        full_s = timed(lambda: full_decode(latents), device)
+        light_s = median_seconds(lambda: model.decode(latents), device)
+        full_s = median_seconds(lambda: full_decode(latents), device)
     spread = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else 0.0
     return {"psnr_db": statistics.fmean(values), "psnr_se_db": spread, "psnr_per_clip_db": values,
             "held_out_clips": len(values), "light_decode_s": light_s, "full_decode_s": full_s,
