@@ -30,6 +30,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.jobs import MAX_PROMPT_CHARS, Job, JobManager, ServiceBusy, new_listener
 from utils.errors import UserError
@@ -129,6 +130,10 @@ def create_app(manager: JobManager, info: dict, rules: AccessRules = AccessRules
     async def invalid(_: Request, err: RequestValidationError) -> JSONResponse:
         return error(422, _one_line(err))
 
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, err: StarletteHTTPException) -> JSONResponse:  # a body that cannot be parsed,
+        return error(err.status_code, str(err.detail))  # an unknown path: the same one-line JSON as everything else
+
     def admit(body: GenerateRequest, listener=None) -> Job:
         request = manager.check(body.prompt, body.seed, body.num_frames, body.image)
         return manager.submit(request, listener)
@@ -197,12 +202,14 @@ def create_app(manager: JobManager, info: dict, rules: AccessRules = AccessRules
             await _refuse(socket, 403, refusal)
             return
         try:
-            body = GenerateRequest.model_validate(json.loads(await socket.receive_text()))
+            body = GenerateRequest.model_validate(await _receive_json(socket))
             listener = new_listener()
             job = await asyncio.to_thread(admit, body, listener)
-        except (ValidationError, json.JSONDecodeError) as err:
-            message = _one_line(err) if isinstance(err, ValidationError) else "the first message is not JSON"
-            await _refuse(socket, 422, message)
+        except ValidationError as err:
+            await _refuse(socket, 422, _one_line(err))
+            return
+        except NotJson as err:
+            await _refuse(socket, 422, f"the first message is {err}")
             return
         except UserError as err:
             await _refuse(socket, 422, str(err))
@@ -221,6 +228,26 @@ def create_app(manager: JobManager, info: dict, rules: AccessRules = AccessRules
 
     app.mount("/", StaticFiles(directory=STATIC, html=True), name="page")
     return app
+
+
+class NotJson(Exception):
+    """A WebSocket message that is not a JSON text (its str says what it is instead)."""
+
+
+async def _receive_json(socket: WebSocket) -> object:
+    """The next message as parsed JSON; binary, malformed or too deeply nested ones raise NotJson."""
+    message = await socket.receive()
+    if message["type"] == "websocket.disconnect":
+        raise WebSocketDisconnect(message.get("code", 1000))
+    text = message.get("text")
+    if text is None:
+        raise NotJson("binary: expected JSON text")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        raise NotJson("not JSON") from None
+    except RecursionError:
+        raise NotJson("JSON nested too deeply") from None
 
 
 async def _refuse(socket: WebSocket, status: int, message: str) -> None:
@@ -244,9 +271,9 @@ async def _relay(socket: WebSocket, manager: JobManager, job: Job, events: async
     async def receive() -> None:
         while True:
             try:
-                message = SwitchMessage.model_validate(json.loads(await socket.receive_text()))
-            except (ValidationError, json.JSONDecodeError) as err:
-                text = _one_line(err) if isinstance(err, ValidationError) else "a message that is not JSON"
+                message = SwitchMessage.model_validate(await _receive_json(socket))
+            except (ValidationError, NotJson) as err:
+                text = _one_line(err) if isinstance(err, ValidationError) else f"a message that is {err}"
                 await socket.send_json({"type": "warning", "status": 422, "error": text})
                 continue
             if message.type == "stop":

@@ -303,6 +303,34 @@ def test_bad_requests_get_a_4xx_json_error_and_the_server_keeps_serving(server, 
     assert server.get("/health")["status"] == "ok"
 
 
+def test_malformed_messages_get_one_json_line(server):
+    """Binary, malformed and deeply nested messages: a one-line JSON error (422), never an abrupt close or a 500."""
+    from websockets.sync.client import connect
+
+    deep = "[" * 100_000 + "]" * 100_000
+    for payload, fragment in ((b"\x00\x01 binary", "binary"), ("{not json", "not JSON"), (deep, "nested too deeply")):
+        with connect(f"ws://127.0.0.1:{server.port}/ws", max_size=None) as socket:
+            socket.send(payload)
+            message = json.loads(socket.recv(timeout=30))
+        assert message["type"] == "error" and message["status"] == 422 and fragment in message["error"], message
+    request = urllib.request.Request(server.url + "/jobs", data=deep.encode(), method="POST",
+                                     headers={"content-type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=60)
+    assert refused.value.code == 400 and "parsing the body" in json.loads(refused.value.read())["error"]
+    status, answer = server.request("GET", "/no/such/path")
+    assert status == 404 and json.loads(answer) == {"error": "Not Found"}
+    # a binary message while streaming is answered with a warning; the stream goes on to its end
+    def send_binary_once(socket, message):
+        if message["type"] == "started":
+            socket.send(b"\x00")
+
+    result = server.stream({"prompt": PROMPT, "seed": 4}, send_binary_once)
+    warnings = [m for m in result["messages"] if m["type"] == "warning"]
+    assert result["last"]["type"] == "done" and warnings and "binary" in warnings[0]["error"]
+    assert server.get("/health")["status"] == "ok"
+
+
 def test_too_many_sessions_get_429_and_the_job_api_works(server):
     longest = server.get("/config")["max_frames"]
     jobs = []
