@@ -13,6 +13,7 @@ import binascii
 import collections
 import json
 import logging
+import shutil
 import tempfile
 import threading
 import time
@@ -133,10 +134,13 @@ class JobManager:
         image_path = decode_image(image, self.uploads) if image else None
         try:
             self.pipe.check_request(image_path, num_frames)  # frame counts that fit the blocks, a readable image
-        except UserError:
-            if image_path is not None:
-                image_path.unlink(missing_ok=True)
-            raise
+        except UserError as err:
+            if image_path is None:
+                raise
+            image_path.unlink(missing_ok=True)
+            # the client never saw the server's temporary file: name what it sent instead
+            raise UserError(str(err).replace(f"image {image_path}", "the uploaded image")
+                            .replace(str(image_path), "the uploaded image")) from None
         return JobRequest(prompt=prompt, seed=seed, num_frames=num_frames, image_path=image_path)
 
     def submit(self, request: JobRequest, listener: Optional[tuple] = None) -> Job:
@@ -276,6 +280,7 @@ class JobManager:
         for job in list(self.jobs.values()):
             job.stop.set()
         self.executor.shutdown(wait=True, cancel_futures=True)
+        shutil.rmtree(self.uploads, ignore_errors=True)  # uploads of jobs that never ran, and the folder itself
 
 
 def new_listener() -> tuple[asyncio.AbstractEventLoop, asyncio.Queue]:

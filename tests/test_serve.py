@@ -298,6 +298,7 @@ def test_bad_requests_get_a_4xx_json_error_and_the_server_keeps_serving(server, 
     status, answer = server.request("POST", "/jobs", body)
     assert status == 422, answer
     assert fragment in json.loads(answer)["error"]
+    assert "serve-uploads" not in json.loads(answer)["error"]  # the server's temporary paths are never shown
     refused = server.stream(body)
     assert refused["last"]["type"] == "error" and refused["last"]["status"] == 422 and fragment in refused["last"]["error"]
     assert server.get("/health")["status"] == "ok"
