@@ -42,6 +42,7 @@ def sample_causal_teacher(
     first_frame: Tensor | None = None,
     keep_indices: Sequence[int] | None = None,
     boundary: float | None = None,
+    sigmas: Tensor | None = None,
 ) -> TeacherSample:
     """Like sample_teacher, for a CausalWanModel: noise [B, F, C, H, W] in the geometry's blocks."""
     from wan.modules.kv_cache import KVCache
@@ -61,7 +62,7 @@ def sample_causal_teacher(
         sample = sample_teacher(
             _CachedBlock(model, caches, start), noise[:, start:start + size], cond, uncond, sampling,
             num_train_timesteps=num_train_timesteps, first_frame=first_frame if start == 0 else None,
-            keep_indices=keep_indices,
+            keep_indices=keep_indices, sigmas=sigmas,
         )
         nfe += sample.nfe
         # 2. The clean block into each cache, under its own context.

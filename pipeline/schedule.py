@@ -24,6 +24,24 @@ def shift_sigmas(sigmas: Tensor, shift: float) -> Tensor:
     return shift * sigmas / (1 + (shift - 1) * sigmas)
 
 
+def sigmas_with_points(sigmas: Tensor, points: Sequence[float]) -> tuple[Tensor, list[int]]:
+    """`sigmas` (decreasing, ending at 0) with `points` inserted where they fall: (sigmas, the index of each point).
+
+    A point at or above the first sigma is the start itself (index 0: the start latent is the noise, sigma 1 or
+    the schedule's first sigma alike); one within 1e-9 of a sigma already there is that sigma.
+    """
+    merged = sigmas.detach().to(torch.float64).tolist()
+    for point in sorted((float(p) for p in points), reverse=True):
+        if point >= merged[0] or any(abs(point - s) < 1e-9 for s in merged):
+            continue
+        position = next(i for i, s in enumerate(merged) if s < point)
+        merged.insert(position, point)
+    indices = []
+    for point in (float(p) for p in points):
+        indices.append(0 if point >= merged[0] else min(range(len(merged)), key=lambda i: abs(merged[i] - point)))
+    return torch.tensor(merged, dtype=torch.float64), indices
+
+
 def teacher_sigmas(num_steps: int, shift: float, num_train_timesteps: int) -> Tensor:
     """The official Wan sampling schedule: float64 [num_steps + 1], decreasing, ending at sigma 0.
 

@@ -8,6 +8,7 @@ that `guidance.uses_uncond` allows.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -18,8 +19,8 @@ from tqdm import tqdm
 
 from pipeline.guidance import check_guidance, combine_cfg, guidance_scale_at, uses_uncond
 from pipeline.samplers import make_sampler
-from pipeline.schedule import teacher_sigmas
-from utils.config import SamplingConfig
+from pipeline.schedule import sigmas_with_points, teacher_sigmas
+from utils.config import OdeConfig, SamplingConfig
 from utils.errors import UserError
 
 
@@ -62,10 +63,23 @@ def resolve_keep_indices(keep_indices: Sequence[int], num_steps: int) -> list[in
     return resolved
 
 
-def kept_point_timesteps(sampling: SamplingConfig, keep_indices: Sequence[int], num_train_timesteps: int) -> Tensor:
+def ode_sampling_plan(ode: OdeConfig, student_timesteps: Tensor, num_train_timesteps: int) -> tuple[Tensor, list[int]]:
+    """The ODE teacher's schedule and the trajectory points kept: (sigmas [N + 1], keep indices).
+
+    With ode.insert_student_steps the official schedule (num_steps at shift) gets the student's steps inserted and
+    the kept points are the start, each student step and the clean end (keep_indices is not read); otherwise the
+    official schedule and ode.keep_indices.
+    """
+    sigmas = teacher_sigmas(ode.num_steps, ode.shift, num_train_timesteps)
+    if not ode.insert_student_steps:
+        return sigmas, resolve_keep_indices(ode.keep_indices, ode.num_steps)
+    sigmas, indices = sigmas_with_points(sigmas, (student_timesteps.double() / num_train_timesteps).tolist())
+    return sigmas, sorted(set(indices)) + [sigmas.numel() - 1]
+
+
+def kept_point_timesteps(sigmas: Tensor, keep_indices: Sequence[int], num_train_timesteps: int) -> Tensor:
     """The timesteps of the trajectory points `keep_indices` keeps, as sample_teacher labels them (float32)."""
-    sigmas = teacher_sigmas(sampling.num_steps, sampling.shift, num_train_timesteps)
-    kept = resolve_keep_indices(keep_indices, sampling.num_steps)
+    kept = resolve_keep_indices(keep_indices, sigmas.numel() - 1)
     return (sigmas[kept] * num_train_timesteps).to(torch.float32)
 
 
@@ -95,8 +109,12 @@ def sample_teacher(
     keep_indices: Sequence[int] | None = None,
     boundary: float | None = None,
     progress: bool = False,
+    sigmas: Tensor | None = None,
 ) -> TeacherSample:
     """Sample a clean latent from `noise` with the official Wan schedule and the configured sampler.
+
+    sigmas: another schedule [N + 1] (e.g. the official one with the student's steps inserted, see
+    ode_sampling_plan); then N steps are taken and keep_indices index its N + 1 points.
 
     first_frame [B, 1, C, H, W] (TI2V): latent frame 0 is that clean latent throughout; the model sees it
     at timestep 0 and it is re-imposed after every step. boundary (MoE): the expert switch as a fraction
@@ -106,7 +124,10 @@ def sample_teacher(
     # 1. Validate everything before the first model call.
     _check_inputs(noise, cond, uncond, first_frame)
     check_guidance(sampling, is_moe=boundary is not None)
-    sigmas = teacher_sigmas(sampling.num_steps, sampling.shift, num_train_timesteps)
+    if sigmas is None:
+        sigmas = teacher_sigmas(sampling.num_steps, sampling.shift, num_train_timesteps)
+    else:
+        sampling = dataclasses.replace(sampling, num_steps=sigmas.numel() - 1)
     sampler = make_sampler(sampling.sampler, sigmas)
     step_timesteps = sampler.model_timesteps(num_train_timesteps)
     num_high_noise_steps = 0 if boundary is None else count_high_noise_steps(step_timesteps, boundary, num_train_timesteps)

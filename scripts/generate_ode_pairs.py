@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from utils.config import Config, OdeConfig, load_config, parse_cli, to_yaml  # noqa: E402
+from utils.config import Config, load_config, parse_cli, to_yaml  # noqa: E402
 from utils.datasets import ImageTextDataset, TextPromptDataset  # noqa: E402
 from utils.errors import OneLineArgumentParser, UserError, run_main  # noqa: E402
 from utils.geometry import ResolvedRecipe, resolve_recipe  # noqa: E402
@@ -48,11 +48,15 @@ def pair_seed(base_seed: int, index: int) -> int:
     return int.from_bytes(digest[:8], "little") >> 1  # torch seeds must fit in a signed 64-bit int
 
 
-def trajectory_timesteps(ode: OdeConfig, num_train_timesteps: int) -> torch.Tensor:
-    """Timesteps of the kept trajectory points [P], known before any model runs (sample_teacher's own figures)."""
-    from pipeline.teacher_sampling import kept_point_timesteps
+def sampling_plan(config: Config) -> tuple[torch.Tensor, list[int]]:
+    """The ODE teacher's schedule and kept points (pipeline.teacher_sampling.ode_sampling_plan)."""
+    from pipeline.schedule import few_step_timesteps
+    from pipeline.teacher_sampling import ode_sampling_plan
 
-    return kept_point_timesteps(ode, ode.keep_indices, num_train_timesteps)
+    rollout, flow = config.rollout, config.flow
+    student = few_step_timesteps(rollout.denoising_step_list, rollout.warp_denoising_step, flow.timestep_shift,
+                                 flow.num_train_timesteps)
+    return ode_sampling_plan(config.ode, student, flow.num_train_timesteps)
 
 
 def read_prompts(args: argparse.Namespace, config: Config) -> TextPromptDataset | ImageTextDataset:
@@ -122,17 +126,18 @@ def sample_pair(config: Config, recipe: ResolvedRecipe, models: dict, item: dict
     first_frame = None
     if "image" in item:
         first_frame = models["vae"].encode_to_latent(item["image"][None, :, None].to(device)).float()
-    # 4. Teacher sampling with CFG, keeping the configured points.
+    # 4. Teacher sampling with CFG on the planned schedule, keeping the planned points.
+    sigmas, keep = sampling_plan(config)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         if config.ode.causal_teacher:
             return sample_causal_teacher(
                 models["teacher"], noise, cond, uncond, config.ode, recipe.geometry,
                 num_train_timesteps=config.flow.num_train_timesteps, first_frame=first_frame,
-                keep_indices=config.ode.keep_indices, boundary=recipe.real_score.moe_boundary,
+                keep_indices=keep, boundary=recipe.real_score.moe_boundary, sigmas=sigmas,
             )
         return sample_teacher(
             models["teacher"], noise, cond, uncond, config.ode, num_train_timesteps=config.flow.num_train_timesteps,
-            first_frame=first_frame, keep_indices=config.ode.keep_indices, boundary=recipe.real_score.moe_boundary,
+            first_frame=first_frame, keep_indices=keep, boundary=recipe.real_score.moe_boundary, sigmas=sigmas,
         )
 
 
@@ -162,7 +167,10 @@ def main(argv: list[str] | None = None) -> int:
     if config.parallel.cfg_parallel and config.ode.causal_teacher:
         raise UserError("parallel.cfg_parallel with ode.causal_teacher is not supported: the causal teacher keeps a KV "
                         "cache per branch on every rank; use parallel.sp_size instead")
-    timesteps = trajectory_timesteps(config.ode, config.flow.num_train_timesteps)
+    from pipeline.teacher_sampling import kept_point_timesteps
+
+    sigmas, keep = sampling_plan(config)
+    timesteps = kept_point_timesteps(sigmas, keep, config.flow.num_train_timesteps)
     if config.train.trainer == "ode":  # pairs the ODE stage would refuse are refused before they cost GPU hours
         from model.ode import ode_point_timesteps
 
@@ -211,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
                     raise RuntimeError(f"sampled trajectory timesteps {sample.trajectory_timesteps} != planned {timesteps}")
                 if groups.writer:
                     write_pair_file(output, index, sample.trajectory[0], timesteps, prompt=prompts[index], seed=seed,
-                                    geometry=recipe.geometry, keep_indices=config.ode.keep_indices,
+                                    geometry=recipe.geometry, keep_indices=keep,
                                     extra={"teacher": recipe.real_score.name})
                     written, nfe = written + 1, nfe + sample.nfe
                 if exit_after and written >= exit_after:

@@ -23,6 +23,7 @@ PROMPTS_HINT = ("a text file of prompts, one per line: the published recipe trai
 STAGE_LOGDIRS = {
     "configs/ode.yaml": "checkpoints/ode_init_1.3B",
     "configs/ode_5B.yaml": "checkpoints/ode_init_5B",
+    "configs/ode_a14b.yaml": "checkpoints/ode_init_a14b",
     "configs/causal_teacher.yaml": "checkpoints/causal_teacher_1.3B",
     "configs/causal_teacher_5B.yaml": "checkpoints/causal_teacher_5B",
     "configs/ode_causal.yaml": "checkpoints/ode_init_causal_1.3B",

@@ -22,6 +22,8 @@ RECIPES = [
     "configs/self_forcing_dmd_causal_5B.yaml",
     "configs/self_forcing_dmd_longlive.yaml",
     "configs/self_forcing_dmd_longlive_5B.yaml",
+    "configs/ode_a14b.yaml",
+    "configs/self_forcing_dmd_a14b.yaml",
     "configs/tiny/ode.yaml",
     "configs/tiny/self_forcing_dmd.yaml",
     "configs/tiny/self_forcing_sid.yaml",
@@ -66,7 +68,7 @@ EXPLAINED = {
     "configs/ode.yaml": {"optim.beta1": 0.9, "train.ema_weight": 0.0},
     # the causal chain's first two stages build on the ODE recipes (commented there)
     **{f"configs/{name}.yaml": {"optim.beta1": 0.9, "train.ema_weight": 0.0}
-       for name in ("causal_teacher", "causal_teacher_5B", "ode_causal", "ode_causal_5B")},
+       for name in ("causal_teacher", "causal_teacher_5B", "ode_causal", "ode_causal_5B", "ode_a14b")},
 }
 
 

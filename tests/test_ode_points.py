@@ -13,7 +13,7 @@ from tests.train_helpers import PROMPTS, TINY
 from utils.config import load_config
 
 ODE_RECIPES = ("configs/ode.yaml", "configs/ode_5B.yaml", "configs/miniature/ode.yaml", "configs/miniature/ode_causal.yaml",
-               "configs/tiny/ode.yaml")
+               "configs/tiny/ode.yaml", "configs/ode_causal.yaml", "configs/ode_causal_5B.yaml", "configs/ode_a14b.yaml")
 TINY_ODE = os.path.join(TINY, "ode.yaml")
 PUBLISHED_POINTS = [1000.0, 750.0, 500.0, 250.0, 0.0]  # an LMDB labelled like the unwarped list: not the student's steps
 
@@ -29,12 +29,18 @@ def student_steps(config) -> list[float]:
 @pytest.mark.parametrize("recipe", ODE_RECIPES)
 def test_every_ode_recipe_keeps_the_student_steps(recipe):
     from pipeline.schedule import teacher_sigmas
-    from pipeline.teacher_sampling import resolve_keep_indices
+    from pipeline.teacher_sampling import ode_sampling_plan, resolve_keep_indices
 
     config = load_config(recipe)
-    ode = config.ode
-    sigmas = teacher_sigmas(ode.num_steps, ode.shift, config.flow.num_train_timesteps)
-    kept = (sigmas[resolve_keep_indices(ode.keep_indices, ode.num_steps)] * config.flow.num_train_timesteps).tolist()
+    ode, steps = config.ode, config.flow.num_train_timesteps
+    official = teacher_sigmas(ode.num_steps, ode.shift, steps)
+    if ode.insert_student_steps:  # the teacher's own schedule, with the student's steps inserted into it
+        sigmas, keep = ode_sampling_plan(ode, torch.tensor(student_steps(config)), steps)
+        inserted = [s for s in sigmas.tolist() if not any(abs(s - o) < 1e-9 for o in official.tolist())]
+        assert len(sigmas) == len(official) + len(inserted) and len(inserted) == len(student_steps(config)) - 1
+        kept = (sigmas[keep] * steps).tolist()
+    else:
+        kept = (official[resolve_keep_indices(ode.keep_indices, ode.num_steps)] * steps).tolist()
     assert kept[-1] == 0.0
     assert kept[:-1] == pytest.approx(student_steps(config), abs=1.0)
     assert config.train.ode_point_timesteps == "stored"

@@ -102,6 +102,10 @@ class OdeConfig(SamplingConfig):
     shift: float = 5.0
     guidance_scale: float = 6.0
     keep_indices: List[int] = field(default_factory=lambda: [0, 12, 24, 36, -1])  # trajectory points kept; -1 = clean
+    # true: the official schedule of num_steps at shift gets the student's warped steps inserted, and the kept points
+    # are the start, those steps and the clean end (keep_indices is not read): a teacher sampled with its own
+    # schedule (the A14B: 40 steps at shift 12) still gives points exactly on the student's steps
+    insert_student_steps: bool = False
     # false (published): the bidirectional teacher makes the pairs. true ("causal ODE init", the remedy reported
     # for seams at block boundaries): real_score is a causal teacher (train.trainer=teacher_forcing) sampled
     # block by block with KV caches (conditional and unconditional), each block with the full sampler and CFG

@@ -83,6 +83,7 @@ class MoEWanModel(nn.Module):
                 raise UserError(f"no MoE boundary for {folder}: pass boundary= (a model preset's moe.boundary)")
         # The idle expert can start on the CPU when offloading, so only one expert occupies the device.
         low_device = "cpu" if offload_idle_to_cpu else device
-        high = WanModel.from_pretrained(folder / high_dir, dtype=dtype, device=device, attention_backend=attention_backend)
-        low = WanModel.from_pretrained(folder / low_dir, dtype=dtype, device=low_device, attention_backend=attention_backend)
+        # moe_expert_dirs gives the expert folders themselves (joined to `folder` again, a relative one would double)
+        high = WanModel.from_pretrained(high_dir, dtype=dtype, device=device, attention_backend=attention_backend)
+        low = WanModel.from_pretrained(low_dir, dtype=dtype, device=low_device, attention_backend=attention_backend)
         return cls(high, low, float(boundary), offload_idle_to_cpu)
