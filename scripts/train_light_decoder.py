@@ -57,19 +57,19 @@ def settings_from(args: argparse.Namespace) -> DistillSettings:
     except ValueError:
         widths = ()
     checks = [
-        ("--widths", len(widths) == 4 and min(widths) > 0, "four positive channel counts, e.g. 256,128,64,64"),
-        ("--clips", args.clips >= 2, "at least 2 (one to train on, one held out)"),
-        ("--eval_clips", 1 <= args.eval_clips < args.clips, "1 .. --clips - 1"),
-        ("--steps", args.steps >= 1, "at least 1"),
-        ("--batch_size", args.batch_size >= 1, "at least 1"),
-        ("--lr", args.lr > 0, "a positive learning rate"),
-        ("--crop", args.crop >= 0, "0 (whole frames) or a number of latent pixels"),
-        ("--save_every", args.save_every >= 1, "at least 1"),
-        ("--seed", args.seed >= 0, "0 or more"),
+        ("--widths", args.widths, len(widths) == 4 and min(widths) > 0, "four positive channel counts, e.g. 256,128,64,64"),
+        ("--clips", args.clips, args.clips >= 2, "at least 2 (one to train on, one held out)"),
+        ("--eval_clips", args.eval_clips, 1 <= args.eval_clips < args.clips, "1 .. --clips - 1"),
+        ("--steps", args.steps, args.steps >= 1, "at least 1"),
+        ("--batch_size", args.batch_size, args.batch_size >= 1, "at least 1"),
+        ("--lr", args.lr, args.lr > 0, "a positive learning rate"),
+        ("--crop", args.crop, args.crop >= 0, "0 (whole frames) or a number of latent pixels"),
+        ("--save_every", args.save_every, args.save_every >= 1, "at least 1"),
+        ("--seed", args.seed, args.seed >= 0, "0 or more"),
     ]
-    for flag, ok, expected in checks:
+    for flag, value, ok, expected in checks:
         if not ok:
-            raise UserError(f"{flag} {getattr(args, flag[2:])}: expected {expected}")
+            raise UserError(f"{flag} {value}: expected {expected}")
     return DistillSettings(clips=args.clips, eval_clips=args.eval_clips, steps=args.steps, batch_size=args.batch_size,
                            lr=args.lr, widths=widths, crop=args.crop, save_every=args.save_every, seed=args.seed)
 
