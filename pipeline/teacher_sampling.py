@@ -72,7 +72,8 @@ def ode_sampling_plan(ode: OdeConfig, student_timesteps: Tensor, num_train_times
     """
     sigmas = teacher_sigmas(ode.num_steps, ode.shift, num_train_timesteps)
     if not ode.insert_student_steps:
-        return sigmas, resolve_keep_indices(ode.keep_indices, ode.num_steps)
+        resolve_keep_indices(ode.keep_indices, ode.num_steps)  # out-of-range indices are refused here, before work
+        return sigmas, list(ode.keep_indices)  # as written (-1: the clean end), as the pair files record them
     sigmas, indices = sigmas_with_points(sigmas, (student_timesteps.double() / num_train_timesteps).tolist())
     return sigmas, sorted(set(indices)) + [sigmas.numel() - 1]
 
