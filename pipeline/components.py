@@ -144,12 +144,17 @@ def check_light_decoder(config: Config, vae: VaeSpec) -> Optional[dict]:
 
 def build_light_decoder(config: Config, vae: VaeSpec, *, device: str | torch.device = "cpu",
                         dtype: torch.dtype = torch.float32) -> Optional[nn.Module]:
-    """The recipe's light decoder (inference.decoder: light), or None when it decodes with the full VAE."""
-    if check_light_decoder(config, vae) is None:
-        return None
-    from wan.light_decoder import LightDecoder
+    """The recipe's light decoder (inference.decoder: light), or None when it decodes with the full VAE.
 
-    return LightDecoder.from_pretrained(config.inference.light_decoder, device=device, dtype=dtype)
+    The file is read once here; its architecture is checked against the VAE's latents as loaded."""
+    if config.inference.decoder != "light":
+        return None
+    from wan.light_decoder import LightDecoder, check_light_decoder_matches
+
+    path = config.inference.light_decoder
+    model = LightDecoder.from_pretrained(path, device=device, dtype=dtype)
+    check_light_decoder_matches(model.arch(), vae.z_dim, vae.stride, path)
+    return model
 
 
 def overlap_decode_enabled(config: Config, device: torch.device) -> bool:
