@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Iterator, Optional, Union
+from typing import ClassVar, Iterator, Optional, Union
 
 from torch import Tensor, nn
 
@@ -48,9 +48,18 @@ class Batch:
 
 
 class Objective(ABC):
-    """A training objective: a generator loss, and a critic loss when it trains a fake score."""
+    """A training objective: a generator loss, and a critic loss when it trains a fake score.
 
-    has_critic: bool = False
+    Each objective declares what a run of it needs; every caller (setup, data, loop, estimates, verification)
+    asks the class through `model.registry.objective_class`, never the recipe's train.trainer string.
+    """
+
+    data: ClassVar[str] = "prompts"  # what it trains on: "ode_pairs" (an ODE-pair LMDB) or "prompts" (a prompt file)
+    has_critic: ClassVar[bool] = False  # trains the critic (fake score) beside the generator, one update each
+    uses_teacher: ClassVar[bool] = False  # runs the frozen teacher (real score) while training
+    reads_point_timesteps: ClassVar[bool] = False  # its loss uses the pairs' point timesteps (the student's steps)
+    encodes_first_frames: ClassVar[bool] = False  # TI2V: encodes the prompt file's images itself (a VAE in training)
+    rolls_out: ClassVar[bool] = False  # the generator rolls out block by block with a KV cache (self forcing)
 
     @abstractmethod
     def generator_loss(self, models: Models, batch: Batch) -> tuple[Tensor, Logs]:

@@ -60,8 +60,13 @@ def ode_point_timesteps(stored: Tensor, config: Config, source: str) -> Tensor:
 
 
 class OdeRegression(Objective):
-    has_critic = False
-    name = "ode"
+    data = "ode_pairs"
+    reads_point_timesteps = True
+
+    @classmethod
+    def from_config(cls, config: Config, geometry: Geometry) -> "OdeRegression":
+        return cls(geometry, config.flow.num_train_timesteps, clean_context=config.train.ode_clean_context,
+                   teacher_forcing=config.train.ode_teacher_forcing)
 
     def __init__(self, geometry: Geometry, num_train_timesteps: int, clean_context: bool = False,
                  teacher_forcing: bool = False):

@@ -74,9 +74,22 @@ class ScoreDistillation(Objective):
     """Self-forcing sample -> real/fake scores at a random noise level -> `distribution_loss`; flow-matching critic."""
 
     has_critic = True
-    name = "score"
+    uses_teacher = True
+    encodes_first_frames = True
+    rolls_out = True
     # DMD treats the scores' x0 as fixed targets; SiD differentiates through them (to x, via x_t)
     scores_carry_gradient = False
+
+    @classmethod
+    def from_config(cls, config: Config, geometry) -> "ScoreDistillation":
+        distill = config.distill
+        return cls(SelfForcingRollout.from_config(config, geometry), ScoreTimesteps.from_config(config),
+                   distill.guidance_scale, distill.guidance_form, **cls.loss_settings(config))
+
+    @classmethod
+    def loss_settings(cls, config: Config) -> dict:
+        """The distribution loss's own settings from the recipe (none by default)."""
+        return {}
 
     def __init__(self, rollout: SelfForcingRollout, score_timesteps: ScoreTimesteps, guidance_scale: float,
                  guidance_form: str):

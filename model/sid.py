@@ -33,6 +33,10 @@ class SiD(ScoreDistillation):
     name = "sid"
     scores_carry_gradient = True
 
+    @classmethod
+    def loss_settings(cls, config) -> dict:
+        return {"alpha": config.distill.sid_alpha}
+
     def __init__(self, *args, alpha: float, **kwargs):
         super().__init__(*args, **kwargs)
         self.alpha = alpha

@@ -13,13 +13,17 @@ import torch
 from torch import Tensor
 
 from model.objective import Batch, Logs, Models, Objective
+from utils.config import Config
 from utils.errors import UserError
 from utils.geometry import Geometry
 
 
 class TeacherForcing(Objective):
-    has_critic = False
-    name = "teacher_forcing"
+    data = "ode_pairs"  # the clean ends of the pairs: no other data, no teacher running
+
+    @classmethod
+    def from_config(cls, config: Config, geometry: Geometry) -> "TeacherForcing":
+        return cls(geometry, config.flow.num_train_timesteps, config.flow.timestep_shift)
 
     def __init__(self, geometry: Geometry, num_train_timesteps: int, timestep_shift: float):
         if len(set(geometry.block_sizes)) != 1:

@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
 
     import torch
 
-    from model import build_objective
+    from model.registry import build_objective, objective_class
     from scripts.bench_support import device_name
     from trainer.loop import RunOptions, Trainer
     from utils.dist import cleanup, init_distributed
@@ -103,8 +103,9 @@ def main(argv: list[str] | None = None) -> None:
     prompts = tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False)
     prompts.write("a red circle moving left on a blue background\n" * 64)
     prompts.close()
-    if config.train.trainer == "ode":
-        raise UserError("the benchmark times score distillation (generator + critic): pick a DMD or SiD recipe")
+    if not objective_class(config).has_critic:
+        raise UserError(f"{args.config_path} trains with train.trainer={config.train.trainer}: the benchmark times score "
+                        "distillation (generator + critic), pick a DMD or SiD recipe")
     config = replace(config, train=replace(config.train, data_path=prompts.name))
     _stub_text_encoder(config)
     info = init_distributed()

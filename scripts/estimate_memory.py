@@ -42,12 +42,13 @@ def _table(report, gpu_memory_gb: float) -> str:
 
 def candidates(config, nproc_per_node: int) -> list[tuple[str, list[str]]]:
     """Changes to try when the recipe does not fit, least intrusive first (each keeps the published method)."""
+    from model.registry import objective_class
     from utils.geometry import resolve_recipe
 
     found = []
     if config.text_encoder.device != "cpu":
         found.append(("text encoder on the CPU", ["text_encoder.device=cpu"]))
-    if config.train.trainer == "score_distillation" and not config.train.real_score_cpu:
+    if objective_class(config).uses_teacher and not config.train.real_score_cpu:
         found.append(("frozen teacher on the CPU between uses", ["train.real_score_cpu=true"]))
     if not config.train.gradient_checkpointing:
         found.append(("activation checkpointing", ["train.gradient_checkpointing=true"]))

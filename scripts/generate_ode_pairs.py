@@ -167,11 +167,12 @@ def main(argv: list[str] | None = None) -> int:
     if config.parallel.cfg_parallel and config.ode.causal_teacher:
         raise UserError("parallel.cfg_parallel with ode.causal_teacher is not supported: the causal teacher keeps a KV "
                         "cache per branch on every rank; use parallel.sp_size instead")
+    from model.registry import objective_class
     from pipeline.teacher_sampling import kept_point_timesteps
 
     sigmas, keep = sampling_plan(config)
     timesteps = kept_point_timesteps(sigmas, keep, config.flow.num_train_timesteps)
-    if config.train.trainer == "ode":  # pairs the ODE stage would refuse are refused before they cost GPU hours
+    if objective_class(config).reads_point_timesteps:  # pairs the stage would refuse are refused before GPU hours
         from model.ode import ode_point_timesteps
 
         ode_point_timesteps(timesteps, config, f"{args.config_path} (ode.shift {config.ode.shift:g}, ode.num_steps "

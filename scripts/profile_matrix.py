@@ -61,34 +61,22 @@ def run_inference(config, resolved, device, dtype, profiler) -> None:
 
 
 def run_train_step(config, resolved, device, dtype, profiler) -> None:
-    from model import build_objective
-    from model.objective import Batch, Models
+    from model.registry import build_objective, random_batch, step_models
     from pipeline.components import build_dit
 
     g = resolved.geometry
-    backend = config.attention_backend
     with profiler.component("generator"):
-        generator = build_dit(resolved.generator, causal=True, attention_backend=backend, device=device, dtype=dtype)
-    models = Models(generator=generator)
-    if config.train.trainer != "ode":
-        with profiler.component("real_score"):
-            real = build_dit(resolved.real_score, causal=False, attention_backend=backend, device=device, dtype=dtype)
-        with profiler.component("fake_score"):
-            fake = build_dit(resolved.fake_score, causal=False, attention_backend=backend, device=device, dtype=dtype)
-        models = Models(generator=generator, real_score=real.requires_grad_(False), fake_score=fake)
+        generator = build_dit(resolved.generator, causal=True, attention_backend=config.attention_backend,
+                              device=device, dtype=dtype)
+    with profiler.component("scores"):
+        models = step_models(config, resolved, generator, device=device, dtype=dtype)
     if config.train.gradient_checkpointing:
         from trainer.parallel import apply_activation_checkpointing
 
         for model in (models.generator, models.fake_score):
             if model is not None:
                 apply_activation_checkpointing(model)
-    rng = torch.Generator().manual_seed(SEED)
-    context = torch.randn(1, g.text_len, g.text_dim, generator=rng).to(device, dtype)
-    batch = Batch(prompts=["profile"], context=context, negative_context=torch.zeros_like(context))
-    if config.train.trainer == "ode":
-        points = len(config.ode.keep_indices)
-        batch.ode_latents = torch.randn((1, points, *g.latent_shape[1:]), generator=rng).to(device, dtype)
-        batch.ode_timesteps = torch.linspace(float(config.flow.num_train_timesteps), 0.0, points, device=device)
+    batch = random_batch(config, g, 1, device, dtype, torch.Generator().manual_seed(SEED))
     objective = build_objective(config, g)
     with profiler.phase("generator_step"):
         loss, _ = objective.generator_loss(models, batch)

@@ -182,28 +182,13 @@ def check_all(config: Config, ckpt_dir: Optional[str] = None, device: Optional[t
 
 
 def _training_step(config: Config, state: dict, device: torch.device, dtype: torch.dtype) -> str:
-    from model import build_objective
-    from model.objective import Batch, Models
-    from pipeline.components import build_dit
+    from model.registry import build_objective, random_batch, step_models
 
     resolved, generator, g = state["resolved"], state["generator"], state["short_geometry"]
     short_config = dataclasses.replace(config, video=dataclasses.replace(config.video, num_frames=g.num_pixel_frames))
     objective = build_objective(short_config, g)
-    rng = torch.Generator().manual_seed(SEED)
-    context = torch.randn(1, g.text_len, g.text_dim, generator=rng).to(device, dtype)
-    batch = Batch(prompts=["verify"], context=context, negative_context=torch.zeros_like(context))
-    models = Models(generator=generator)
-    if config.train.trainer == "ode":
-        points = len(config.ode.keep_indices)
-        batch.ode_latents = torch.randn((1, points, *g.latent_shape[1:]), generator=rng).to(device, dtype)
-        batch.ode_timesteps = torch.linspace(1000.0, 0.0, points, device=device)
-    else:
-        scores = {}
-        for role, spec in (("real_score", resolved.real_score), ("fake_score", resolved.fake_score)):
-            scores[role] = build_dit(spec, causal=False, attention_backend=config.attention_backend, device=device,
-                                     dtype=dtype, seed=SEED)
-        models = Models(generator=generator, real_score=scores["real_score"].requires_grad_(False),
-                        fake_score=scores["fake_score"])
+    batch = random_batch(short_config, g, 1, device, dtype, torch.Generator().manual_seed(SEED))
+    models = step_models(short_config, resolved, generator, device=device, dtype=dtype, seed=SEED)
     generator.train().requires_grad_(True)
     generator.zero_grad(set_to_none=True)
     loss, logs = objective.generator_loss(models, batch)

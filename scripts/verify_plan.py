@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from utils.config import PAIR_TRAINERS, Config, load_config
+from model.registry import objective_class
+from utils.config import Config, load_config
 
 Check = tuple[str, "bool | None", str]
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -44,10 +45,11 @@ def _stage_recipe_for(checkpoint: str) -> tuple[str, str] | None:
 
 
 def _pairs_recipe_for(data_path: str, config_path: str) -> str:
-    """The recipe that samples the pairs of `data_path`: the shipped ODE recipe training on them, else this one."""
+    """The recipe that samples the pairs of `data_path`: the shipped ODE recipe training on them (its ode settings
+    make pairs at its student's steps), else this one."""
     for recipe in STAGE_LOGDIRS:
         config = load_config(CONFIGS.parent / recipe)
-        if config.train.trainer == "ode" and config.train.data_path == data_path:
+        if objective_class(config).reads_point_timesteps and config.train.data_path == data_path:
             return recipe
     return config_path
 
@@ -63,12 +65,13 @@ def _exists(name: str, path: str | None, what: str, make: str) -> Check:
 def check_plan(config: Config, config_path: str) -> list[Check]:
     checks: list[Check] = []
     download = "download the official folder (or its -Diffusers twin) into it; see README, Weights"
-    roles = {"generator": config.generator, "real_score": config.real_score}
-    pairs_stage = config.train.trainer in PAIR_TRAINERS
-    if config.train.trainer == "teacher_forcing":
-        del roles["real_score"]  # trains on the clean ends of pairs another recipe sampled: no teacher runs
-    if not pairs_stage:  # only score distillation has a critic
+    needs = objective_class(config)
+    roles = {"generator": config.generator}
+    if needs.uses_teacher or needs.data == "ode_pairs" and needs.reads_point_timesteps:
+        roles["real_score"] = config.real_score  # runs in training, or samples this stage's pairs
+    if needs.has_critic:
         roles["fake_score"] = config.fake_score
+    pairs_stage = needs.data == "ode_pairs"
     for role, ref in roles.items():
         make = download
         found = _stage_recipe_for(ref.checkpoint) if ref.checkpoint else None

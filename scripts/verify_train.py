@@ -45,13 +45,14 @@ def tiny_variant(config: Config) -> Config:
 def _synthetic_batch(config: Config, geometry: Geometry, text_encoder: torch.nn.Module):
     """One prompt; ODE pairs interpolated between a random clean latent and noise at the student's timesteps."""
     from model.objective import Batch
+    from model.registry import objective_class
     from pipeline.schedule import few_step_timesteps
 
     prompts = ["a red circle moving left on a blue background"]
     latent = torch.randn(geometry.latent_shape)
     first_frame = latent[:, :1] if config.video.task == "ti2v" else None
     ode_latents = ode_timesteps = None
-    if config.train.trainer == "ode":
+    if objective_class(config).data == "ode_pairs":
         rollout, flow = config.rollout, config.flow
         student = few_step_timesteps(rollout.denoising_step_list, rollout.warp_denoising_step, flow.timestep_shift,
                                      flow.num_train_timesteps)
@@ -83,8 +84,7 @@ def _train_step(name: str, model: torch.nn.Module, lr: float, loss_fn) -> list[C
 
 def check_train(config: Config, ckpt_dir: str | None = None) -> list[Check]:
     """[(check, passed, detail)] for one generator step and, with a critic, one critic step (ckpt_dir unused)."""
-    from model import build_objective
-    from model.objective import Models
+    from model.registry import build_objective, step_models
     from pipeline.components import build_dit, build_text_encoder
 
     tiny = tiny_variant(config)
@@ -92,19 +92,13 @@ def check_train(config: Config, ckpt_dir: str | None = None) -> list[Check]:
     geometry, seed = recipe.geometry, tiny.train.seed
     objective = build_objective(tiny, geometry)
     generator = build_dit(recipe.generator, causal=True, attention_backend=tiny.attention_backend, seed=seed)
-    real = fake = None
-    if objective.has_critic:
-        backend = tiny.attention_backend
-        real = build_dit(recipe.real_score, causal=False, attention_backend=backend, seed=seed).requires_grad_(False)
-        fake = build_dit(recipe.fake_score, causal=False, attention_backend=backend, seed=seed)
-        fake.load_state_dict(real.state_dict())
-    models = Models(generator=generator, real_score=real, fake_score=fake)
+    models = step_models(tiny, recipe, generator, seed=seed)
     torch.manual_seed(seed)
     batch = _synthetic_batch(tiny, geometry, build_text_encoder(tiny, seed=seed))
-    what = f"{tiny.train.trainer}" + (f" ({tiny.distill.distribution_loss})" if objective.has_critic else "")
+    what = f"{tiny.train.trainer} ({type(objective).__name__})"
     size = f"{geometry.height}x{geometry.width}, {geometry.num_latent_frames} latent frames"
     items: list[Check] = [("objective", True, f"{what} at {size}")]
     items += _train_step("generator", generator, tiny.optim.lr, lambda: objective.generator_loss(models, batch))
     if objective.has_critic:
-        items += _train_step("critic", fake, tiny.optim.lr_critic, lambda: objective.critic_loss(models, batch))
+        items += _train_step("critic", models.fake_score, tiny.optim.lr_critic, lambda: objective.critic_loss(models, batch))
     return items

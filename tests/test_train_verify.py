@@ -9,7 +9,8 @@ from tests.helpers import REPO_ROOT
 sys.path.insert(0, os.path.join(REPO_ROOT, "scripts"))
 
 
-@pytest.mark.parametrize("recipe, has_critic", [("configs/tiny/self_forcing_sid.yaml", True), ("configs/ode_5B.yaml", False)])
+@pytest.mark.parametrize("recipe, has_critic", [("configs/tiny/self_forcing_sid.yaml", True), ("configs/ode_5B.yaml", False),
+                                              ("configs/causal_teacher_5B.yaml", False)])
 def test_check_train_steps_reach_the_trained_models(recipe, has_critic):
     from verify_train import check_train
 

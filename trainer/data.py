@@ -7,21 +7,23 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from model.registry import objective_class
 from trainer.data_position import ShardedSampler
-from utils.config import PAIR_TRAINERS, Config
+from utils.config import Config
 from utils.datasets import ImageTextDataset, OdeLmdbDataset, TextPromptDataset, collate
 from utils.errors import UserError
 from utils.geometry import Geometry
 
 
 def build_dataset(config: Config, geometry: Geometry) -> Dataset:
-    """ODE regression reads the pair LMDB; score distillation a prompt file (image<TAB>prompt lines for TI2V).
+    """Objectives on ODE pairs read the pair LMDB; score distillation a prompt file (image<TAB>prompt lines for TI2V).
 
     Called before any model is built: a database the recipe cannot train on is refused first."""
     train = config.train
-    if train.trainer in PAIR_TRAINERS:
+    objective = objective_class(config)
+    if objective.data == "ode_pairs":
         dataset = OdeLmdbDataset(train.data_path, geometry)
-        if train.trainer == "ode":  # the points' timesteps: the student's steps (teacher forcing reads clean ends)
+        if objective.reads_point_timesteps:  # the student's steps (teacher forcing reads only the clean ends)
             from model.ode import ode_point_timesteps
 
             dataset.ode_timesteps = ode_point_timesteps(dataset.ode_timesteps, config, f"ODE LMDB {train.data_path}")

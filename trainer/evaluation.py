@@ -13,7 +13,8 @@ from typing import Callable
 
 import torch
 
-from utils.config import EVALUATION_JUDGES, PAIR_TRAINERS, Config
+from model.registry import objective_class
+from utils.config import EVALUATION_JUDGES, Config
 from utils.errors import UserError
 from utils.temporal import seam_ratio, temporal_report
 
@@ -22,9 +23,9 @@ def evaluation_prompts(config: Config) -> list[str]:
     """The first evaluation.num_prompts lines of evaluation.prompts (or of the training prompt file)."""
     evaluation, train = config.evaluation, config.train
     source = evaluation.prompts or train.data_path
-    if source is None or train.trainer in PAIR_TRAINERS and evaluation.prompts is None:
+    if source is None or objective_class(config).data == "ode_pairs" and evaluation.prompts is None:
         raise UserError("evaluation.every is set but evaluation.prompts is empty: expected a prompt file "
-                        "(ODE regression reads an LMDB, so its prompts must be named)")
+                        f"(train.trainer={train.trainer} reads an ODE-pair LMDB, so its prompts must be named)")
     path = Path(source)
     if not path.is_file():
         raise UserError(f"evaluation prompts {path} not found: expected a text file, one prompt per line")

@@ -24,7 +24,7 @@ from trainer.lora import merge_lora_state_dict
 from trainer.run_folder import RunLock, check_same_recipe, recipe_identity
 from trainer.setup import ObjectiveFactory, TrainingSetup, build_training
 from trainer.steps import StepResult, injected_nan_steps, optimizer_step
-from utils.config import PAIR_TRAINERS, Config, to_yaml
+from utils.config import Config, to_yaml
 from utils.dist import DistInfo, barrier
 from utils.errors import UserError
 from utils.io import atomic_write_text
@@ -179,9 +179,9 @@ class Trainer:
         """One iteration: the generator (on its turn), then the critic; returns the step's metrics."""
         setup, state = self.setup, self.state
         results: dict[str, StepResult] = {}
-        ode = self.config.train.trainer in PAIR_TRAINERS
-        # 1. Generator step on its turn (always for ODE regression); EMA follows an applied update.
-        if ode or step % self.config.distill.dfake_gen_update_ratio == 0:
+        alone = not setup.objective.has_critic
+        # 1. Generator step on its turn (every step when it trains alone); EMA follows an applied update.
+        if alone or step % self.config.distill.dfake_gen_update_ratio == 0:
             results["generator"] = self.train_step("generator", step)
             if results["generator"].applied:
                 state.generator_updates += 1

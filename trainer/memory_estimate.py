@@ -23,11 +23,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from model import build_objective
 from model.objective import Batch, Models, frozen
+from model.registry import build_objective, objective_class, random_batch
 from trainer.parallel import build_data_parallel, build_mesh
 from trainer.setup import ModelSet, accumulation_steps, build_models
-from utils.config import PAIR_TRAINERS, Config
+from utils.config import Config
 from utils.dist import DistInfo
 from utils.errors import UserError
 from utils.geometry import ResolvedRecipe, resolve_recipe
@@ -134,24 +134,6 @@ def vae_bytes(recipe: ResolvedRecipe) -> int:
     return sum(p.numel() * p.element_size() for p in vae.parameters())
 
 
-def fake_batch(config: Config, recipe: ResolvedRecipe, device: torch.device) -> Batch:
-    """A micro-batch of the recipe's shapes (full-length text contexts, the LMDB's kept points for ODE stages)."""
-    g = recipe.geometry
-    batch_size = config.train.batch_size
-    context = torch.randn(batch_size, g.text_len, g.text_dim, device=device)
-    batch = Batch(prompts=[""] * batch_size, context=context, negative_context=torch.randn_like(context))
-    if config.train.trainer in PAIR_TRAINERS:
-        from utils.fake import real_values
-
-        points = len(config.ode.keep_indices)
-        batch.ode_latents = torch.randn(batch_size, points, *g.latent_shape[1:], device=device)
-        with real_values():  # Python-valued like the LMDB header's
-            batch.ode_timesteps = torch.linspace(1000.0, 0.0, points)
-    if config.video.task == "ti2v" and config.train.trainer == "score_distillation":
-        batch.first_frame = torch.randn(batch_size, 1, *g.latent_shape[2:], device=device)
-    return batch
-
-
 def one_step(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn, batch: Batch,
              grad_clip: float, freeze: Optional[nn.Module], autocast) -> None:
     """The loop's optimizer step for one micro-batch: loss, backward, clipping, AdamW (no logging)."""
@@ -192,7 +174,7 @@ def measure_step(config: Config, info: DistInfo, *, fake: bool) -> MemoryReport:
                                         MemoryProfiler(False, device))
         init_adam_states(models.generator_optimizer)
         init_adam_states(models.critic_optimizer)
-        batch = fake_batch(config, recipe, device)
+        batch = random_batch(config, recipe.geometry, config.train.batch_size, device)
         nets = Models(generator=models.generator, real_score=models.real_score, fake_score=models.critic)
         tracker = step_tracker()
         externals = [m for m in (models.generator, models.critic, models.real_score) if m is not None]
@@ -255,7 +237,7 @@ def _report(config: Config, info: DistInfo, recipe: ResolvedRecipe, models: Mode
     gradients = max(local_bytes(_parameters(m, trainable=True)) for m in trained)
     g = recipe.geometry
     kv_note = ""
-    if config.train.trainer == "score_distillation":
+    if objective_class(config).rolls_out:
         heads = g.num_heads // sp
         itemsize, kind = (2, "bf16") if config.train.mixed_precision else (4, "fp32")
         kv_bytes = 2 * g.num_layers * config.train.batch_size * g.cache_frames * g.frame_seq_length * heads * g.head_dim
@@ -269,7 +251,7 @@ def _report(config: Config, info: DistInfo, recipe: ResolvedRecipe, models: Mode
     encoder = text_encoder_bytes(config)
     report.rows.append(("text encoder", encoder, "on the device" if on_device else "on the CPU: not counted"))
     beside += encoder if on_device else 0
-    if config.video.task == "ti2v" and config.train.trainer == "score_distillation":
+    if config.video.task == "ti2v" and objective_class(config).encodes_first_frames:
         vae = vae_bytes(recipe)
         report.rows.append(("VAE (TI2V first frames)", vae, "fp32, on the device"))
         beside += vae

@@ -92,10 +92,11 @@ def recipe_identity(config: Config) -> dict[str, Any]:
     Learning rates, step counts, logging and the data may change between a run and its resume; the method,
     the architectures and what is trained may not.
     """
+    from model.registry import objective_class
     from utils.geometry import resolve_recipe
 
     recipe = resolve_recipe(config, check_weights=False)
-    score = config.train.trainer == "score_distillation"
+    score = objective_class(config).has_critic
     return {
         "train.trainer": config.train.trainer,
         "distill.distribution_loss": config.distill.distribution_loss if score else None,

@@ -9,6 +9,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
+from model.registry import objective_class
 from pipeline.components import (
     build_dit,
     build_text_encoder,
@@ -29,7 +30,7 @@ from trainer.parallel import (
     build_mesh,
     parallelize,
 )
-from utils.config import PAIR_TRAINERS, Config
+from utils.config import Config
 from utils.dist import DistInfo
 from utils.errors import UserError
 from utils.geometry import Geometry, ResolvedRecipe, resolve_recipe
@@ -90,7 +91,7 @@ def check_recipe(config: Config, world_size: int) -> ResolvedRecipe:
     recipe = resolve_recipe(config)
     accumulation_steps(config, world_size)
     if config.train.data_path is None:
-        what = "an ODE-pair LMDB" if config.train.trainer in PAIR_TRAINERS else "a prompt file"
+        what = "an ODE-pair LMDB" if objective_class(config).data == "ode_pairs" else "a prompt file"
         raise UserError(f"train.data_path is empty: expected {what}")
     if config.train.lora_rank < 0:
         raise UserError(f"train.lora_rank={config.train.lora_rank}: expected 0 (full fine-tuning) or a positive rank")
@@ -126,21 +127,26 @@ def build_models(config: Config, recipe: ResolvedRecipe, device: torch.device, m
 
     # 2. Scores: the frozen teacher (optionally kept on the CPU) and the trainable critic, initialised from the teacher.
     real_score = critic = None
-    if config.train.trainer == "score_distillation":
+    needs = objective_class(config)
+    if needs.uses_teacher or needs.has_critic:
         with profiler.component("real_score"):
             real_score = build_dit(recipe.real_score, causal=False, attention_backend=backend, device="cpu", seed=seed)
             real_score.requires_grad_(False).eval()
+    if needs.has_critic:
         with profiler.component("fake_score"):
             critic = build_dit(recipe.fake_score, causal=False, attention_backend=backend, device="cpu", seed=seed)
             if not recipe.fake_score.checkpoint and recipe.fake_score.arch == recipe.real_score.arch:
                 critic.load_state_dict(real_score.state_dict())  # no critic weights named: start from the teacher
             critic = parallelize(_trainable(place(critic, device), config), mesh, **wrap)
             attach_sequence_parallel(critic, sequence)
-        if config.train.real_score_cpu:
-            real_score = CpuOffloaded(real_score, device)
-        else:
-            real_score = parallelize(place(real_score, device), mesh, mixed_precision=config.train.mixed_precision,
-                                     gradient_checkpointing=False)
+    if not needs.uses_teacher:
+        real_score = None  # built only to start the critic from
+    elif config.train.real_score_cpu:
+        real_score = CpuOffloaded(real_score, device)
+    else:
+        real_score = parallelize(place(real_score, device), mesh, mixed_precision=config.train.mixed_precision,
+                                 gradient_checkpointing=False)
+    if real_score is not None:
         attach_sequence_parallel(real_score, sequence)
 
     # 3. Optimizers and the generator's EMA.
@@ -164,7 +170,6 @@ def build_training(
     mesh = build_mesh(info, config.train.sharding_strategy)
     dataset = build_dataset(config, recipe.geometry)  # before the models: a database it cannot use is refused first
     models = build_models(config, recipe, device, mesh, data_parallel.sequence, profiler)
-    score_distillation = config.train.trainer == "score_distillation"
 
     # 4. Text encoder (frozen, possibly on the CPU), the VAE for TI2V first frames, and the data.
     with profiler.component("text_encoder"):
@@ -172,7 +177,7 @@ def build_training(
                                           dtype=text_encoder_dtype(config))
         text_encoder.requires_grad_(False).eval()
     vae = None
-    if config.video.task == "ti2v" and score_distillation:
+    if config.video.task == "ti2v" and objective_class(config).encodes_first_frames:
         with profiler.component("vae"):
             vae = build_vae(recipe.vae, device=device)
     sampler = ShardedSampler(len(dataset), config.train.batch_size, data_parallel.rank, data_parallel.size, seed)

@@ -216,7 +216,6 @@ class TrainConfig:
     image_root: Optional[str] = None  # TI2V: folder of first-frame images named in the prompt file
 
 
-PAIR_TRAINERS = ("ode", "teacher_forcing")  # the trainers that read an ODE-pair LMDB and train the generator alone
 
 
 @dataclass

@@ -236,11 +236,13 @@ def geometry_for(config: Config, spec: ModelSpec, vae: VaeSpec, num_frames: Opti
 def resolve_recipe(config: Config, *, need_scores: Optional[bool] = None, check_weights: bool = True) -> ResolvedRecipe:
     """Resolve generator, scores and VAE and derive the generator's geometry; every check happens here, before work.
 
-    `need_scores`: whether real/fake scores must be named (default: for score distillation).
+    `need_scores`: whether real/fake scores must be named (default: when the recipe's objective runs them).
     `check_weights`: whether named checkpoints must exist (False: geometry from presets only, e.g. verify.py geometry).
     """
     if need_scores is None:
-        need_scores = config.train.trainer == "score_distillation"
+        from model.registry import objective_class  # objectives import this module
+
+        need_scores = objective_class(config).uses_teacher or objective_class(config).has_critic
     generator = resolve_model("generator", config.generator, check_weights)
     vae = resolve_vae(config.vae, generator, check_weights)
     real = fake = None
