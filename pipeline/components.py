@@ -1,4 +1,5 @@
-"""Build the recipe's components (DiTs, VAE, text encoder) from resolved specs: the one place that picks classes.
+"""Build the recipe's components (DiTs, VAE, text encoder) from resolved specs, through the registries of
+`utils.registry`: the framework's own kinds are registered here, other packages register theirs.
 
 Training, inference, ODE-pair generation and verification all build through here, so a model is loaded
 the same way everywhere: weights from the checkpoint when one is named, a seeded random init otherwise
@@ -16,9 +17,13 @@ from utils.config import Config
 from utils.errors import UserError
 from utils.fake import fake_mode_active
 from utils.presets import ModelSpec, VaeSpec, load_text_encoder_preset
+from utils.registry import DITS, TEXT_ENCODERS, VAES
 
 # Seed offsets keep the random init of each role distinct but reproducible.
 ROLE_SEED = {"generator": 0, "real_score": 1, "fake_score": 2}
+
+
+DIT_FAMILY = "wan"  # every DiT of this framework; benchmarks replace its builder with random weights made on the GPU
 
 
 def build_dit(
@@ -31,6 +36,14 @@ def build_dit(
     seed: int = 0,
 ) -> nn.Module:
     """A WanModel (bidirectional), CausalWanModel (causal) or MoEWanModel (MoE teacher) for one role."""
+    return DITS.get(DIT_FAMILY)(spec, causal=causal, attention_backend=attention_backend, device=device, dtype=dtype,
+                                seed=seed)
+
+
+@DITS.register(DIT_FAMILY)
+def build_wan_dit(spec: ModelSpec, *, causal: bool, attention_backend: str, device: str | torch.device = "cpu",
+                  dtype: torch.dtype = torch.float32, seed: int = 0) -> nn.Module:
+    """The Wan DiT of the spec: from its checkpoint, or a seeded random init (meta tensors on device "meta")."""
     from wan.modules.causal_model import CausalWanModel
     from wan.modules.model import WanModel
 
@@ -72,11 +85,13 @@ def place(model: nn.Module, device: str | torch.device, dtype: Optional[torch.dt
 
 
 def build_vae(vae: VaeSpec, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> nn.Module:
-    """The recipe's VAE: a Wan VAE (weights or a tiny random preset) or the miniature VAE."""
-    if vae.kind == "miniature":
-        from miniature.vae import MiniatureVAE
+    """The recipe's VAE, by its preset's kind: a Wan VAE here, others from the packages that register them."""
+    return VAES.get(vae.kind)(vae, device=device, dtype=dtype)
 
-        return MiniatureVAE.from_preset(vae.preset).to(device)
+
+@VAES.register("wan2.1", "wan2.2")
+def build_wan_vae(vae: VaeSpec, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> nn.Module:
+    """A Wan VAE: the official weights, or a tiny random preset."""
     from wan.vae import WanVAEWrapper
 
     if vae.checkpoint:
@@ -96,11 +111,18 @@ def text_encoder_dtype(config: Config) -> torch.dtype:
 
 def build_text_encoder(config: Config, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                        seed: int = 0) -> nn.Module:
+    """The recipe's text encoder, by its preset's kind (umT5-XXL or a tiny encoder here)."""
+    preset = load_text_encoder_preset(config.text_encoder.preset)
+    return TEXT_ENCODERS.get(preset["kind"])(config, preset, device=device, dtype=dtype, seed=seed)
+
+
+@TEXT_ENCODERS.register("umt5", "tiny")
+def build_wan_text_encoder(config: Config, preset: dict, *, device: str | torch.device = "cpu",
+                           dtype: torch.dtype = torch.float32, seed: int = 0) -> nn.Module:
     """umT5-XXL from the official file, or a tiny encoder from its preset (and shipped weights when named)."""
     from wan.text_encoder import WanTextEncoder
 
     ref = config.text_encoder
-    preset = load_text_encoder_preset(ref.preset)
     if preset["kind"] == "umt5":
         if not ref.checkpoint or not ref.tokenizer:
             raise UserError("text_encoder.checkpoint and text_encoder.tokenizer must name models_t5_umt5-xxl-enc-bf16.pth "

@@ -55,9 +55,9 @@ def device_name(device: torch.device) -> str:
 def random_dit(spec, *, causal: bool, attention_backend: str, device: torch.device | str, dtype: torch.dtype,
                seed: int = SEED) -> nn.Module:
     """A DiT of the spec's architecture with N(0, 0.02) weights, made where it runs (no CPU init, no copy)."""
-    from pipeline.components import ROLE_SEED, build_dit
+    from pipeline.components import ROLE_SEED, build_wan_dit
 
-    model = build_dit(spec, causal=causal, attention_backend=attention_backend, device="meta")
+    model = build_wan_dit(spec, causal=causal, attention_backend=attention_backend, device="meta")
     model = model.to_empty(device=device)
     generator = torch.Generator(device).manual_seed(seed + ROLE_SEED.get(spec.role, 0))
     with torch.no_grad():

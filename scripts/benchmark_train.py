@@ -10,6 +10,7 @@ Not a test: GPU figures are recorded by hand or by scripts/gpu_check.sh (--json_
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -40,32 +41,28 @@ def _random_weights(config):
                    text_encoder=replace(config.text_encoder, checkpoint=None, tokenizer=None))
 
 
-def _stub_text_encoder(config) -> None:
-    """umT5-XXL needs its weights and tokenizer: stand in a fixed random context of the DiT's text_len x text_dim."""
-    import trainer.setup
-    from utils.presets import load_model_preset, load_text_encoder_preset
-
-    if load_text_encoder_preset(config.text_encoder.preset)["kind"] != "umt5":
-        return
-    from scripts.bench_support import RandomTextEncoder
-
-    arch = load_model_preset(config.generator.preset)
-    trainer.setup.build_text_encoder = lambda config, device, seed, dtype=None: RandomTextEncoder(
-        arch["text_len"], arch["text_dim"], device)
-
-
-def _build_on_gpu(device) -> None:
-    """Random DiTs made on the GPU, not initialised on the CPU and copied: at 5B that saves minutes."""
+def _stand_ins(config, device) -> contextlib.ExitStack:
+    """Registered stand-ins for the run: a fixed random context for umT5-XXL (it needs its weights and tokenizer),
+    and on a GPU random DiTs made there (not initialised on the CPU and copied: at 5B that saves minutes)."""
     import torch
 
-    import trainer.setup
-    from scripts.bench_support import random_dit
+    from pipeline.components import DIT_FAMILY
+    from scripts.bench_support import RandomTextEncoder, random_dit
+    from utils.presets import load_model_preset
+    from utils.registry import DITS, TEXT_ENCODERS
 
-    def build(spec, *, causal, attention_backend, device="cpu", dtype=torch.float32, seed=0):
-        return random_dit(spec, causal=causal, attention_backend=attention_backend, device=run_device, dtype=dtype, seed=seed)
+    arch = load_model_preset(config.generator.preset)
+    stack = contextlib.ExitStack()
+    stack.enter_context(TEXT_ENCODERS.replaced(
+        "umt5", lambda config, preset, device, dtype=None, seed=0: RandomTextEncoder(arch["text_len"], arch["text_dim"], device)))
+    if device.type == "cuda":
+        def build(spec, *, causal, attention_backend, device="cpu", dtype=torch.float32, seed=0):
+            return random_dit(spec, causal=causal, attention_backend=attention_backend, device=run_device, dtype=dtype,
+                              seed=seed)
 
-    run_device = device
-    trainer.setup.build_dit = build
+        run_device = device
+        stack.enter_context(DITS.replaced(DIT_FAMILY, build))
+    return stack
 
 
 def _timed(step, synchronize) -> float:
@@ -107,10 +104,8 @@ def main(argv: list[str] | None = None) -> None:
         raise UserError(f"{args.config_path} trains with train.trainer={config.train.trainer}: the benchmark times score "
                         "distillation (generator + critic), pick a DMD or SiD recipe")
     config = replace(config, train=replace(config.train, data_path=prompts.name))
-    _stub_text_encoder(config)
     info = init_distributed()
-    if info.device.type == "cuda":
-        _build_on_gpu(info.device)
+    _stand_ins(config, info.device).__enter__()  # for the rest of the process
     logdir = tempfile.TemporaryDirectory()  # nothing is saved; the trainer only needs a place
     trainer = Trainer(config, info, RunOptions(logdir=Path(logdir.name)), build_objective)
     synchronize = torch.cuda.synchronize if info.device.type == "cuda" else (lambda: None)

@@ -186,10 +186,11 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    from miniature.components import JUDGE_WORLDS
     from miniature.judge import eval_prompts
     from miniature.report import LONG_VIDEO_FACTOR, TeacherSampler, sample_teacher_videos, time_alternately, write_report
     from miniature.world import all_captions, world_named
-    from utils.config import EVALUATION_JUDGES, load_config
+    from utils.config import load_config
 
     world = world_named(args.world)
     default_out = "outputs/quickstart" + ("_wrap" if args.world == "wrap" else "") + (
@@ -224,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     num_pairs = num_prompts * pairs_per_caption
     teacher_over = ([f"real_score.checkpoint={teacher.resolve()}", f"generator.checkpoint={teacher.resolve()}"]
                     if teacher else [])
-    judge_name = {world_name: judge for judge, world_name in EVALUATION_JUDGES.items()}[args.world]
+    judge_name = {world_name: judge for judge, world_name in JUDGE_WORLDS.items()}[args.world]
     # --student_shift: every stage that makes or trains the student, and the pairs it regresses on
     shift_over = ([f"flow.timestep_shift={args.student_shift}", f"ode.shift={args.student_shift}"]
                   if args.student_shift is not None else [])

@@ -14,8 +14,9 @@ from typing import Callable
 import torch
 
 from model.registry import objective_class
-from utils.config import EVALUATION_JUDGES, Config
+from utils.config import Config
 from utils.errors import UserError
+from utils.registry import JUDGES
 from utils.temporal import seam_ratio, temporal_report
 
 
@@ -44,14 +45,13 @@ def check_evaluation(config: Config) -> None:
                         "images and supports t2v recipes only; set evaluation.every=0")
     prompts = evaluation_prompts(config)
     if config.evaluation.judge:
-        from miniature.world import parse_caption
-
+        judge = JUDGES.get(config.evaluation.judge)()
         for prompt in prompts:
             try:
-                parse_caption(prompt)
-            except (UserError, ValueError):
-                raise UserError(f"evaluation.judge is {config.evaluation.judge} but the evaluation prompt {prompt[:60]!r} "
-                                "is not a miniature-world caption") from None
+                judge.check_prompt(prompt)
+            except (UserError, ValueError) as error:
+                raise UserError(f"evaluation.judge is {config.evaluation.judge} and cannot judge the evaluation prompt "
+                                f"{prompt[:60]!r}: {error}") from None
 
 
 class TrainingEvaluator:
@@ -61,13 +61,12 @@ class TrainingEvaluator:
         self.config, self.setup, self.autocast = config, setup, autocast
         self.prompts = evaluation_prompts(config)
         self.rollout = BlockRollout.from_config(config, setup.geometry)
-        self.vae = self.world = None
+        self.vae = self.judge = None
         if config.evaluation.judge:
-            from miniature.world import world_named
             from pipeline.components import build_vae
 
             self.vae = build_vae(setup.recipe.vae, device=setup.info.device)
-            self.world = world_named(EVALUATION_JUDGES[config.evaluation.judge])
+            self.judge = JUDGES.get(config.evaluation.judge)()
 
     def due(self, step: int) -> bool:
         every = self.config.evaluation.every
@@ -106,12 +105,9 @@ class TrainingEvaluator:
         geometry = self.setup.geometry
         report = temporal_report(latents, geometry.block_sizes)
         values = {"seam_ratio": report["seam_ratio"], "flicker": report["flicker"], "drift": report["drift"]["max"]}
-        if self.vae is not None:
-            from miniature.judge import score_clip
-            from miniature.world import parse_caption
-
+        if self.judge is not None:
             video = self.vae.decode_to_pixel(latents[None].to(self.vae.dtype))[0].float().clamp(-1, 1).cpu()
-            values["adherence"] = score_clip(video, parse_caption(prompt), self.world)["total"]
+            values["adherence"] = self.judge.score(video, prompt)
             values["seam_ratio_pixels"] = seam_ratio(video, geometry.block_sizes, geometry.vae_stride[0])
         return {key: float(value) for key, value in values.items() if value is not None}
 

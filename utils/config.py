@@ -14,6 +14,7 @@ from omegaconf import MISSING, OmegaConf  # noqa: F401  (MISSING kept for recipe
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from utils.errors import UserError
+from utils.registry import JUDGES
 
 DEFAULT_NEGATIVE_PROMPT = (
     "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，"
@@ -232,7 +233,6 @@ class ParallelConfig:
 
 
 # evaluation.judge values -> the miniature world (miniature.world.WORLDS) whose judge scores the clips
-EVALUATION_JUDGES = {"miniature": "bounded", "miniature_wrap": "wrap"}
 
 
 @dataclass
@@ -247,7 +247,7 @@ class EvaluationConfig:
     prompts: Optional[str] = None  # prompt file; empty: the first num_prompts lines of train.data_path
     num_prompts: int = 4
     seed: int = 0  # prompt i uses seed + i
-    judge: Optional[str] = None  # a key of EVALUATION_JUDGES: decode and score with that miniature world's judge
+    judge: Optional[str] = None  # a registered judge (utils.registry.JUDGES): decode and score the clips with it
 
 
 @dataclass
@@ -454,8 +454,8 @@ def validate_choices(config: Config) -> None:
         ("evaluation.every", config.evaluation.every >= 0, "0 (off) or a number of iterations"),
         ("evaluation.num_prompts", config.evaluation.num_prompts >= 1, "at least 1"),
         ("evaluation.seed", config.evaluation.seed >= 0, "0 or more"),
-        ("evaluation.judge", config.evaluation.judge in (None, *EVALUATION_JUDGES),
-         f"empty or one of {', '.join(EVALUATION_JUDGES)}"),
+        ("evaluation.judge", config.evaluation.judge is None or config.evaluation.judge in JUDGES,
+         f"empty or a registered judge ({', '.join(JUDGES.kinds())})"),
         ("inference.light_decoder", config.inference.decoder != "light" or bool(config.inference.light_decoder),
          "the TAEHV file (taew2_1 for Wan2.1 latents, taew2_2 for Wan2.2-TI2V-5B) when inference.decoder is light"),
     ]
