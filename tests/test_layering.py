@@ -68,9 +68,8 @@ def test_the_miniature_world_registers_its_components():
 
 
 def test_unknown_kinds_are_one_line_naming_the_known_ones():
-    from utils.registry import VAES
-
     import pipeline.components  # noqa: F401  (registers the framework's kinds)
+    from utils.registry import VAES
 
     with pytest.raises(UserError, match="vae preset kind 'wan9' names no registered VAE: expected one of .*wan2.1"):
         VAES.get("wan9")
