@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from model.objective import Batch, Logs, Models, Objective
-from pipeline.rollout import predict_x0
+from pipeline.flow_matching import predict_x0
 from utils.config import Config
 from utils.errors import UserError
 from utils.fake import real_values
@@ -34,7 +34,7 @@ def ode_point_timesteps(stored: Tensor, config: Config, source: str) -> Tensor:
     the noisy points are labelled with that list in order (Self-Forcing's published ODE init). `source` names
     where the points come from (the LMDB, or the recipe's ode settings before pairs are made).
     """
-    from pipeline.schedule import few_step_timesteps
+    from pipeline.flow_matching import few_step_timesteps
 
     rollout, flow = config.rollout, config.flow
     student = few_step_timesteps(rollout.denoising_step_list, rollout.warp_denoising_step, flow.timestep_shift,

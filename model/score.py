@@ -14,9 +14,8 @@ import torch
 from torch import Tensor, nn
 
 from model.objective import Batch, Logs, Models, Objective, frozen
+from pipeline.flow_matching import add_noise, predict_x0, shift_sigmas
 from pipeline.guidance import combine_cfg, guidance_is_identity
-from pipeline.rollout import add_noise, predict_x0
-from pipeline.schedule import shift_sigmas
 from pipeline.self_forcing_training import SelfForcingRollout, SelfForcingSample
 from utils.config import Config
 from utils.errors import UserError

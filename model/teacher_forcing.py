@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from model.objective import Batch, Logs, Models, Objective
+from pipeline.flow_matching import add_noise, draw_shifted_timesteps, flow_target
 from utils.config import Config
 from utils.errors import UserError
 from utils.geometry import Geometry
@@ -35,9 +36,7 @@ class TeacherForcing(Objective):
 
     def draw_timesteps(self, batch: int, device: torch.device) -> Tensor:
         """Flow timesteps [B] in (0, num_train_timesteps]: uniform sigma warped by the schedule's shift."""
-        u = torch.rand(batch, device=device).clamp_min(1e-3)
-        sigma = self.shift * u / (1 + (self.shift - 1) * u)
-        return sigma * self.num_train_timesteps
+        return draw_shifted_timesteps(batch, self.shift, self.num_train_timesteps, device)
 
     def generator_loss(self, models: Models, batch: Batch) -> tuple[Tensor, Logs]:
         if batch.ode_latents is None:
@@ -53,15 +52,14 @@ class TeacherForcing(Objective):
             is_target[:, 0] = False
         timesteps = self.draw_timesteps(num_samples, device)
         per_frame = torch.where(is_target, timesteps[:, None], torch.zeros_like(timesteps[:, None]))
-        sigma = (per_frame / self.num_train_timesteps)[..., None, None, None]
         noise = torch.randn_like(clean)
-        x_t = (1 - sigma) * clean + sigma * noise
+        x_t = add_noise(clean, noise, per_frame, self.num_train_timesteps)
         # 2. One block-causal forward (the rollout's window and sink), 3. flow-matching MSE on the target frames.
         rolling = g.cache_frames < g.num_latent_frames
         flow = models.generator.forward_block_causal(x_t.to(clean.dtype), per_frame, batch.context, g.num_frame_per_block,
                                                      window_frames=g.cache_frames if rolling else None,
                                                      sink_frames=g.sink_frames if rolling else 0)
-        squared = (flow.float() - (noise - clean).float()).pow(2).mean(dim=(2, 3, 4))  # [B, F]
+        squared = (flow.float() - flow_target(clean, noise).float()).pow(2).mean(dim=(2, 3, 4))  # [B, F]
         weights = is_target.to(squared.dtype)  # a masked mean, not boolean indexing: static shapes (memory estimates)
         loss = (squared * weights).sum() / weights.sum()
         return loss, {"flow_loss": loss.detach(), "target_block": target.float().mean(),

@@ -38,7 +38,7 @@ from pipeline.components import (
     overlap_decode_enabled,
     text_encoder_device,
 )
-from pipeline.schedule import few_step_timesteps
+from pipeline.flow_matching import few_step_timesteps
 from utils.config import Config
 from utils.errors import UserError
 from utils.geometry import Geometry, ResolvedRecipe, frames_to_make, geometry_for, pixel_frames_for

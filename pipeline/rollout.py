@@ -23,6 +23,7 @@ from typing import Callable, Optional, Protocol, Sequence
 import torch
 from torch import Tensor
 
+from pipeline.flow_matching import add_noise, predict_x0
 from utils.config import Config, FlowConfig
 from utils.dist import broadcast_int_list
 from utils.errors import UserError
@@ -47,19 +48,6 @@ class RolloutOutput:
     latents: Tensor  # [B, F, C, H, W]; in training, differentiable through the exit steps
     exit_timesteps: Tensor  # [B, F] float32: the timestep each frame exited at (0 for a given first frame)
     nfe: int  # generator forwards, context passes included
-
-
-# --------------------------------------------------------------------------------------------- flow helpers
-def predict_x0(x_t: Tensor, flow: Tensor, timestep: Tensor, num_train_timesteps: int) -> Tensor:
-    """x0 = x_t - sigma * v with sigma = timestep / T; timestep [B, F] broadcast over C, H, W."""
-    sigma = (timestep.to(torch.float32) / num_train_timesteps)[..., None, None, None]
-    return (x_t.to(torch.float32) - sigma * flow.to(torch.float32)).to(x_t.dtype)
-
-
-def add_noise(x0: Tensor, noise: Tensor, timestep: Tensor, num_train_timesteps: int) -> Tensor:
-    """x_t = (1 - sigma) * x0 + sigma * noise with sigma = timestep / T; timestep [B, F]."""
-    sigma = (timestep.to(torch.float32) / num_train_timesteps)[..., None, None, None]
-    return ((1 - sigma) * x0.to(torch.float32) + sigma * noise.to(torch.float32)).to(x0.dtype)
 
 
 # --------------------------------------------------------------------------------------------- exit steps
@@ -126,7 +114,7 @@ class BlockRollout:
     @classmethod
     def from_config(cls, config: Config, geometry: Geometry) -> "BlockRollout":
         """The recipe's student rollout: its warped few-step list and context noise."""
-        from pipeline.schedule import few_step_timesteps
+        from pipeline.flow_matching import few_step_timesteps
 
         timesteps = few_step_timesteps(
             config.rollout.denoising_step_list,

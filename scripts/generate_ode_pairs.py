@@ -50,7 +50,7 @@ def pair_seed(base_seed: int, index: int) -> int:
 
 def sampling_plan(config: Config) -> tuple[torch.Tensor, list[int]]:
     """The ODE teacher's schedule and kept points (pipeline.teacher_sampling.ode_sampling_plan)."""
-    from pipeline.schedule import few_step_timesteps
+    from pipeline.flow_matching import few_step_timesteps
     from pipeline.teacher_sampling import ode_sampling_plan
 
     rollout, flow = config.rollout, config.flow

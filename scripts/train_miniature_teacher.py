@@ -62,6 +62,7 @@ from miniature.world import (  # noqa: E402
     render,
     world_named,
 )
+from pipeline.flow_matching import add_noise, flow_target, shift_sigmas  # noqa: E402
 from pipeline.teacher_sampling import sample_teacher  # noqa: E402
 from utils.config import SamplingConfig, load_config  # noqa: E402
 from utils.errors import UserError, run_main  # noqa: E402
@@ -127,11 +128,6 @@ def load_text_encoder(path: Path, seed: int) -> WanTextEncoder:
 
 
 
-def shifted_sigma(u: torch.Tensor, shift: float) -> torch.Tensor:
-    """Wan's timestep shift: more of the draw at high noise, where layout and motion are decided."""
-    return shift * u / (1 + (shift - 1) * u)
-
-
 def learning_rate(step: int, args: argparse.Namespace) -> float:
     if step < args.warmup:
         return args.lr * (step + 1) / args.warmup
@@ -186,14 +182,15 @@ def train(args: argparse.Namespace, model: WanModel, vae: MiniatureVAE, contexts
         dropped = torch.rand(args.batch_size, generator=generator) < args.caption_dropout
         context = torch.where(dropped.view(-1, 1, 1), empty.expand_as(context), context)
         noise = torch.randn(x0.shape, generator=generator)
-        sigma = shifted_sigma(torch.rand(args.batch_size, generator=generator), args.train_shift).view(-1, 1, 1, 1, 1)
-        x_t = (1 - sigma) * x0 + sigma * noise
-        timestep = (NUM_TRAIN_TIMESTEPS * sigma.view(-1, 1)).expand(-1, x0.shape[1])
+        # Wan's shift: more of the draw at high noise, where layout and motion are decided
+        sigma = shift_sigmas(torch.rand(args.batch_size, generator=generator), args.train_shift)
+        timestep = (NUM_TRAIN_TIMESTEPS * sigma[:, None]).expand(-1, x0.shape[1])
+        x_t = add_noise(x0, noise, timestep, NUM_TRAIN_TIMESTEPS)
 
         # 2. Step.
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, args)
-        loss = ((model.predict_flow(x_t, timestep, context) - (noise - x0)).pow(2) * channel_weight).mean()
+        loss = ((model.predict_flow(x_t, timestep, context) - flow_target(x0, noise)).pow(2) * channel_weight).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -46,7 +46,7 @@ def _synthetic_batch(config: Config, geometry: Geometry, text_encoder: torch.nn.
     """One prompt; ODE pairs interpolated between a random clean latent and noise at the student's timesteps."""
     from model.objective import Batch
     from model.registry import objective_class
-    from pipeline.schedule import few_step_timesteps
+    from pipeline.flow_matching import add_noise, few_step_timesteps
 
     prompts = ["a red circle moving left on a blue background"]
     latent = torch.randn(geometry.latent_shape)
@@ -57,8 +57,8 @@ def _synthetic_batch(config: Config, geometry: Geometry, text_encoder: torch.nn.
         student = few_step_timesteps(rollout.denoising_step_list, rollout.warp_denoising_step, flow.timestep_shift,
                                      flow.num_train_timesteps)
         ode_timesteps = torch.cat([torch.as_tensor(student, dtype=torch.float32), torch.zeros(1)])
-        sigmas = (ode_timesteps / flow.num_train_timesteps)[None, :, None, None, None, None]
-        ode_latents = (1 - sigmas) * latent[:, None] + sigmas * torch.randn_like(latent)[:, None]
+        points = ode_timesteps[:, None].expand(-1, latent.shape[1])  # [P, F]: every frame at the point's timestep
+        ode_latents = add_noise(latent[:, None], torch.randn_like(latent)[:, None], points, flow.num_train_timesteps)
     return Batch(prompts=prompts, context=text_encoder.encode(prompts),
                  negative_context=text_encoder.encode_cached(config.text_encoder.negative_prompt),
                  ode_latents=ode_latents, ode_timesteps=ode_timesteps, first_frame=first_frame)

@@ -19,7 +19,7 @@ PUBLISHED_POINTS = [1000.0, 750.0, 500.0, 250.0, 0.0]  # an LMDB labelled like t
 
 
 def student_steps(config) -> list[float]:
-    from pipeline.schedule import few_step_timesteps
+    from pipeline.flow_matching import few_step_timesteps
 
     rollout, flow = config.rollout, config.flow
     return few_step_timesteps(rollout.denoising_step_list, rollout.warp_denoising_step, flow.timestep_shift,

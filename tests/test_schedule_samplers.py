@@ -11,8 +11,9 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
 from torch import nn
 
+from pipeline.flow_matching import few_step_timesteps, shift_sigmas
 from pipeline.samplers import EulerSampler, UniPCSampler, make_sampler
-from pipeline.schedule import few_step_timesteps, shift_sigmas, teacher_sigmas
+from pipeline.schedule import teacher_sigmas
 from utils.errors import UserError
 
 NUM_TRAIN_TIMESTEPS = 1000
@@ -224,3 +225,18 @@ def test_sampler_errors() -> None:
     sampler = UniPCSampler(teacher_sigmas(4, 5.0, NUM_TRAIN_TIMESTEPS))
     with pytest.raises(RuntimeError, match="expected step 0"):
         sampler.step(torch.zeros(2), 1, torch.zeros(2))
+
+
+def test_flow_matching_arithmetic_is_one_consistent_set():
+    """x0 from the noised latent and its true flow is x0 again, at every timestep; draws stay in (0, T]."""
+    from pipeline.flow_matching import add_noise, draw_shifted_timesteps, flow_target, predict_x0
+
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(2, 3, 4, 5, 6, generator=g), torch.randn(2, 3, 4, 5, 6, generator=g)
+    timestep = torch.tensor([[0.0, 500.0, 1000.0], [250.0, 937.5, 1.0]])
+    x_t = add_noise(x0, noise, timestep, 1000)
+    assert torch.allclose(x_t[0, 0], x0[0, 0]) and torch.allclose(x_t[0, 2], noise[0, 2])
+    assert torch.allclose(predict_x0(x_t, flow_target(x0, noise), timestep, 1000), x0, atol=1e-5)
+    drawn = draw_shifted_timesteps(4096, 5.0, 1000, generator=torch.Generator().manual_seed(1))
+    assert drawn.dtype == torch.float32 and float(drawn.min()) > 0 and float(drawn.max()) <= 1000
+    assert float(drawn.median()) > 800  # shift 5 puts most draws at high noise (median sigma 5/6)

@@ -54,7 +54,7 @@ def checkpoint_tensors(folder):
 def write_tiny_ode_lmdb(config, path, seed=0):
     """Consistent synthetic ODE pairs for the recipe's geometry: x_t = (1 - s) x0 + s n at the kept timesteps, which
     are the student's warped steps (as the recipes' pairs are sampled) and the clean point."""
-    from pipeline.schedule import few_step_timesteps
+    from pipeline.flow_matching import few_step_timesteps
     from utils.geometry import derive_geometry
     from utils.lmdb_store import fingerprint_fields, geometry_fingerprint, make_header, write_ode_lmdb
 
