@@ -23,7 +23,7 @@ class Models:
 
     generator: nn.Module  # the causal student (CausalWanModel)
     real_score: Optional[nn.Module] = None  # the frozen bidirectional teacher (WanModel or MoEWanModel)
-    fake_score: Optional[nn.Module] = None  # the critic (WanModel), trained by critic_loss
+    critic: Optional[nn.Module] = None  # the critic (WanModel), trained by critic_loss
 
 
 @dataclass

@@ -76,7 +76,7 @@ def step_models(config: Config, recipe, generator: torch.nn.Module, device: torc
         real = build_dit(recipe.real_score, causal=False, attention_backend=backend, device=device, dtype=dtype, seed=seed)
         real.requires_grad_(False)
     if cls.has_critic:
-        fake = build_dit(recipe.fake_score, causal=False, attention_backend=backend, device=device, dtype=dtype, seed=seed)
-        if not recipe.fake_score.checkpoint and recipe.fake_score.arch == recipe.real_score.arch:
+        fake = build_dit(recipe.critic, causal=False, attention_backend=backend, device=device, dtype=dtype, seed=seed)
+        if not recipe.critic.checkpoint and recipe.critic.arch == recipe.real_score.arch:
             fake.load_state_dict(real.state_dict())
-    return Models(generator=generator, real_score=real if cls.uses_teacher else None, fake_score=fake)
+    return Models(generator=generator, real_score=real if cls.uses_teacher else None, critic=fake)

@@ -120,11 +120,11 @@ class ScoreDistillation(Objective):
         #    gradients; with scores_carry_gradient (SiD) the gradient reaches x through the scores' inputs.
         num_train_timesteps = self.score_timesteps.num_train_timesteps
         carry = self.scores_carry_gradient
-        with (contextlib.nullcontext() if carry else torch.no_grad()), frozen(models.fake_score):
+        with (contextlib.nullcontext() if carry else torch.no_grad()), frozen(models.critic):
             x_t, per_frame, _, timestep = self._noisy(x if carry else x.detach(), batch)
             real_x0 = real_score_x0(models.real_score, x_t, per_frame, batch, self.guidance_scale, self.guidance_form,
                                     num_train_timesteps)
-            fake_flow = models.fake_score.predict_flow(x_t, per_frame, batch.context)
+            fake_flow = models.critic.predict_flow(x_t, per_frame, batch.context)
             fake_x0 = predict_x0(x_t, fake_flow, per_frame, num_train_timesteps)
         # 3. The objective's loss on the generated frames.
         frames = batch.generated_frames
@@ -138,7 +138,7 @@ class ScoreDistillation(Objective):
             x = self._sample(models, batch).latents
             x_t, per_frame, noise, timestep = self._noisy(x, batch)
         # 2. Flow matching: the fake score regresses v = noise - x at the fresh timestep.
-        flow = models.fake_score.predict_flow(x_t, per_frame, batch.context)
+        flow = models.critic.predict_flow(x_t, per_frame, batch.context)
         frames = batch.generated_frames
         target = noise[:, frames] - x[:, frames]
         loss = (flow[:, frames].float() - target.float()).pow(2).mean()

@@ -20,7 +20,7 @@ from utils.presets import ModelSpec, VaeSpec, load_text_encoder_preset
 from utils.registry import DITS, TEXT_ENCODERS, VAES
 
 # Seed offsets keep the random init of each role distinct but reproducible.
-ROLE_SEED = {"generator": 0, "real_score": 1, "fake_score": 2}
+ROLE_SEED = {"generator": 0, "real_score": 1, "critic": 2}
 
 
 DIT_FAMILY = "wan"  # every DiT of this framework; benchmarks replace its builder with random weights made on the GPU

@@ -36,7 +36,7 @@ def _random_weights(config):
         return replace(ref, checkpoint=None)
 
     return replace(config, generator=strip(config.generator), real_score=strip(config.real_score),
-                   fake_score=strip(config.fake_score) if config.fake_score.preset else config.fake_score,
+                   critic=strip(config.critic) if config.critic.preset else config.critic,
                    vae=replace(config.vae, checkpoint=None),  # random VAE (TI2V first frames only)
                    text_encoder=replace(config.text_encoder, checkpoint=None, tokenizer=None))
 

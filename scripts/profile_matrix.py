@@ -73,7 +73,7 @@ def run_train_step(config, resolved, device, dtype, profiler) -> None:
     if config.train.gradient_checkpointing:
         from trainer.parallel import apply_activation_checkpointing
 
-        for model in (models.generator, models.fake_score):
+        for model in (models.generator, models.critic):
             if model is not None:
                 apply_activation_checkpointing(model)
     batch = random_batch(config, g, 1, device, dtype, torch.Generator().manual_seed(SEED))

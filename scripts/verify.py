@@ -50,10 +50,10 @@ def check_model(args, config) -> int:
     counts = {
         "generator_params": meta_parameter_count(resolved.generator, config.attention_backend, causal=True),
         "real_score_params": meta_parameter_count(resolved.real_score, config.attention_backend, causal=False),
-        "fake_score_params": meta_parameter_count(resolved.fake_score, config.attention_backend, causal=False),
+        "fake_score_params": meta_parameter_count(resolved.critic, config.attention_backend, causal=False),
     }
     data = {
-        "generator": resolved.generator.name, "real_score": resolved.real_score.name, "fake_score": resolved.fake_score.name,
+        "generator": resolved.generator.name, "real_score": resolved.real_score.name, "critic": resolved.critic.name,
         "real_score_experts": 2 if resolved.real_score.is_moe else 1,
         **counts,
         "bf16_weights_bytes": {k.replace("_params", ""): 2 * v for k, v in counts.items()},
@@ -63,7 +63,7 @@ def check_model(args, config) -> int:
         print(json.dumps(data, indent=2))
         return 0
     rows = [(role, data[role], f"{counts[role + '_params']:,}", human_bytes(2 * counts[role + "_params"]))
-            for role in ("generator", "real_score", "fake_score")]
+            for role in ("generator", "real_score", "critic")]
     rows.append(("total", "", f"{sum(counts.values()):,}", human_bytes(data["bf16_weights_total_bytes"])))
     print(format_table(rows, header=("role", "model", "parameters", "bf16 weights")))
     return 0

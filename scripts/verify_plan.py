@@ -70,7 +70,7 @@ def check_plan(config: Config, config_path: str) -> list[Check]:
     if needs.uses_teacher or needs.data == "ode_pairs" and needs.reads_point_timesteps:
         roles["real_score"] = config.real_score  # runs in training, or samples this stage's pairs
     if needs.has_critic:
-        roles["fake_score"] = config.fake_score
+        roles["critic"] = config.critic
     pairs_stage = needs.data == "ode_pairs"
     for role, ref in roles.items():
         make = download

@@ -30,7 +30,7 @@ def tiny_variant(config: Config) -> Config:
     """The recipe with tiny random models of its latent space and a two-block tiny video."""
     channels = resolve_recipe(config, need_scores=False, check_weights=False).generator.latent_channels
     tiny = ModelRef(preset=TINY_MODEL_FOR_CHANNELS[channels])
-    draft = replace(config, generator=tiny, real_score=tiny, fake_score=ModelRef(), vae=VaeRef(),
+    draft = replace(config, generator=tiny, real_score=tiny, critic=ModelRef(), vae=VaeRef(),
                     text_encoder=TextEncoderRef(preset=TINY_TEXT_ENCODER, negative_prompt=config.text_encoder.negative_prompt))
     recipe = resolve_recipe(draft, need_scores=False, check_weights=False)
     stride_t, stride_h, stride_w = recipe.vae.stride
@@ -100,5 +100,5 @@ def check_train(config: Config, ckpt_dir: str | None = None) -> list[Check]:
     items: list[Check] = [("objective", True, f"{what} at {size}")]
     items += _train_step("generator", generator, tiny.optim.lr, lambda: objective.generator_loss(models, batch))
     if objective.has_critic:
-        items += _train_step("critic", models.fake_score, tiny.optim.lr_critic, lambda: objective.critic_loss(models, batch))
+        items += _train_step("critic", models.critic, tiny.optim.lr_critic, lambda: objective.critic_loss(models, batch))
     return items

@@ -200,3 +200,17 @@ def test_miniature_distillation_recipes_run_the_published_method(recipe):
     differing = {key: OmegaConf.select(resolved, key) for key, value in expected.items()
                  if OmegaConf.select(resolved, key) != value}
     assert not differing, differing
+
+
+def test_the_critic_keeps_its_older_name_as_an_alias(tmp_path):
+    """Recipes and overrides written with fake_score (the older name) load as critic; both at once is refused."""
+    old = tmp_path / "old.yaml"
+    old.write_text("base: " + os.path.join(REPO_ROOT, "configs/tiny/self_forcing_dmd.yaml") + "\n"
+                   "fake_score: {preset: tiny-t2v}\n")
+    assert load_config(str(old)).critic.preset == "tiny-t2v"
+    assert load_config(os.path.join(REPO_ROOT, "configs/tiny/self_forcing_dmd.yaml"),
+                       ["fake_score.preset=tiny-t2v"]).critic.preset == "tiny-t2v"
+    both = tmp_path / "both.yaml"
+    both.write_text("critic: {preset: tiny-t2v}\nfake_score: {preset: tiny-t2v}\n")
+    with pytest.raises(UserError, match="both critic and fake_score"):
+        load_config(str(both))

@@ -61,7 +61,7 @@ def test_plan_checks_what_each_recipe_runs(recipe):
     config = load_config(os.path.join(REPO_ROOT, recipe))
     cls = objective_class(config)
     names = [name for name, _, _ in check_plan(config, recipe)]
-    assert ("fake_score.checkpoint" in names) == cls.has_critic
+    assert ("critic.checkpoint" in names) == cls.has_critic
     assert ("real_score.checkpoint" in names) == (cls is not TeacherForcing)
     data = "train.data_path (ODE LMDB)" if cls.data == "ode_pairs" else "train.data_path (prompts)"
     assert data in names

@@ -183,7 +183,7 @@ class FixedFlow(torch.nn.Module):
 def tiny_models(resolved, real=None, fake=None):
     generator = build_dit(resolved.generator, causal=True, attention_backend="sdpa")
     real = real or build_dit(resolved.real_score, causal=False, attention_backend="sdpa").requires_grad_(False)
-    fake = fake or build_dit(resolved.fake_score, causal=False, attention_backend="sdpa")
+    fake = fake or build_dit(resolved.critic, causal=False, attention_backend="sdpa")
     return Models(generator, real, fake)
 
 
@@ -206,13 +206,13 @@ def test_score_objectives_train_generator_and_critic_separately(path, cls):
     assert loss.dtype == torch.float64 and torch.isfinite(loss)
     assert 20.0 <= logs["score_timestep"] <= 980.0
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in models.generator.parameters())
-    assert all(p.grad is None for p in models.fake_score.parameters())  # the scores are not trained by this loss
+    assert all(p.grad is None for p in models.critic.parameters())  # the scores are not trained by this loss
     models.generator.zero_grad(set_to_none=True)
     critic, critic_logs = objective.critic_loss(models, batch)
     critic.backward()
     assert float(critic.detach()) > 0 and critic_logs["critic_loss"] == pytest.approx(float(critic.detach()))
     assert all(p.grad is None for p in models.generator.parameters())  # the critic's sample is detached
-    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in models.fake_score.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in models.critic.parameters())
 
 
 def test_dmd_end_to_end_zero_when_real_equals_fake():
@@ -318,7 +318,7 @@ def test_sid_differentiates_through_the_scores_so_it_is_not_dmd():
         torch.manual_seed(0)
         loss, _ = objective.generator_loss(models, score_batch(resolved.geometry))
         loss.backward()
-        assert all(p.grad is None for p in models.fake_score.parameters())
+        assert all(p.grad is None for p in models.critic.parameters())
         assert all(p.grad is None for p in models.real_score.parameters())
         grads[type(objective).__name__] = torch.cat([p.grad.flatten() for p in models.generator.parameters()])
     assert not torch.allclose(grads["DMD"], grads["SiD"], rtol=1e-3, atol=1e-8)

@@ -272,5 +272,5 @@ def test_big_teachers_sample_ode_pairs_and_train_from_their_folders(replicas, tm
     assert proc.returncode == 0, proc.stderr
     assert len(list(pairs.glob("*.safetensors"))) == 1
     proc = run_script(["train.py", "--config_path", str(recipe), "--logdir", str(tmp_path / "run"), "--disable-wandb",
-                       f"fake_score.checkpoint={student}"])
+                       f"critic.checkpoint={student}"])
     assert proc.returncode == 0, proc.stderr

@@ -36,7 +36,7 @@ CAUSAL_CHAINS = [name for name, chain in CHAINS.items() if "causal_teacher" in c
 def _sizes(chain: dict) -> list[str]:
     """Only sizes: the video, the tiny replica's architecture (read from its config.json: no preset), step counts."""
     return [*chain["video"], "video.num_frames=9", "generator.preset=null", "real_score.preset=null",
-            "fake_score.preset=null", f"vae.preset={chain['vae']}", "ode.num_steps=4", "ode.keep_indices=[0,1,2,3,-1]",
+            "critic.preset=null", f"vae.preset={chain['vae']}", "ode.num_steps=4", "ode.keep_indices=[0,1,2,3,-1]",
             "teacher.num_steps=2", "train.max_steps=1", "train.save_iters=1", "train.log_iters=1",
             "train.total_batch_size=null", "train.mixed_precision=false", "train.ema_start_step=0"]
 

@@ -92,7 +92,7 @@ class Trainer:
             self.release()
             raise
         setup = self.setup
-        self.models = Models(generator=setup.generator, real_score=setup.real_score, fake_score=setup.critic)
+        self.models = Models(generator=setup.generator, real_score=setup.real_score, critic=setup.critic)
         self.state = TrainState(setup)
         self.inject_nan = injected_nan_steps()
         # a single process has no FSDP2 policy to cast to bf16, so it autocasts instead

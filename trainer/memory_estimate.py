@@ -101,7 +101,7 @@ def _parameters(model: Optional[nn.Module], trainable: Optional[bool] = None) ->
 def without_weights(recipe: ResolvedRecipe) -> ResolvedRecipe:
     """The recipe's models at their architectures, with no checkpoint to read (random init on fake tensors)."""
     strip = {name: dataclasses.replace(getattr(recipe, name), checkpoint=None)
-             for name in ("generator", "real_score", "fake_score") if getattr(recipe, name) is not None}
+             for name in ("generator", "real_score", "critic") if getattr(recipe, name) is not None}
     return dataclasses.replace(recipe, **strip)
 
 
@@ -175,7 +175,7 @@ def measure_step(config: Config, info: DistInfo, *, fake: bool) -> MemoryReport:
         init_adam_states(models.generator_optimizer)
         init_adam_states(models.critic_optimizer)
         batch = random_batch(config, recipe.geometry, config.train.batch_size, device)
-        nets = Models(generator=models.generator, real_score=models.real_score, fake_score=models.critic)
+        nets = Models(generator=models.generator, real_score=models.real_score, critic=models.critic)
         tracker = step_tracker()
         externals = [m for m in (models.generator, models.critic, models.real_score) if m is not None]
         externals += [o for o in (models.generator_optimizer, models.critic_optimizer) if o is not None]

@@ -101,7 +101,7 @@ def recipe_identity(config: Config) -> dict[str, Any]:
         "train.trainer": config.train.trainer,
         "distill.distribution_loss": config.distill.distribution_loss if score else None,
         "generator": dict(recipe.generator.arch),
-        "fake_score": dict(recipe.fake_score.arch) if score and recipe.fake_score is not None else None,
+        "critic": dict(recipe.critic.arch) if score and recipe.critic is not None else None,
         "train.lora_rank": config.train.lora_rank,
         "train.lora_alpha": config.train.lora_alpha if config.train.lora_rank else None,
         "train.ema": config.train.ema_weight > 0,
@@ -122,6 +122,9 @@ def first_difference(stored: dict[str, Any], current: dict[str, Any]) -> Optiona
 
 
 def check_same_recipe(stored: dict[str, Any], current: dict[str, Any], where: str) -> None:
+    from utils.config import ALIASES
+
+    stored = {ALIASES.get(key, key): value for key, value in stored.items()}  # runs saved under older names
     difference = first_difference(stored, current)
     if difference is not None:
         field, old, new = difference

@@ -133,9 +133,9 @@ def build_models(config: Config, recipe: ResolvedRecipe, device: torch.device, m
             real_score = build_dit(recipe.real_score, causal=False, attention_backend=backend, device="cpu", seed=seed)
             real_score.requires_grad_(False).eval()
     if needs.has_critic:
-        with profiler.component("fake_score"):
-            critic = build_dit(recipe.fake_score, causal=False, attention_backend=backend, device="cpu", seed=seed)
-            if not recipe.fake_score.checkpoint and recipe.fake_score.arch == recipe.real_score.arch:
+        with profiler.component("critic"):
+            critic = build_dit(recipe.critic, causal=False, attention_backend=backend, device="cpu", seed=seed)
+            if not recipe.critic.checkpoint and recipe.critic.arch == recipe.real_score.arch:
                 critic.load_state_dict(real_score.state_dict())  # no critic weights named: start from the teacher
             critic = parallelize(_trainable(place(critic, device), config), mesh, **wrap)
             attach_sequence_parallel(critic, sequence)

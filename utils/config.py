@@ -269,7 +269,7 @@ class Config:
     model_folder: Optional[str] = None
     generator: ModelRef = field(default_factory=ModelRef)  # the causal student
     real_score: ModelRef = field(default_factory=ModelRef)  # the frozen bidirectional teacher
-    fake_score: ModelRef = field(default_factory=ModelRef)  # the critic; empty: same as real_score
+    critic: ModelRef = field(default_factory=ModelRef)  # the critic (DMD's "fake score"); empty: same as real_score
     vae: VaeRef = field(default_factory=VaeRef)
     text_encoder: TextEncoderRef = field(default_factory=TextEncoderRef)
     attention_backend: str = "sdpa"  # sdpa, flash (flash-attn 2/3) or flex (flex_attention for block-causal masks)
@@ -333,7 +333,20 @@ def _recipe_layers(path: Path, seen: tuple[Path, ...] = ()) -> list:
     data = _read_yaml(path)
     base = data.pop("base", None) if hasattr(data, "pop") else None
     layers = _recipe_layers((path.parent / str(base)), seen + (path,)) if base else []
+    if hasattr(data, "keys") and ALIASES["fake_score"] in data.keys() and "fake_score" in data.keys():
+        raise UserError(f"{path} sets both critic and fake_score (its older name): keep critic")
+    if hasattr(data, "pop") and "fake_score" in data.keys():
+        data["critic"] = data.pop("fake_score")
     return layers + [data]
+
+
+ALIASES = {"fake_score": "critic"}  # older names of recipe sections, read as the new ones (recipes and overrides)
+
+
+def _aliased(item: str) -> str:
+    """A key=value override with an older section name renamed."""
+    head, _, rest = item.partition(".")
+    return f"{ALIASES[head]}.{rest}" if head in ALIASES and rest else item
 
 
 def recipe_files(path: str | Path) -> list[Path]:
@@ -380,6 +393,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
                 merged = OmegaConf.merge(merged, layer)
             except OmegaConfBaseException as err:
                 raise _explain(err, str(path)) from None
+    overrides = [_aliased(item) for item in overrides]
     for item in overrides:
         if "=" not in item:
             raise UserError(f"command-line override '{item}' is not of the form key=value")

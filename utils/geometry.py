@@ -202,7 +202,7 @@ class ResolvedRecipe:
 
     generator: ModelSpec
     real_score: Optional[ModelSpec]
-    fake_score: Optional[ModelSpec]
+    critic: Optional[ModelSpec]
     vae: VaeSpec
     geometry: Geometry
 
@@ -249,8 +249,8 @@ def resolve_recipe(config: Config, *, need_scores: Optional[bool] = None, check_
     if need_scores or config.real_score.preset or config.real_score.checkpoint:
         real = resolve_model("real_score", config.real_score, check_weights)
         _check_latent_space(generator, real, vae)
-        fake_ref = config.fake_score if (config.fake_score.preset or config.fake_score.checkpoint) else config.real_score
-        fake = resolve_model("fake_score", fake_ref, check_weights)
+        fake_ref = config.critic if (config.critic.preset or config.critic.checkpoint) else config.real_score
+        fake = resolve_model("critic", fake_ref, check_weights)
         _check_latent_space(generator, fake, vae)
     geometry = geometry_for(config, generator, vae)
     for spec in (generator, real, fake):
@@ -264,7 +264,7 @@ def resolve_recipe(config: Config, *, need_scores: Optional[bool] = None, check_
             f"{list(vae.stride)}) at {geometry.height}x{geometry.width}, {geometry.num_pixel_frames} frames: expected "
             f"{list(geometry.latent_shape)}"
         )
-    return ResolvedRecipe(generator=generator, real_score=real, fake_score=fake, vae=vae, geometry=geometry)
+    return ResolvedRecipe(generator=generator, real_score=real, critic=fake, vae=vae, geometry=geometry)
 
 
 def derive_geometry(config: Config, check_weights: bool = True) -> Geometry:
