@@ -9,20 +9,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
+import torch
+
+from utils.errors import OneLineArgumentParser, UserError, run_main
+from utils.io import atomic_save_safetensors, atomic_write_json
+from utils.presets import ARCH_FIELDS, arch_to_config_json, read_checkpoint_config
+from wan.convert import official_to_diffusers_config, official_to_diffusers_key
+from wan.loading import Checkpoint
+from wan.modules.model import WanModel
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
-
-import torch  # noqa: E402
-
-from utils.errors import OneLineArgumentParser, UserError, run_main  # noqa: E402
-from utils.io import atomic_save_safetensors, atomic_write_json  # noqa: E402
-from utils.presets import ARCH_FIELDS, arch_to_config_json, read_checkpoint_config  # noqa: E402
-from wan.convert import official_to_diffusers_config, official_to_diffusers_key  # noqa: E402
-from wan.loading import Checkpoint  # noqa: E402
-from wan.modules.model import WanModel  # noqa: E402
 
 WEIGHTS_NAME = "diffusion_pytorch_model"
 GIB = 1024**3

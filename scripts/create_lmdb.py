@@ -12,19 +12,16 @@ to <lmdb_path>.tmp and renamed, so running twice gives the same records and a cr
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import numpy as np
+from tqdm import tqdm
 
-import numpy as np  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-from utils import lmdb_store  # noqa: E402
-from utils.errors import OneLineArgumentParser, UserError, run_main  # noqa: E402
-from utils.lmdb_store import PairInfo  # noqa: E402
+from utils import lmdb_store
+from utils.errors import OneLineArgumentParser, UserError, run_main
+from utils.lmdb_store import PairInfo
 
 
 def select_pairs(pairs: list[PairInfo]) -> list[PairInfo]:

@@ -16,13 +16,9 @@ measures the same step with real tensors (random weights) on the launched ranks 
 from __future__ import annotations
 
 import math
-import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from utils.errors import OneLineArgumentParser, UserError, run_main  # noqa: E402
+from utils.errors import OneLineArgumentParser, UserError, run_main
 
 RESERVE_FRACTION = 0.05  # allocator fragmentation and CUDA context: a peak above 95% of the card does not fit
 
@@ -63,7 +59,7 @@ def candidates(config, nproc_per_node: int) -> list[tuple[str, list[str]]]:
 
 
 def compare(config, args, overrides) -> int:
-    """Estimated vs measured step peak for one rank (scripts/gpu_check.py's memory item)."""
+    """Estimated vs measured step peak for one rank (the GPU check's memory item)."""
     import torch
 
     from trainer.memory_estimate import estimate, measure_step

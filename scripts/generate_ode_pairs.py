@@ -25,17 +25,15 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch
+from tqdm import tqdm
 
-import torch  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-from utils.config import Config, load_config, parse_cli, to_yaml  # noqa: E402
-from utils.datasets import ImageTextDataset, TextPromptDataset  # noqa: E402
-from utils.errors import OneLineArgumentParser, UserError, run_main  # noqa: E402
-from utils.geometry import ResolvedRecipe, resolve_recipe  # noqa: E402
-from utils.io import atomic_write_text  # noqa: E402
-from utils.lmdb_store import PairInfo, geometry_fingerprint, scan_pair_folder, write_pair_file  # noqa: E402
+from utils.config import Config, load_config, parse_cli, to_yaml
+from utils.datasets import ImageTextDataset, TextPromptDataset
+from utils.errors import OneLineArgumentParser, UserError, run_main
+from utils.geometry import ResolvedRecipe, resolve_recipe
+from utils.io import atomic_write_text
+from utils.lmdb_store import PairInfo, geometry_fingerprint, scan_pair_folder, write_pair_file
 
 EXIT_AFTER_ENV = "ODE_PAIRS_EXIT_AFTER"  # test-only crash simulation (see the module docstring)
 CRASH_EXIT_CODE = 3

@@ -21,14 +21,13 @@ import sys
 import time
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
+from miniature.judge import EVAL_FIRST_SEED, MAX_CLIPS
+from miniature.stages import Stages
+from miniature.world import ODE_PAIRS_PER_CAPTION, TEACHER_FOLDERS, WORLDS
+from utils.errors import UserError, run_main
+from utils.io import atomic_write_text
 
-from miniature.judge import EVAL_FIRST_SEED, MAX_CLIPS  # noqa: E402
-from miniature.stages import Stages  # noqa: E402
-from miniature.world import ODE_PAIRS_PER_CAPTION, TEACHER_FOLDERS, WORLDS  # noqa: E402
-from utils.errors import UserError, run_main  # noqa: E402
-from utils.io import atomic_write_text  # noqa: E402
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 # Clips judged for the report: the judge's 12 captions 4 times over with their own seeds. Per-clip figures vary
 # (seam ratio 0.7-2.1, adherence 0-1 for one model), so a mean of 12 clips moves by about 0.08 with the clips'

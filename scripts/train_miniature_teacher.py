@@ -41,18 +41,15 @@ import argparse
 import copy
 import json
 import math
-import sys
 import time
 from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from miniature.judge import VALIDATION_FIRST_SEEDS, eval_prompts, score_clip  # noqa: E402
-from miniature.vae import MiniatureVAE  # noqa: E402
-from miniature.world import (  # noqa: E402
+from miniature.judge import VALIDATION_FIRST_SEEDS, eval_prompts, score_clip
+from miniature.vae import MiniatureVAE
+from miniature.world import (
     DEFAULT_WORLD,
     TEACHER_FOLDERS,
     WORLDS,
@@ -62,14 +59,14 @@ from miniature.world import (  # noqa: E402
     render,
     world_named,
 )
-from pipeline.flow_matching import add_noise, flow_target, shift_sigmas  # noqa: E402
-from pipeline.teacher_sampling import sample_teacher  # noqa: E402
-from utils.config import SamplingConfig, load_config  # noqa: E402
-from utils.errors import UserError, run_main  # noqa: E402
-from utils.io import atomic_save_safetensors, atomic_write_json  # noqa: E402
-from utils.presets import arch_to_config_json  # noqa: E402
-from wan.modules.model import WanModel  # noqa: E402
-from wan.text_encoder import WanTextEncoder  # noqa: E402
+from pipeline.flow_matching import add_noise, flow_target, shift_sigmas
+from pipeline.teacher_sampling import sample_teacher
+from utils.config import SamplingConfig, load_config
+from utils.errors import UserError, run_main
+from utils.io import atomic_save_safetensors, atomic_write_json
+from utils.presets import arch_to_config_json
+from wan.modules.model import WanModel
+from wan.text_encoder import WanTextEncoder
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "miniature"
 # The distillation recipe whose teacher/ode sampling settings the evaluation uses.

@@ -7,16 +7,15 @@ checklist, PASS/FAIL/SKIP per item).
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from utils.config import load_config, parse_cli  # noqa: E402
-from utils.errors import OneLineArgumentParser, UserError, run_main  # noqa: E402
-from utils.geometry import derive_geometry  # noqa: E402
-from utils.tables import format_table, human_bytes  # noqa: E402
+from utils.config import load_config, parse_cli
+from utils.errors import OneLineArgumentParser, UserError, run_main
+from utils.geometry import derive_geometry
+from utils.tables import format_table, human_bytes
 
 
 def check_geometry(args, config) -> int:
@@ -50,7 +49,7 @@ def check_model(args, config) -> int:
     counts = {
         "generator_params": meta_parameter_count(resolved.generator, config.attention_backend, causal=True),
         "real_score_params": meta_parameter_count(resolved.real_score, config.attention_backend, causal=False),
-        "fake_score_params": meta_parameter_count(resolved.critic, config.attention_backend, causal=False),
+        "critic_params": meta_parameter_count(resolved.critic, config.attention_backend, causal=False),
     }
     data = {
         "generator": resolved.generator.name, "real_score": resolved.real_score.name, "critic": resolved.critic.name,
@@ -82,17 +81,17 @@ def print_checklist(items, as_json: bool) -> int:
 
 
 def checklist(module: str, function: str):
-    """A check implemented as `function(config, ckpt_dir) -> [(name, passed, detail)]` in scripts/<module>.py."""
+    """A check implemented as `function(config, ckpt_dir) -> [(name, passed, detail)]` in toolbox.verification.<module>."""
 
     def run(args, config) -> int:
-        check = getattr(__import__(module), function)
+        check = getattr(importlib.import_module(f"toolbox.verification.{module}"), function)
         return print_checklist([tuple(item) for item in check(config, args.ckpt_dir)], args.json)
 
     return run
 
 
 def check_plan(args, config) -> int:
-    from verify_plan import check_plan as plan
+    from toolbox.verification.plan import check_plan as plan
 
     return print_checklist(plan(config, args.config_path), args.json)
 
@@ -101,10 +100,10 @@ CHECKS = {
     "plan": check_plan,
     "geometry": check_geometry,
     "model": check_model,
-    "vae": checklist("verify_vae_text", "check_vae"),
-    "text": checklist("verify_vae_text", "check_text"),
-    "train": checklist("verify_train", "check_train"),
-    "all": checklist("verify_all", "check_all"),
+    "vae": checklist("vae_text", "check_vae"),
+    "text": checklist("vae_text", "check_text"),
+    "train": checklist("train", "check_train"),
+    "all": checklist("checklist", "check_all"),
 }
 
 

@@ -185,7 +185,7 @@ def test_cache_from_geometry_and_mismatch_errors():
 def test_benchmark_script_runs_a_recipe():
     from tests.helpers import run_script
 
-    proc = run_script(["scripts/benchmark_dit.py", "--config_path", "configs/tiny/self_forcing_dmd.yaml", "--dtype", "fp32",
+    proc = run_script(["scripts/benchmark.py", "dit", "--config_path", "configs/tiny/self_forcing_dmd.yaml", "--dtype", "fp32",
                        "--device", "cpu", "--warmup", "0", "--repeats", "1"])  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert "ms / forward, denoise (commit=False)" in proc.stdout and "ms / forward, context (commit=True)" in proc.stdout

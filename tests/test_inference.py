@@ -275,7 +275,7 @@ def test_output_folders_are_slugged_and_never_reused(tmp_path):
 
 # --------------------------------------------------------------------------------------------- verify all
 def test_verify_all_checklist_passes_and_reports_a_bad_checkpoint(recipe, checkpoint, tmp_path):
-    from scripts.verify_all import check_all
+    from toolbox.verification.checklist import check_all
 
     config, _ = recipe
     results = check_all(config, str(checkpoint), device=torch.device("cpu"))

@@ -65,7 +65,7 @@ def test_events_file_says_its_backend_and_analyze_prints_a_table(tmp_path, profi
     assert document["backend"] == "cpu-rss" and "note" in document
     assert document["summary"]["base_bytes"] == document["events"][0]["after_bytes"]
     assert document["summary"]["peak_bytes"] >= document["summary"]["base_bytes"]
-    proc = run_script(["scripts/analyze_memory.py", str(path)])
+    proc = run_script(["scripts/benchmark.py", "memory_events", str(path)])
     assert proc.returncode == 0, proc.stderr
     assert "generator" in proc.stdout and "block_0/step_0" in proc.stdout and "total peak" in proc.stdout
     assert "cpu-rss" in proc.stdout
@@ -73,10 +73,10 @@ def test_events_file_says_its_backend_and_analyze_prints_a_table(tmp_path, profi
 
 
 def test_analyze_refuses_a_missing_or_foreign_file(tmp_path):
-    assert_one_line_error(run_script(["scripts/analyze_memory.py", str(tmp_path / "none.json")]), "none.json")
+    assert_one_line_error(run_script(["scripts/benchmark.py", "memory_events", str(tmp_path / "none.json")]), "none.json")
     other = tmp_path / "other.json"
     other.write_text(json.dumps({"hello": 1}))
-    assert_one_line_error(run_script(["scripts/analyze_memory.py", str(other)]), "other.json", "backend")
+    assert_one_line_error(run_script(["scripts/benchmark.py", "memory_events", str(other)]), "other.json", "backend")
 
 
 @pytest.mark.gpu

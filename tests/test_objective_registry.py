@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import ast
 import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -55,8 +54,7 @@ def test_the_check_finds_a_comparison():
 def test_plan_checks_what_each_recipe_runs(recipe):
     """verify.py plan asks for the critic only when the objective trains one, for the teacher only when it runs
     or samples this stage's pairs, and for the data the objective reads."""
-    sys.path.insert(0, os.path.join(REPO_ROOT, "scripts"))
-    from verify_plan import check_plan
+    from toolbox.verification.plan import check_plan
 
     config = load_config(os.path.join(REPO_ROOT, recipe))
     cls = objective_class(config)

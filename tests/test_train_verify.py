@@ -1,19 +1,16 @@
-"""scripts/verify_train.py: one generator and one critic step at tiny geometry, for tiny and full-size recipes."""
+"""verify.py train (toolbox/verification/train.py): one generator and one critic step at tiny geometry, tiny and full-size
+recipes."""
 import os
-import sys
 
 import pytest
 
 from tests.helpers import REPO_ROOT
 
-sys.path.insert(0, os.path.join(REPO_ROOT, "scripts"))
-
 
 @pytest.mark.parametrize("recipe, has_critic", [("configs/tiny/self_forcing_sid.yaml", True), ("configs/ode_5B.yaml", False),
                                               ("configs/causal_teacher_5B.yaml", False)])
 def test_check_train_steps_reach_the_trained_models(recipe, has_critic):
-    from verify_train import check_train
-
+    from toolbox.verification.train import check_train
     from utils.config import load_config
 
     items = check_train(load_config(os.path.join(REPO_ROOT, recipe)))
@@ -24,8 +21,7 @@ def test_check_train_steps_reach_the_trained_models(recipe, has_critic):
 
 
 def test_tiny_variant_keeps_the_objective_and_the_latent_space():
-    from verify_train import tiny_variant
-
+    from toolbox.verification.train import tiny_variant
     from utils.config import load_config
     from utils.geometry import derive_geometry
 

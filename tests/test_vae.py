@@ -263,15 +263,11 @@ def test_shipped_tiny_presets_build_and_round_trip(name):
 
 def test_verify_check_vae_with_tiny_weights(tmp_path):
     """verify.py vae on the tiny recipe: real computation with a weights file, all checks pass."""
-    import importlib.util
-
+    from toolbox.verification import vae_text as module
     from utils.config import load_config
     from utils.presets import load_vae_preset
 
     root = Path(__file__).resolve().parents[1]
-    spec = importlib.util.spec_from_file_location("verify_vae_text", root / "scripts" / "verify_vae_text.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
     torch.manual_seed(0)
     write_official(AutoencoderKLWan(**load_vae_preset("tiny-wan2.1")["arch"]), tmp_path / "Wan2.1_VAE.pth")
     config = load_config(root / "configs" / "tiny" / "self_forcing_dmd.yaml", ["video.num_frames=9"])

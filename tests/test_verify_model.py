@@ -17,7 +17,7 @@ def test_parameter_counts(recipe, generator, real, fake):
     proc = run_script(["scripts/verify.py", "model", "--config_path", recipe, "--json"])
     assert proc.returncode == 0, proc.stderr
     data = json.loads(proc.stdout)
-    assert (data["generator_params"], data["real_score_params"], data["fake_score_params"]) == (generator, real, fake)
+    assert (data["generator_params"], data["real_score_params"], data["critic_params"]) == (generator, real, fake)
     assert data["bf16_weights_total_bytes"] == 2 * (generator + real + fake)
 
 

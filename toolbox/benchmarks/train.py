@@ -1,6 +1,6 @@
 """Seconds per generator step and per critic step, and peak memory, for a recipe with random weights.
 
-    [torchrun --nproc_per_node G] scripts/benchmark_train.py --config_path <recipe> [--steps N] [--warmup W] [key=value ...]
+    [torchrun --nproc_per_node G] scripts/benchmark.py train --config_path <recipe> [--steps N] [--warmup W] [key=value ...]
 
 The recipe's models are built at their real size from presets (checkpoints are ignored: random weights), with the
 recipe's precision, sharding and checkpointing; prompts are synthetic. The umT5-XXL text encoder (which needs its
@@ -20,9 +20,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from utils.errors import UserError, run_main  # noqa: E402
+from utils.errors import UserError, run_main
 
 GIB = float(1 << 30)
 
@@ -47,7 +45,7 @@ def _stand_ins(config, device) -> contextlib.ExitStack:
     import torch
 
     from pipeline.components import DIT_FAMILY
-    from scripts.bench_support import RandomTextEncoder, random_dit
+    from toolbox.benchmarks.support import RandomTextEncoder, random_dit
     from utils.presets import load_model_preset
     from utils.registry import DITS, TEXT_ENCODERS
 
@@ -91,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     from model.registry import build_objective, objective_class
-    from scripts.bench_support import device_name
+    from toolbox.benchmarks.support import device_name
     from trainer.loop import RunOptions, Trainer
     from utils.dist import cleanup, init_distributed
     from utils.memory import lifetime_peak_bytes
@@ -105,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
                         "distillation (generator + critic), pick a DMD or SiD recipe")
     config = replace(config, train=replace(config.train, data_path=prompts.name))
     info = init_distributed()
-    _stand_ins(config, info.device).__enter__()  # for the rest of the process
+    stand_ins = _stand_ins(config, info.device)  # held until main returns (a collected stack would undo them)
     logdir = tempfile.TemporaryDirectory()  # nothing is saved; the trainer only needs a place
     trainer = Trainer(config, info, RunOptions(logdir=Path(logdir.name)), build_objective)
     synchronize = torch.cuda.synchronize if info.device.type == "cuda" else (lambda: None)
@@ -125,7 +123,7 @@ def main(argv: list[str] | None = None) -> None:
         "peak_memory_gb": lifetime_peak_bytes(info.device) / GIB,
         "lora_rank": config.train.lora_rank,
         "gradient_checkpointing": config.train.gradient_checkpointing,
-        "command": " ".join(["python", "scripts/benchmark_train.py", *(sys.argv[1:] if argv is None else argv)]),
+        "command": " ".join(["python", "scripts/benchmark.py", "train", *(sys.argv[1:] if argv is None else argv)]),
     }
     if info.is_main:
         print(json.dumps(report, indent=2) if args.json else "\n".join(f"{k}: {v}" for k, v in report.items()))
@@ -137,6 +135,7 @@ def main(argv: list[str] | None = None) -> None:
     os.unlink(prompts.name)
     logdir.cleanup()
     cleanup()
+    stand_ins.close()
 
 
 if __name__ == "__main__":

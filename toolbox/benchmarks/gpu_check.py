@@ -29,11 +29,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
+from utils.errors import UserError, run_main
+from utils.io import atomic_write_json, atomic_write_text
 
-from utils.errors import UserError, run_main  # noqa: E402
-from utils.io import atomic_write_json, atomic_write_text  # noqa: E402
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 ATTENTION_VARIANTS = "sdpa:eager:full:inline,sdpa:compile:full:inline,flash:eager:full:inline,flash:compile:full:inline," \
     "flex:eager:full:inline,flex:compile:full:inline"
@@ -96,9 +95,9 @@ def free_gib(python: str) -> float | None:
 
 
 def command(item: Item, python: str, json_out: Path, dry_run: bool) -> list[str]:
-    script = {"inference": "scripts/benchmark_inference.py", "train": "scripts/benchmark_train.py",
-              "memory": "scripts/estimate_memory.py"}[item.kind]
-    cmd = [python, script, "--config_path", item.recipe, *item.args, "--json_out", str(json_out)]
+    script = {"inference": ["scripts/benchmark.py", "inference"], "train": ["scripts/benchmark.py", "train"],
+              "memory": ["scripts/estimate_memory.py"]}[item.kind]
+    cmd = [python, *script, "--config_path", item.recipe, *item.args, "--json_out", str(json_out)]
     if item.kind == "memory":
         cmd.append("--compare")
     if item.kind == "inference":

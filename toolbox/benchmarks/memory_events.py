@@ -1,19 +1,16 @@
 """Print a memory_events.json (from --profile_memory) as a table: component loads, phase activations, the peak.
 
-    python scripts/analyze_memory.py outputs/<video>/memory_events.json [--top N] [--json]
+    python scripts/benchmark.py memory_events outputs/<video>/memory_events.json [--top N] [--json]
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from utils.errors import run_main  # noqa: E402
-from utils.memory import load_events  # noqa: E402
-from utils.tables import format_table, human_bytes  # noqa: E402
+from utils.errors import run_main
+from utils.memory import load_events
+from utils.tables import format_table, human_bytes
 
 
 def event_rows(events: list[dict]) -> list[tuple]:

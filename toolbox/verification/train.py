@@ -7,16 +7,12 @@ and the optimizer step changes its weights.
 """
 from __future__ import annotations
 
-import os
-import sys
 from dataclasses import replace
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from utils.config import Config, ModelRef, TextEncoderRef, VaeRef  # noqa: E402
-from utils.geometry import Geometry, pixel_frames_for, resolve_recipe  # noqa: E402
+from utils.config import Config, ModelRef, TextEncoderRef, VaeRef
+from utils.geometry import Geometry, pixel_frames_for, resolve_recipe
 
 TINY_MODEL_FOR_CHANNELS = {16: "tiny-t2v", 48: "tiny-ti2v"}
 TINY_TEXT_ENCODER = "tiny-umt5"

@@ -1,6 +1,6 @@
 """Time to first block and frames per second through serve.py (a WebSocket client) vs inference.py, same run.
 
-    python scripts/benchmark_serve.py --config_path configs/miniature/dmd.yaml --checkpoint checkpoints/miniature/teacher
+    python scripts/benchmark.py serve --config_path configs/miniature/dmd.yaml --checkpoint checkpoints/miniature/teacher
         [--num_frames 141] [--repeats 5] [--device cpu]
 
 inference.py's figures come from its inference_record.json (first_block_latency_s, fps: from the start of the
@@ -18,10 +18,9 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from utils.errors import OneLineArgumentParser, UserError, run_main
 
-from utils.errors import OneLineArgumentParser, UserError, run_main  # noqa: E402
+REPO = Path(__file__).resolve().parents[2]
 
 PROMPT = "a red circle moving left on a blue background"
 
@@ -93,7 +92,7 @@ def through_server(args, out: Path) -> list[dict]:
 
 @run_main
 def main(argv: list[str] | None = None) -> int:
-    parser = OneLineArgumentParser(prog="benchmark_serve.py", description=__doc__.splitlines()[0])
+    parser = OneLineArgumentParser(prog="benchmark.py serve", description=__doc__.splitlines()[0])
     parser.add_argument("--config_path", required=True)
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--num_frames", type=int, default=141)

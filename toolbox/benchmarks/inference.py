@@ -8,11 +8,11 @@ Both sides use random weights of the recipe's generator architecture at the reci
     forwards per step), then one full VAE decode; its first frame exists only at the end.
 The text encoder is left out of both (a fixed random context of the model's text_len x text_dim).
 
-    python scripts/benchmark_inference.py --config_path configs/self_forcing_dmd.yaml [--repeats 3] [--json]
-    python scripts/benchmark_inference.py --config_path configs/tiny/self_forcing_dmd.yaml teacher.num_steps=8
-    python scripts/benchmark_inference.py --config_path configs/self_forcing_dmd.yaml --skip_bidirectional \
+    python scripts/benchmark.py inference --config_path configs/self_forcing_dmd.yaml [--repeats 3] [--json]
+    python scripts/benchmark.py inference --config_path configs/tiny/self_forcing_dmd.yaml teacher.num_steps=8
+    python scripts/benchmark.py inference --config_path configs/self_forcing_dmd.yaml --skip_bidirectional \
         --variants sdpa:eager,sdpa:compile,flex:eager --json_out outputs/bench.json
-    python scripts/benchmark_inference.py --config_path configs/self_forcing_dmd_5B.yaml --skip_bidirectional \
+    python scripts/benchmark.py inference --config_path configs/self_forcing_dmd_5B.yaml --skip_bidirectional \
         --variants sdpa:compile:full:inline,sdpa:compile:full:overlap,sdpa:compile:light:inline,sdpa:compile:light:overlap
 
 --variants times the causal side once per item backend:eager|compile[:full|light][:inline|overlap]
@@ -33,13 +33,10 @@ import sys
 import time
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
+import torch
 
-import torch  # noqa: E402
-
-from pipeline.run_options import DTYPES  # noqa: E402
-from scripts.bench_support import (  # noqa: E402
+from pipeline.run_options import DTYPES
+from toolbox.benchmarks.support import (
     SEED,
     RandomTextEncoder,
     device_name,
@@ -48,10 +45,12 @@ from scripts.bench_support import (  # noqa: E402
     reset_peak,
     synchronize,
 )
-from utils.config import Config, load_config, parse_cli  # noqa: E402
-from utils.errors import UserError, run_main  # noqa: E402
-from utils.geometry import ResolvedRecipe, resolve_recipe  # noqa: E402
-from utils.tables import format_table  # noqa: E402
+from utils.config import Config, load_config, parse_cli
+from utils.errors import UserError, run_main
+from utils.geometry import ResolvedRecipe, resolve_recipe
+from utils.tables import format_table
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def bench_causal(config: Config, resolved: ResolvedRecipe, components, device: torch.device, dtype: torch.dtype,
@@ -260,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
         "device": device_name(device), "dtype": str(dtype).removeprefix("torch."), "model": geometry.model,
         "size": f"{geometry.width}x{geometry.height}", "latent_frames": geometry.num_latent_frames,
         "num_frame_per_block": geometry.num_frame_per_block, "num_steps": len(config.rollout.denoising_step_list),
-        "command": " ".join(["python", "scripts/benchmark_inference.py", *(argv if argv is not None else sys.argv[1:])]),
+        "command": " ".join(["python", "scripts/benchmark.py", "inference", *(argv if argv is not None else sys.argv[1:])]),
         "results": [], "skipped": [],
     }
     bench_variants(config, resolved, vae, device, dtype, known, report)

@@ -13,7 +13,7 @@ from model.registry import objective_class
 from utils.config import Config, load_config
 
 Check = tuple[str, "bool | None", str]
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 PROMPTS_HINT = ("a text file of prompts, one per line: the published recipe trained on the VidProM-derived list "
                 "vidprom_filtered_extended.txt (from the Self-Forcing authors' release; VidProM is CC BY-NC 4.0), "
                 "or any prompts of your own")

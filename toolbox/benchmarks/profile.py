@@ -1,6 +1,6 @@
 """Memory and time of a matrix of configurations, one table: base, activation and peak memory, seconds.
 
-    python scripts/profile_matrix.py configs/profile/tiny_inference.yaml [--json]
+    python scripts/benchmark.py profile configs/profile/tiny_inference.yaml [--json]
 
 The matrix file names a recipe, a workload and a list of configurations; each configuration gives a
 dtype and `key=value` overrides of the recipe (attention backend, resolution, frames, text-encoder
@@ -21,15 +21,14 @@ import sys
 import time
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
+import torch
+from omegaconf import OmegaConf
 
-import torch  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
+from pipeline.run_options import DTYPES
+from utils.errors import UserError, run_main
+from utils.tables import format_table, human_bytes
 
-from pipeline.run_options import DTYPES  # noqa: E402
-from utils.errors import UserError, run_main  # noqa: E402
-from utils.tables import format_table, human_bytes  # noqa: E402
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 WORKLOADS = ("inference", "train_step")
 SEED = 0

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from pathlib import Path
 from typing import Callable, Optional
 
 import torch
@@ -204,19 +203,3 @@ def _training_step(config: Config, state: dict, device: torch.device, dtype: tor
     generator.eval().requires_grad_(False)
     name = type(objective).__name__
     return f"{name} loss {float(loss):.4g}, gradients on {len(grads)} tensors, norm {float(norm):.3g}"
-
-
-def format_results(results: list[CheckResult]) -> str:
-    words = {True: "PASS", False: "FAIL", None: "SKIP"}
-    return "\n".join(f"{words[ok]}  {name}: {detail}" for name, ok, detail in results)
-
-
-if __name__ == "__main__":  # direct use: python scripts/verify_all.py <recipe> [ckpt_dir]
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from utils.config import load_config
-
-    results = check_all(load_config(sys.argv[1]), sys.argv[2] if len(sys.argv) > 2 else None)
-    print(format_results(results))
-    sys.exit(0 if all(ok for _, ok, _ in results) else 1)

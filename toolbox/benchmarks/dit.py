@@ -6,26 +6,24 @@ runs forward_cached: the denoising pass (commit=False) and the context pass (com
 it was (the kept frames concatenated with the block's keys in every layer), same run, with the peak
 memory of each forward (CUDA allocator, or sampled process RSS on a CPU).
 
-    python scripts/benchmark_dit.py --config_path configs/self_forcing_dmd_5B.yaml --device cuda --dtype bf16
-    python scripts/benchmark_dit.py --preset wan2.1-t2v-1.3b --latent_height 60 --latent_width 104 --num_frames 21
+    python scripts/benchmark.py dit --config_path configs/self_forcing_dmd_5B.yaml --device cuda --dtype bf16
+    python scripts/benchmark.py dit --preset wan2.1-t2v-1.3b --latent_height 60 --latent_width 104 --num_frames 21
 """
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
+import torch
 
-import torch  # noqa: E402
+from pipeline.run_options import DTYPES
+from utils.errors import UserError, run_main
+from utils.presets import ARCH_FIELDS, load_model_preset
+from wan.modules.attention import describe_backend
+from wan.modules.causal_model import CausalWanModel
+from wan.modules.kv_cache import KVCache
 
-from pipeline.run_options import DTYPES  # noqa: E402
-from utils.errors import UserError, run_main  # noqa: E402
-from utils.presets import ARCH_FIELDS, load_model_preset  # noqa: E402
-from wan.modules.attention import describe_backend  # noqa: E402
-from wan.modules.causal_model import CausalWanModel  # noqa: E402
-from wan.modules.kv_cache import KVCache  # noqa: E402
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 class CopyingKVCache(KVCache):

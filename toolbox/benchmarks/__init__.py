@@ -1,0 +1,1 @@
+"""The benchmarks of scripts/benchmark.py and what they share (support.py)."""

@@ -1,0 +1,1 @@
+"""The checks of scripts/verify.py: plan, vae/text, train and the whole checklist."""
