@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: venv browser test quickstart lint clean-outputs
+.PHONY: venv browser test test-fast quickstart lint clean-outputs
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,8 +24,14 @@ browser:
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends \
 	    chromium fonts-dejavu-core >/dev/null || echo "warning: chromium could not be installed; the page test will fail"; }
 
+# Test files run on TEST_WORKERS processes (one torch thread each; a file's tests stay on one worker, so its
+# module fixtures are built once). test-fast leaves out what is marked slow or distributed: the edit loop.
+TEST_WORKERS ?= 2
 test: venv browser
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+
+test-fast: venv
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow and not distributed"
 
 quickstart: venv
 	$(PY) scripts/quickstart.py
