@@ -84,7 +84,7 @@ TEACHER_FOLDERS = {"bounded": "teacher", "wrap": "teacher_wrap"}
 # ODE pairs per caption in each world's quickstart (each from its own noise seed). The wrapping world's start
 # positions are uniform, so one trajectory per caption under-samples it: with 4 per caption its ODE-init student
 # scored 0.519 instead of 0.270 and its DMD student's last / first long-video segment 0.996 instead of 0.876
-# (docs/BENCHMARKS.md, 2026-11-30). The bounded world keeps 1: its chain meets its checks and the seam goal (1.16x
+# (docs/EXPERIMENTS.md, 2026-11-30). The bounded world keeps 1: its chain meets its checks and the seam goal (1.16x
 # the teacher's; 1.02x with 4 per caption), and 4 would add ~14 minutes of teacher sampling to `make quickstart`.
 ODE_PAIRS_PER_CAPTION = {"bounded": 1, "wrap": 4}
 

@@ -31,7 +31,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 # Clips judged for the report: the judge's 12 captions 4 times over with their own seeds. Per-clip figures vary
 # (seam ratio 0.7-2.1, adherence 0-1 for one model), so a mean of 12 clips moves by about 0.08 with the clips'
-# noise alone; 48 halve that, which a seam goal of 1.2x needs (docs/BENCHMARKS.md, 2026-12-01).
+# noise alone; 48 halve that, which a seam goal of 1.2x needs (docs/EXPERIMENTS.md, 2026-12-01).
 EVAL_CLIPS = 48
 RECIPES = {"ode": "configs/miniature/ode.yaml", "dmd": "configs/miniature/dmd.yaml", "sid": "configs/miniature/sid.yaml",
            "causal_teacher": "configs/miniature/causal_teacher.yaml", "ode_causal": "configs/miniature/ode_causal.yaml"}
@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="the student's step list warped by this shift instead of the recipe's flow.timestep_shift "
                              "(published 5), with the ODE pairs it regresses on kept on that list (ode.shift); the "
                              "causal chain's causal teacher and its training pairs keep the recipe's. Not the published "
-                             "recipe: a lever on the seams at the miniature's size (docs/BENCHMARKS.md); default out "
+                             "recipe: a lever on the seams at the miniature's size (docs/EXPERIMENTS.md); default out "
                              "gets _shiftS")
     parser.add_argument("--eval_clips", type=int, default=None,
                         help=f"evaluation clips judged (the 12 captions of the judge's set, each with further seeds "
