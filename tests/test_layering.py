@@ -58,7 +58,9 @@ def test_the_miniature_world_registers_its_components():
     from utils.geometry import resolve_recipe
     from utils.registry import JUDGES
 
-    recipe = resolve_recipe(load_config(str(Path(REPO_ROOT, "configs/miniature/dmd.yaml"))), check_weights=False)
+    config = load_config(str(Path(REPO_ROOT, "configs/miniature/dmd.yaml")),
+                         ["generator.checkpoint=checkpoints/miniature/teacher"])  # its own init exists after a quickstart
+    recipe = resolve_recipe(config, check_weights=False)
     vae = build_vae(recipe.vae)
     assert type(vae).__module__ == "miniature.vae" and recipe.vae.kind == "miniature"
     judge = JUDGES.get("miniature")()

@@ -1,4 +1,5 @@
 """MemoryProfiler: component increments, phase activations (nested), the events file and its table."""
+import gc
 import json
 
 import pytest
@@ -17,6 +18,7 @@ def _touch(num_bytes: int) -> torch.Tensor:
 
 @pytest.fixture
 def profiler():
+    gc.collect()  # garbage of earlier tests in this process, freed mid-measurement, would hide the increments
     prof = MemoryProfiler(enabled=True, device=torch.device("cpu"))
     yield prof
     prof.close()
