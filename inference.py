@@ -19,13 +19,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from pipeline.causal_inference import (
-    CausalInferencePipeline,
-    check_image,
-    inference_geometry,
-    recipe_for_checkpoint,
-    resolve_generator_weights,
-)
+from pipeline.causal_inference import CausalInferencePipeline, check_request
 from pipeline.components import check_light_decoder
 from pipeline.run_options import DTYPES, MAX_SEED, check_device, default_dtype
 from utils.config import load_config, parse_cli
@@ -34,6 +28,7 @@ from utils.errors import OneLineArgumentParser, UserError, run_main
 from utils.geometry import resolve_recipe
 from utils.io import check_output_folder
 from utils.memory import MemoryProfiler, torch_trace
+from wan.loading import recipe_for_checkpoint, resolve_generator_weights
 
 MEMORY_EVENTS_FILE = "memory_events.json"
 
@@ -93,8 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     elif config.parallel.sp_size > 1:
         raise UserError(f"parallel.sp_size={config.parallel.sp_size} needs that many ranks: launch inference.py with "
                         f"torchrun --nproc_per_node {config.parallel.sp_size}")
-    geometry = inference_geometry(config, resolved, args.num_output_frames)
-    check_image(args.image, config.video.task, geometry)
+    request = check_request(config, resolved, args.image, args.num_output_frames)  # the image read once, here
+    geometry = request.geometry
     resolve_generator_weights(args.checkpoint, args.use_ema, resolved.generator.arch)
     dtype = default_dtype(args.dtype, device)
 
@@ -120,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         with torch_trace(args.trace_path if index == 0 else None, device):
             # prompt i of a prompt file uses seed + i: distinct noise per video, reproducible per line
-            result = pipe.generate(prompt, image=args.image, num_output_frames=args.num_output_frames, seed=args.seed + index)
+            result = pipe.generate(prompt, request=request, seed=args.seed + index)
         if groups is not None and not groups.writer:
             continue
         folder = save_result(result, args.output_folder, parameters, fps=config.video.fps, save_latents=args.save_latents)

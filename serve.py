@@ -58,17 +58,13 @@ def main(argv: list[str] | None = None) -> int:
     # 1. Every input checked before loading.
     from pathlib import Path
 
-    from pipeline.causal_inference import (
-        CausalInferencePipeline,
-        max_pixel_frames,
-        recipe_for_checkpoint,
-        resolve_generator_weights,
-    )
+    from pipeline.causal_inference import CausalInferencePipeline
     from pipeline.components import check_light_decoder
     from pipeline.run_options import check_device, default_dtype
     from utils.config import load_config
-    from utils.geometry import pixel_frames_for, resolve_recipe
+    from utils.geometry import max_pixel_frames, pixel_frames_for, resolve_recipe
     from utils.io import check_output_folder
+    from wan.loading import recipe_for_checkpoint, resolve_generator_weights
 
     if args.max_active < 1:
         raise UserError(f"--max_active {args.max_active}: expected at least 1 stream")

@@ -18,12 +18,12 @@ that is -1, the window the model was trained on) with `rollout.sink_size` sink f
 """
 from __future__ import annotations
 
-import dataclasses
+import contextlib
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 from torch import Tensor
@@ -39,140 +39,54 @@ from pipeline.components import (
     text_encoder_device,
 )
 from pipeline.flow_matching import few_step_timesteps
+from pipeline.rollout import ForwardPass
 from utils.config import Config
 from utils.errors import UserError
-from utils.geometry import Geometry, ResolvedRecipe, frames_to_make, geometry_for, pixel_frames_for
+from utils.geometry import Geometry, ResolvedRecipe, inference_geometry
 from utils.memory import MemoryProfiler, current_bytes, lifetime_peak_bytes
-from utils.presets import ARCH_FIELDS, dit_folder, read_checkpoint_config
 from utils.temporal import temporal_report
-from wan.modules.rope import ROPE_MAX_POSITIONS
+from wan.loading import resolve_generator_weights
 
-GENERATOR_FILE = "generator.safetensors"  # the trainer's export names
-GENERATOR_EMA_FILE = "generator_ema.safetensors"
-ARCH_KEYS_CHECKED = ("dim", "num_heads", "num_layers", "in_dim", "out_dim", "ffn_dim", "patch_size", "text_dim")
-
-PixelCallback = Callable[[int, Tensor], None]  # (block index, pixels [1, t, 3, H, W] in [-1, 1])
+PixelCallback = Callable[[int, Tensor], None]  # (block index, pixels [1, t, 3, H, W] in [-1, 1], float32 on the CPU)
 
 
 # --------------------------------------------------------------------------------------------- inputs
 @dataclass(frozen=True)
-class GeneratorWeights:
-    """Where the generator's weights come from: a weights file or an official folder, and its architecture."""
+class CheckedRequest:
+    """A request checked once, before any work, into what generation needs; it travels from the check (the CLI
+    before loading, the server at admission) to `generate`, which checks nothing again."""
 
-    path: Optional[Path]  # None: the recipe's generator (its checkpoint, or a seeded random init)
-    arch: dict
-
-
-def resolve_generator_weights(checkpoint: str | Path | None, use_ema: bool, recipe_arch: dict) -> GeneratorWeights:
-    """Pick the weights file of a checkpoint (the trainer's <logdir>/latest/ folder or a file); checks only paths.
-
-    A folder with generator(.ema).safetensors is a trainer export; any other folder is an official
-    one (config.json + weights). A config.json beside the weights must agree with the recipe's generator.
-    """
-    if checkpoint is None:
-        if use_ema:
-            raise UserError("--use_ema needs --checkpoint: a trainer export folder holding generator_ema.safetensors")
-        return GeneratorWeights(None, recipe_arch)
-    path = Path(checkpoint)
-    if not path.exists():
-        raise UserError(f"checkpoint {path} does not exist: expected a trainer export folder or a weights file")
-    if path.is_dir():
-        wanted = path / (GENERATOR_EMA_FILE if use_ema else GENERATOR_FILE)
-        if use_ema and not wanted.is_file():
-            raise UserError(f"--use_ema: {wanted} not found (the run kept no EMA weights)")
-        folder, file = path, (wanted if wanted.is_file() else path)
-    else:
-        if use_ema:
-            raise UserError(f"--use_ema picks {GENERATOR_EMA_FILE} inside a folder, but checkpoint {path} is a file")
-        folder, file = path.parent, path
-    folder = dit_folder(folder)  # a diffusers pipeline root: its transformer/
-    if (folder / "config.json").is_file():
-        found = read_checkpoint_config(folder)
-        mismatched = [k for k in ARCH_KEYS_CHECKED if list_like(found[k]) != list_like(recipe_arch[k])]
-        if mismatched:
-            key = mismatched[0]
-            raise UserError(
-                f"checkpoint {folder}/config.json has {key}={found[key]} but the recipe's generator has {recipe_arch[key]}: "
-                "use the recipe the checkpoint was trained with"
-            )
-    arch = {k: recipe_arch[k] for k in ARCH_FIELDS}
-    # A folder without a trainer file is an official folder: load_pretrained reads its own config.json.
-    return GeneratorWeights(file, arch)
+    geometry: Geometry  # of the frames made: whole blocks
+    kept: int  # pixel frames kept, streamed and returned (the first `kept` of those made)
+    image: Optional[str]  # the first-frame image as named (for the record)
+    first_frame: Optional[Tensor]  # [3, H, W] in [-1, 1]: the image, read, resized and cropped once
 
 
-def recipe_for_checkpoint(config: Config, checkpoint: str | Path | None) -> Config:
-    """The recipe as run with --checkpoint, which replaces the generator's weights.
-
-    A recipe whose generator is named by a checkpoint that is absent here (the training run's initialisation,
-    e.g. an ODE-init export that exists only where that run was made) takes the architecture from the given
-    checkpoint instead. When the recipe's checkpoint exists, its architecture stays the recipe's, and a
-    --checkpoint of another model is refused against it.
-    """
-    if checkpoint is None or config.generator.checkpoint is None or Path(config.generator.checkpoint).exists():
-        return config
-    path = Path(checkpoint)
-    if not path.exists():
-        raise UserError(f"checkpoint {path} does not exist: expected a trainer export folder or a weights file")
-    return dataclasses.replace(config, generator=dataclasses.replace(config.generator, checkpoint=str(path)))
+def check_request(config: Config, resolved: ResolvedRecipe, image: str | Path | None = None,
+                  num_output_frames: Optional[int] = None) -> CheckedRequest:
+    """Everything about a request that can be wrong (frame count, image), checked without any model loaded."""
+    geometry = inference_geometry(config, resolved, num_output_frames)
+    pixels = check_image(image, config.video.task, geometry)
+    return CheckedRequest(geometry, num_output_frames or config.video.num_frames,
+                          None if image is None else str(image), pixels)
 
 
-def list_like(value: object) -> object:
-    return list(value) if isinstance(value, (list, tuple)) else value
-
-
-def inference_geometry(config: Config, resolved: ResolvedRecipe, num_output_frames: Optional[int]) -> Geometry:
-    """Geometry of an output video of `num_output_frames` pixel frames (None: the recipe's), cache window included.
-
-    Any count from 1 to max_pixel_frames: the geometry is of the frames made (frames_to_make), whole blocks.
-    Raises UserError for a count out of range: call it before loading anything.
-    """
-    asked = num_output_frames or config.video.num_frames
-    if asked < 1:
-        raise UserError(f"--num_output_frames {asked}: expected a positive number of pixel frames")
-    stride = resolved.vae.stride[0]
-    longest = max_pixel_frames(config, stride)
-    if asked > longest:  # frame positions are absolute: past the RoPE table the generator cannot place a frame
-        raise UserError(f"--num_output_frames {asked}: at most {longest} pixel frames (the RoPE position table holds "
-                        f"{ROPE_MAX_POSITIONS} latent frames)")
-    frames = frames_to_make(asked, stride, config.video.num_frame_per_block, config.rollout.independent_first_frame)
-    rollout = config.rollout
-    if rollout.local_attn_size == -1 and frames > config.video.num_frames:
-        # Global attention means "everything the model was trained to see"; beyond that the cache rolls.
-        trained = resolved.geometry.num_latent_frames
-        if rollout.sink_size >= trained:
-            raise UserError(f"rollout.sink_size={rollout.sink_size} leaves no room in the {trained}-frame cache window")
-        rollout = dataclasses.replace(rollout, local_attn_size=trained)
-        config = dataclasses.replace(config, rollout=rollout)
-    try:
-        return geometry_for(config, resolved.generator, resolved.vae, num_frames=frames)
-    except UserError as err:
-        raise UserError(f"--num_output_frames {asked}: {err}") from None
-
-
-def max_pixel_frames(config: Config, temporal_stride: int) -> int:
-    """The longest video the generator can place: whole blocks within the RoPE table's frame positions."""
-    block = config.video.num_frame_per_block
-    if config.rollout.independent_first_frame:
-        latent = 1 + (ROPE_MAX_POSITIONS - 1) // block * block
-    else:
-        latent = ROPE_MAX_POSITIONS // block * block
-    return pixel_frames_for(latent, temporal_stride)
-
-
-def check_image(image: str | Path | None, task: str, geometry: Geometry) -> None:
+def check_image(image: str | Path | None, task: str, geometry: Geometry) -> Optional[Tensor]:
     """A student does what it learnt: a TI2V student needs a readable first-frame image, and a text-to-video one
-    (video.task t2v) takes none: started from an image it would run a conditioning it never trained on."""
+    (video.task t2v) takes none: started from an image it would run a conditioning it never trained on.
+    Returns the image's pixels [3, H, W] in [-1, 1] at the output size (None without an image)."""
     from utils.datasets import load_image
 
     if image is None:
         if task == "ti2v":
             raise UserError("video.task is ti2v: give the first frame with --image")
-        return
-    load_image(image, geometry.height, geometry.width)  # opening it is cheap; a bad file fails here, before work
+        return None
+    pixels = load_image(image, geometry.height, geometry.width)  # a bad file fails here, before work
     if task != "ti2v":
         raise UserError(f"this student learnt text-to-video only (its recipe's video.task is {task}), so it does not "
                         "start from an image: leave --image out, or distil an image-to-video student (video.task: "
                         "ti2v)")
+    return pixels
 
 
 # --------------------------------------------------------------------------------------------- result
@@ -283,17 +197,12 @@ class CausalInferencePipeline:
         """Whether requests may (and must) give a first frame: the student learnt image-to-video."""
         return self.config.video.task == "ti2v"
 
-    def check_request(self, image: str | Path | None = None, num_output_frames: Optional[int] = None) -> Geometry:
-        """Everything about a request that can be wrong, checked before any work."""
-        geometry = inference_geometry(self.config, self.resolved, num_output_frames)
-        check_image(image, self.config.video.task, geometry)
-        return geometry
+    def check_request(self, image: str | Path | None = None, num_output_frames: Optional[int] = None) -> CheckedRequest:
+        """Everything about a request that can be wrong, checked before any work (see `check_request`)."""
+        return check_request(self.config, self.resolved, image, num_output_frames)
 
-    def encode_first_frame(self, image: Path, geometry: Geometry) -> Tensor:
-        """The image resized to cover the output size, centre-cropped, encoded: a clean latent [1, 1, C, h, w]."""
-        from utils.datasets import load_image
-
-        pixels = load_image(str(image), geometry.height, geometry.width)  # [3, H, W] in [-1, 1]
+    def encode_first_frame(self, pixels: Tensor) -> Tensor:
+        """The first-frame pixels [3, H, W] (already at the output size), encoded: a clean latent [1, 1, C, h, w]."""
         video = pixels[None, :, None].to(self.device, self.vae.dtype)  # [1, 3, T=1, H, W]
         return self.vae.encode_to_latent(video).float()
 
@@ -307,8 +216,11 @@ class CausalInferencePipeline:
         seed: int = 0,
         on_block: Optional[PixelCallback] = None,
         prompt_switch: Optional[Callable[[int], Optional[tuple[str, bool]]]] = None,
+        request: Optional[CheckedRequest] = None,
     ) -> InferenceResult:
         """One video for `prompt`; `on_block(index, pixels)` sees each block's pixels as soon as they exist.
+
+        `request`: the image and frame count as already checked (check_request); without it they are checked here.
 
         prompt_switch(index) -> (new prompt, recache) or None is asked before each block after the first: the
         new prompt applies from that block on (streaming); every switch taken is listed in the result.
@@ -317,8 +229,9 @@ class CausalInferencePipeline:
         from wan.modules.kv_cache import KVCache
         from wan.modules.sequence_parallel import sp_size_of
 
-        geometry = self.check_request(image, num_output_frames)
-        kept = num_output_frames or self.config.video.num_frames  # the frames made are whole blocks; these are kept
+        if request is None:
+            request = self.check_request(image, num_output_frames)
+        geometry, kept = request.geometry, request.kept  # the frames made are whole blocks; `kept` of them are kept
         task = self.config.video.task  # check_request: an image exactly when the student learnt ti2v
         profiler = self.profiler
         if self.device.type == "cuda" and not profiler.enabled:
@@ -329,7 +242,7 @@ class CausalInferencePipeline:
             # 1. Text (and first frame).
             with profiler.phase("text_encode"):
                 context = self.text_encoder.encode([prompt]).to(self.device, self.dtype)
-                first_frame = self.encode_first_frame(Path(image), geometry) if image is not None else None
+                first_frame = self.encode_first_frame(request.first_frame) if request.first_frame is not None else None
             timings["text_encode_s"] = self._clock() - start
 
             # 2. Noise from a CPU generator (the same seed gives the same start on any device); the rollout's
@@ -356,11 +269,11 @@ class CausalInferencePipeline:
 
             with profiler.phase("rollout"), stream:
                 output = rollout.run(
-                    stream.wrap(self.generator), noise, context, first_frame=first_frame, kv_cache=kv_cache,
-                    on_block=stream.on_block, noise_generator=renoise, prompt_switch=switch_hook,
+                    self.generator, noise, context, first_frame=first_frame, kv_cache=kv_cache,
+                    on_block=stream.on_block, noise_generator=renoise, prompt_switch=switch_hook, on_pass=stream.on_pass,
                 )
                 stream.finish()  # the last block's decode, when it runs beside
-            made = torch.cat(stream.pixels, dim=1)[0].float().cpu()
+            made = torch.cat(stream.pixels, dim=1)[0]
             video = made[:kept]
         total_s = self._clock() - start
         if not bool(torch.isfinite(output.latents).all()):
@@ -378,7 +291,7 @@ class CausalInferencePipeline:
         temporal = temporal_report(made, geometry.block_sizes, geometry.vae_stride[0],
                                    segment_frames=self.resolved.geometry.num_pixel_frames)
         return InferenceResult(
-            prompt=prompt, task=task, seed=seed, image=None if image is None else str(image), video=video,
+            prompt=prompt, task=task, seed=seed, image=request.image, video=video,
             latents=output.latents.float().cpu(), geometry=geometry, nfe=output.nfe, timings=timings, memory=memory,
             temporal=temporal, prompt_switches=switches,
         )
@@ -388,7 +301,7 @@ class _StreamingDecode:
     """The rollout's hooks: decode each finished block, time denoising and decoding apart, name memory phases.
 
     The rollout emits a block (on_block) before its context pass, so each block's context pass is
-    measured on its own (the generator proxy below) and booked to that block, not to the next one.
+    measured on its own (the rollout says which pass runs: on_pass) and booked to that block, not to the next one.
     With overlap (pipe.overlap_decode, not while profiling memory phases), the first block is decoded at once
     and each later one is handed to one worker thread that decodes the blocks in order, on its own CUDA
     stream after the block's latents are ready, while the rollout goes on; a failure there (a stopped
@@ -411,7 +324,6 @@ class _StreamingDecode:
         self._side = torch.cuda.Stream(pipe.device) if overlap and pipe.device.type == "cuda" else None
         self._pending: list[Future] = []
         self._mark = pipe._clock()
-        self._step = 0
 
     def __enter__(self) -> "_StreamingDecode":
         return self
@@ -436,7 +348,7 @@ class _StreamingDecode:
                 ready = torch.cuda.Event()
                 ready.record()  # on the rollout's stream: the block's latents are final there
             self._pending.append(self._worker.submit(self._decode_beside, block_index, latents, ready))
-        self._mark, self._step = self.pipe._clock(), 0
+        self._mark = self.pipe._clock()
 
     def finish(self) -> None:
         """Wait for every block handed to the worker; raise the first failure."""
@@ -468,32 +380,25 @@ class _StreamingDecode:
         self.decode_s += done - started
         if self.first_block_latency_s is None:
             self.first_block_latency_s = done - self.start
-        self.pixels.append(pixels.float().cpu())
+        pixels = pixels.float().cpu()  # the block's one copy to the host, shared by the result and the callback
+        self.pixels.append(pixels)
         shown = pixels[:, :self.left_to_show]
         self.left_to_show -= shown.shape[1]
         if self.on_pixels is not None and shown.shape[1]:
             self.on_pixels(block_index, shown)
 
-    def forward(self, generator: torch.nn.Module, commit: bool, *args, **kwargs) -> Tensor:
-        """One generator forward as a named memory phase; context passes (commit=True) are timed."""
-        # a commit after the emitted block's own context pass re-caches for a prompt switch: it belongs to the
-        # next block's time, like its denoising steps
+    @contextlib.contextmanager
+    def on_pass(self, which: ForwardPass) -> Iterator[None]:
+        """Around each generator forward: a named memory phase; context passes timed and booked to their block."""
         if self._pending:  # a decode beside failed (a stopped stream): stop at this step, not at the next block
             self._raise_failure(wait=False)
-        emitted = len(self.until_block_s)  # blocks emitted so far (their pixels may still be decoding beside)
-        recache = commit and len(self.context_pass_s) >= emitted
-        if recache:
-            name = f"block_{emitted}/recache"
-        elif commit:  # the context pass of the block emitted last
-            name = f"block_{emitted - 1}/context_pass"
-        else:
-            name, self._step = f"block_{emitted}/step_{self._step}", self._step + 1
-        start = self.pipe._clock() if commit else 0.0
+        name = {"step": f"block_{which.block}/step_{which.step}", "context": f"block_{which.block}/context_pass",
+                "recache": f"block_{which.block}/recache"}[which.kind]
+        start = self.pipe._clock() if which.kind == "context" else 0.0
         with self.profiler.phase(name):
-            flow = generator.forward_cached(*args, commit=commit, **kwargs)
-        if commit and not recache:
+            yield
+        if which.kind == "context":
             self.context_pass_s.append(self.pipe._clock() - start)
-        return flow
 
     def timings(self) -> dict:
         # until_block[i] holds block i's steps plus block i-1's context pass: move that one back.
@@ -507,19 +412,3 @@ class _StreamingDecode:
             "vae_decode_s": self.decode_s,
             "first_block_latency_s": self.first_block_latency_s,
         }
-
-    def wrap(self, generator: torch.nn.Module) -> "_ObservedGenerator":
-        return _ObservedGenerator(generator, self)
-
-
-class _ObservedGenerator:
-    """Delegates to the generator; routes forward_cached through the stream's timing and memory phases."""
-
-    def __init__(self, generator: torch.nn.Module, stream: _StreamingDecode):
-        self._generator, self._stream = generator, stream
-
-    def __getattr__(self, name: str):
-        return getattr(self._generator, name)
-
-    def forward_cached(self, *args, commit: bool, **kwargs) -> Tensor:
-        return self._stream.forward(self._generator, commit, *args, **kwargs)

@@ -170,6 +170,7 @@ class BlockRollout:
         on_block: Optional[BlockCallback] = None,
         noise_generator: Optional[torch.Generator] = None,
         prompt_switch: Optional[PromptSwitchHook] = None,
+        on_pass: Optional[PassHook] = None,
     ) -> RolloutOutput:
         """Roll out noise [B, F, C, H, W] into clean latents, block by block.
 
@@ -182,6 +183,8 @@ class BlockRollout:
         on_block(index, latents [B, f, C, H, W]) is called as soon as a block is final (streaming decode).
         noise_generator: RNG of the fresh re-noising noise (default: the global one).
         prompt_switch(index) -> PromptSwitch or None, asked before every block after the first (inference).
+        on_pass(ForwardPass) -> a context manager entered around each generator forward, told which pass it is
+            (inference's timing and memory phases).
         """
         # 1. Validate and plan the blocks; inference exits every block at the last step, without gradient.
         if noise.ndim != 5:
@@ -197,7 +200,7 @@ class BlockRollout:
             kv_cache = KVCache.from_geometry(self.geometry, noise.shape[0], dtype=self.cache_dtype or noise.dtype,
                                              device=noise.device, sp_size=sp_size_of(generator))
         kv_cache.reset()
-        shared = _Forward(generator, context, kv_cache, noise_generator)
+        shared = _Forward(generator, context, kv_cache, noise_generator, on_pass)
         with torch.no_grad() if inference else contextlib.nullcontext():
             return self._roll(shared, noise, blocks, exit_steps, grad_from_frame, first_frame, on_block, prompt_switch,
                               given_blocks)
@@ -232,7 +235,7 @@ class BlockRollout:
             if switch is not None:
                 shared.context = switch.context
                 if switch.recache:
-                    nfe += self._recache(shared, outputs, blocks[:index], clean_frames)
+                    nfe += self._recache(shared, outputs, blocks[:index], clean_frames, index)
             # 3. Frames held clean at t = 0 (the TI2V first frame): mask 0 there, 1 elsewhere.
             holds_first_frame = first_frame is not None and start == 0
             mask = torch.ones(batch, size, dtype=torch.float32, device=noise.device)
@@ -246,28 +249,30 @@ class BlockRollout:
             else:
                 keep_grad = grad_allowed and start >= grad_from_frame
                 held = first_frame if holds_first_frame else None
-                block = self._denoise_block(shared, noise[:, frames], start, mask, exit_steps[index], keep_grad, held)
+                block = self._denoise_block(shared, noise[:, frames], start, mask, exit_steps[index], keep_grad, held,
+                                            index)
                 nfe += exit_steps[index] + 1
                 exit_timesteps[:, frames] = timesteps[exit_steps[index]] * mask
             outputs.append(block)
             if on_block is not None:
                 on_block(index, block)
             # 4. Context pass: write the finished block's K/V into the cache (no gradient, detached).
-            self._context_pass(shared, block, start, mask)
+            self._context_pass(shared, block, start, mask, ForwardPass("context", index))
             nfe += 1
             start += size
         return RolloutOutput(latents=torch.cat(outputs, dim=1), exit_timesteps=exit_timesteps, nfe=nfe)
 
-    def _context_pass(self, shared: "_Forward", block: Tensor, start: int, mask: Tensor) -> None:
+    def _context_pass(self, shared: "_Forward", block: Tensor, start: int, mask: Tensor, which: ForwardPass) -> None:
         """Write a finished block's K/V into the cache at the context timestep (no gradient, detached)."""
         with torch.no_grad():
             context_t = self.context_noise * mask
             block_in = block.detach()
             if self.context_noise > 0:
                 block_in = add_noise(block_in, shared.fresh_noise(block_in), context_t, self.num_train_timesteps)
-            shared.flow(block_in, context_t, start, commit=True)
+            shared.flow(block_in, context_t, start, commit=True, which=which)
 
-    def _recache(self, shared: "_Forward", outputs: list[Tensor], blocks: Sequence[int], clean_frames: int) -> int:
+    def _recache(self, shared: "_Forward", outputs: list[Tensor], blocks: Sequence[int], clean_frames: int,
+                 before_block: int) -> int:
         """Re-run the context passes of the frames the cache holds under shared.context; returns the forwards.
 
         The frames kept (sink and recent window) are recommitted at their own positions, per original block.
@@ -282,7 +287,8 @@ class BlockRollout:
                 first, count = frames[0], len(frames)
                 mask = torch.ones(clean.shape[0], count, dtype=torch.float32, device=clean.device)
                 mask[:, : max(0, clean_frames - first)] = 0.0  # given frames (TI2V frame, given blocks) stay clean
-                self._context_pass(shared, clean[:, first:first + count], first, mask)
+                self._context_pass(shared, clean[:, first:first + count], first, mask,
+                                   ForwardPass("recache", before_block))
                 passes += 1
             start += size
         return passes
@@ -296,13 +302,14 @@ class BlockRollout:
         exit_step: int,
         keep_grad: bool,
         clean_head: Optional[Tensor],
+        block_index: int,
     ) -> Tensor:
         """Steps 0..exit_step of one block; only the exit step may keep gradient. Returns the block's x0."""
         x = block_noise if clean_head is None else torch.cat([clean_head.to(block_noise.dtype), block_noise[:, 1:]], dim=1)
         for step in range(exit_step + 1):
             step_t = self.timestep_values[step] * mask
             with torch.set_grad_enabled(keep_grad and step == exit_step):
-                flow = shared.flow(x, step_t, start, commit=False)
+                flow = shared.flow(x, step_t, start, commit=False, which=ForwardPass("step", block_index, step))
                 x0 = predict_x0(x, flow, step_t, self.num_train_timesteps)
                 if clean_head is not None:
                     x0 = torch.cat([clean_head.to(x0.dtype), x0[:, 1:]], dim=1)
@@ -330,6 +337,19 @@ class PromptSwitch:
 PromptSwitchHook = Callable[[int], Optional[PromptSwitch]]
 
 
+@dataclass(frozen=True)
+class ForwardPass:
+    """Which generator forward of a rollout is running: a denoising step of a block, the context pass that writes a
+    finished block into the cache, or a recache of held frames under a switched prompt (before block `block`)."""
+
+    kind: str  # "step", "context" or "recache"
+    block: int
+    step: int = 0  # the denoising step's index (kind "step")
+
+
+PassHook = Callable[[ForwardPass], contextlib.AbstractContextManager]  # entered around each generator forward
+
+
 @dataclass
 class _Forward:
     """What every generator forward of one rollout shares: the model, the text, the cache and the noise RNG."""
@@ -338,9 +358,12 @@ class _Forward:
     context: Tensor
     kv_cache: KVCache
     noise_generator: Optional[torch.Generator]
+    on_pass: Optional[PassHook] = None
 
-    def flow(self, x: Tensor, timestep: Tensor, start_frame: int, commit: bool) -> Tensor:
-        return self.generator.forward_cached(x, timestep, self.context, self.kv_cache, start_frame, commit=commit)
+    def flow(self, x: Tensor, timestep: Tensor, start_frame: int, commit: bool, which: ForwardPass) -> Tensor:
+        around = self.on_pass(which) if self.on_pass is not None else contextlib.nullcontext()
+        with around:
+            return self.generator.forward_cached(x, timestep, self.context, self.kv_cache, start_frame, commit=commit)
 
     def fresh_noise(self, like: Tensor) -> Tensor:
         return torch.randn(like.shape, generator=self.noise_generator, dtype=like.dtype, device=like.device)

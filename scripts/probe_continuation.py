@@ -62,11 +62,12 @@ def main(argv: list[str] | None = None) -> int:
     from miniature.judge import eval_prompts, score_clip
     from miniature.report import TeacherSampler
     from miniature.world import TEACHER_FOLDERS, parse_caption, world_named
-    from pipeline.causal_inference import CausalInferencePipeline, recipe_for_checkpoint
+    from pipeline.causal_inference import CausalInferencePipeline
     from utils.config import load_config
     from utils.geometry import resolve_recipe
     from utils.tables import format_table
     from utils.temporal import temporal_report
+    from wan.loading import recipe_for_checkpoint
 
     if args.world != "bounded":
         teacher = REPO_ROOT / "checkpoints" / "miniature" / TEACHER_FOLDERS[args.world]

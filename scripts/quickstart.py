@@ -113,10 +113,11 @@ def student_pipeline(recipe: str, checkpoint: Path, overrides: list[str], use_em
     """The student as inference.py loads it (recipe, key=value overrides, checkpoint, dtype), in this process."""
     import torch
 
-    from pipeline.causal_inference import CausalInferencePipeline, recipe_for_checkpoint
+    from pipeline.causal_inference import CausalInferencePipeline
     from pipeline.run_options import default_dtype
     from utils.config import load_config
     from utils.geometry import resolve_recipe
+    from wan.loading import recipe_for_checkpoint
 
     device = torch.device("cpu")
     config = recipe_for_checkpoint(load_config(REPO_ROOT / recipe, overrides), checkpoint)

@@ -20,7 +20,7 @@ import sys
 
 import torch
 
-from pipeline.causal_inference import CausalInferencePipeline, recipe_for_checkpoint, resolve_generator_weights
+from pipeline.causal_inference import CausalInferencePipeline
 from pipeline.run_options import DTYPES, check_device, default_dtype
 from trainer.light_decoder import CHECKPOINT_FILE, DistillSettings, build_bank, evaluate, export, stages_for, train
 from utils.config import load_config, parse_cli
@@ -28,6 +28,7 @@ from utils.datasets import read_text_lines
 from utils.errors import OneLineArgumentParser, UserError, run_main
 from utils.geometry import resolve_recipe
 from utils.io import check_output_folder
+from wan.loading import recipe_for_checkpoint, resolve_generator_weights
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:

@@ -21,9 +21,12 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from utils.errors import UserError
+
+if TYPE_CHECKING:
+    from pipeline.causal_inference import CheckedRequest
 
 log = logging.getLogger("serve")
 
@@ -46,6 +49,7 @@ class JobRequest:
     seed: int = 0
     num_frames: Optional[int] = None
     image_path: Optional[Path] = None  # a temporary file holding the decoded first-frame image
+    checked: Optional[CheckedRequest] = None  # frame count and image as checked at admission; generation reuses it
 
 
 @dataclass
@@ -133,7 +137,7 @@ class JobManager:
             raise UserError(f"num_frames {num_frames}: expected 1..{self.max_frames} pixel frames")
         image_path = decode_image(image, self.uploads) if image else None
         try:
-            self.pipe.check_request(image_path, num_frames)  # frame counts that fit the blocks, a readable image
+            checked = self.pipe.check_request(image_path, num_frames)  # frame counts that fit the blocks, the image read
         except UserError as err:
             if image_path is None:
                 raise
@@ -141,7 +145,7 @@ class JobManager:
             # the client never saw the server's temporary file: name what it sent instead
             raise UserError(str(err).replace(f"image {image_path}", "the uploaded image")
                             .replace(str(image_path), "the uploaded image")) from None
-        return JobRequest(prompt=prompt, seed=seed, num_frames=num_frames, image_path=image_path)
+        return JobRequest(prompt=prompt, seed=seed, num_frames=num_frames, image_path=image_path, checked=checked)
 
     def submit(self, request: JobRequest, listener: Optional[tuple] = None) -> Job:
         """Queue a checked request; `listener` (loop, queue) hears every event from the first one on."""
@@ -210,8 +214,8 @@ class JobManager:
         request = job.request
         job.started_at = time.perf_counter()
         try:
-            geometry = self.pipe.check_request(request.image_path, request.num_frames)
-            kept = request.num_frames or self.pipe.config.video.num_frames  # made in whole blocks, these are sent
+            checked = request.checked or self.pipe.check_request(request.image_path, request.num_frames)
+            geometry, kept = checked.geometry, checked.kept  # made in whole blocks, `kept` of them are sent
             job.num_blocks = len(geometry.block_sizes)
             job.publish({"type": "started", "job_id": job.id, "num_blocks": job.num_blocks,
                          "num_frames": kept, "width": geometry.width, "height": geometry.height,
@@ -239,8 +243,8 @@ class JobManager:
                     job.publish({"type": "prompt_switched", "block": index, "prompt": asked[0], "recache": asked[1]})
                 return asked
 
-            result = self.pipe.generate(request.prompt, image=request.image_path, num_output_frames=request.num_frames,
-                                        seed=request.seed, on_block=on_block, prompt_switch=prompt_switch)
+            result = self.pipe.generate(request.prompt, request=checked, seed=request.seed, on_block=on_block,
+                                        prompt_switch=prompt_switch)
             parameters = {**self.parameters, "seed": request.seed, "num_output_frames": kept,
                           "image": None if request.image_path is None else "uploaded"}
             job.folder = save_result(result, self.output_folder, parameters, fps=self.pipe.config.video.fps)

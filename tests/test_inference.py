@@ -194,7 +194,7 @@ def test_ti2v_keeps_the_encoded_first_frame(pipe, image_path, recipe):
     student = CausalInferencePipeline(ti2v, resolved, "cpu", torch.float32, components=InferenceComponents(
         text_encoder=pipe.text_encoder, vae=pipe.vae, generator=pipe.generator))
     result = student.generate(PROMPT, image=image_path, seed=2)
-    encoded = student.encode_first_frame(image_path, result.geometry)
+    encoded = student.encode_first_frame(student.check_request(image_path).first_frame)
     assert result.task == "ti2v"
     assert torch.equal(result.latents[:, :1], encoded)
     assert not torch.allclose(result.latents[:, 1:2], encoded)
@@ -357,3 +357,14 @@ def test_two_ranks_with_sequence_parallelism_make_the_same_video(tmp_path, check
     proc = run_script(["inference.py", *args, "--output_folder", str(tmp_path / "alone"), "parallel.sp_size=2"])
     assert_one_line_error(proc, "parallel.sp_size=2 needs that many ranks", "torchrun --nproc_per_node 2")
     assert not (tmp_path / "alone").exists()
+
+
+def test_a_checked_request_is_not_checked_again(pipe, monkeypatch):
+    """generate with a checked request reads nothing again: the geometry and the image travel with it."""
+    import pipeline.causal_inference as causal_inference
+
+    request = pipe.check_request(num_output_frames=5)
+    calls = []
+    monkeypatch.setattr(causal_inference, "inference_geometry", lambda *a, **k: calls.append(a))
+    result = pipe.generate(PROMPT, request=request, seed=1)
+    assert calls == [] and result.video.shape[0] == 5 and result.geometry == request.geometry

@@ -9,9 +9,9 @@ from safetensors import safe_open
 from miniature.judge import eval_prompts, score_clip
 from miniature.vae import LATENT_STD_FLOOR, MiniatureVAE, latent_statistics, temporal_polynomial_basis
 from miniature.world import DEFAULT_WORLD, TEACHER_FOLDERS, all_captions, parse_caption, render, vocabulary
-from pipeline.causal_inference import list_like
 from utils.errors import UserError
 from utils.presets import ARCH_FIELDS, read_checkpoint_config
+from wan.loading import list_like
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = REPO_ROOT / "configs" / "miniature"

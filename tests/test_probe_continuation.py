@@ -17,10 +17,11 @@ STUDENT = "checkpoints/miniature/teacher"
 def test_rows_match_the_teacher_sampler_and_inference(tmp_path):
     from miniature.judge import eval_prompts
     from miniature.report import TeacherSampler
-    from pipeline.causal_inference import CausalInferencePipeline, recipe_for_checkpoint
+    from pipeline.causal_inference import CausalInferencePipeline
     from utils.config import load_config
     from utils.geometry import resolve_recipe
     from utils.temporal import temporal_report
+    from wan.loading import recipe_for_checkpoint
 
     out = tmp_path / "probe.json"
     result = run_script(["scripts/probe_continuation.py", "--config_path", RECIPE, "--checkpoint", STUDENT,

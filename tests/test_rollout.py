@@ -293,3 +293,33 @@ def test_a_bf16_cache_under_mixed_precision_changes_nothing_and_halves_the_cache
     assert all(torch.equal(x, y) for x, y in zip(grads_a, grads_b))
     cache = KVCache.from_geometry(geometry, 1, bf16.cache_dtype, "cpu")
     assert cache.keys.element_size() == 2
+
+
+def test_the_pass_hook_names_every_forward_as_it_runs():
+    """on_pass is entered around each forward, told its kind: the steps of a block, its context pass, a recache."""
+    import contextlib
+
+    from pipeline.rollout import PromptSwitch
+
+    config, geometry, model = setup()
+    rollout = BlockRollout.from_config(config, geometry)
+    noise, context = inputs(geometry)
+    spy, seen = Spy(model), []
+
+    @contextlib.contextmanager
+    def on_pass(which):
+        before = len(spy.calls)
+        yield
+        assert len(spy.calls) == before + 1  # exactly one forward inside
+        seen.append((which.kind, which.block, which.step, spy.calls[-1]["commit"]))
+
+    def switch(index):
+        return PromptSwitch(torch.randn_like(context), recache=True) if index == 1 else None
+
+    output = rollout.run(spy, noise, context, on_pass=on_pass, prompt_switch=switch)
+    steps = rollout.num_steps
+    expected = [("step", 0, s, False) for s in range(steps)] + [("context", 0, 0, True)]
+    expected += [("recache", 1, 0, True)]  # the first block's frames, re-encoded under the new prompt
+    for block in range(1, geometry.num_blocks):
+        expected += [("step", block, s, False) for s in range(steps)] + [("context", block, 0, True)]
+    assert seen == expected and output.nfe == len(seen)

@@ -7,12 +7,12 @@ the project computes frame_seq_length, seq_len or latent shapes itself.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Optional
 
 from utils.config import Config
 from utils.errors import UserError
-from utils.presets import ModelSpec, VaeSpec, resolve_model, resolve_vae
+from utils.presets import ROPE_MAX_POSITIONS, ModelSpec, VaeSpec, resolve_model, resolve_vae
 
 BF16_BYTES = 2
 
@@ -270,3 +270,43 @@ def resolve_recipe(config: Config, *, need_scores: Optional[bool] = None, check_
 def derive_geometry(config: Config, check_weights: bool = True) -> Geometry:
     """The generator's geometry for a recipe (all checks included)."""
     return resolve_recipe(config, need_scores=False, check_weights=check_weights).geometry
+
+
+# --------------------------------------------------------------------------------------------- videos longer than training
+def inference_geometry(config: Config, resolved: ResolvedRecipe, num_output_frames: Optional[int]) -> Geometry:
+    """Geometry of an output video of `num_output_frames` pixel frames (None: the recipe's), cache window included.
+
+    Any count from 1 to max_pixel_frames: the geometry is of the frames made (frames_to_make), whole blocks.
+    Raises UserError for a count out of range: call it before loading anything.
+    """
+    asked = num_output_frames or config.video.num_frames
+    if asked < 1:
+        raise UserError(f"--num_output_frames {asked}: expected a positive number of pixel frames")
+    stride = resolved.vae.stride[0]
+    longest = max_pixel_frames(config, stride)
+    if asked > longest:  # frame positions are absolute: past the RoPE table the generator cannot place a frame
+        raise UserError(f"--num_output_frames {asked}: at most {longest} pixel frames (the RoPE position table holds "
+                        f"{ROPE_MAX_POSITIONS} latent frames)")
+    frames = frames_to_make(asked, stride, config.video.num_frame_per_block, config.rollout.independent_first_frame)
+    rollout = config.rollout
+    if rollout.local_attn_size == -1 and frames > config.video.num_frames:
+        # Global attention means "everything the model was trained to see"; beyond that the cache rolls.
+        trained = resolved.geometry.num_latent_frames
+        if rollout.sink_size >= trained:
+            raise UserError(f"rollout.sink_size={rollout.sink_size} leaves no room in the {trained}-frame cache window")
+        rollout = replace(rollout, local_attn_size=trained)
+        config = replace(config, rollout=rollout)
+    try:
+        return geometry_for(config, resolved.generator, resolved.vae, num_frames=frames)
+    except UserError as err:
+        raise UserError(f"--num_output_frames {asked}: {err}") from None
+
+
+def max_pixel_frames(config: Config, temporal_stride: int) -> int:
+    """The longest video the generator can place: whole blocks within the RoPE table's frame positions."""
+    block = config.video.num_frame_per_block
+    if config.rollout.independent_first_frame:
+        latent = 1 + (ROPE_MAX_POSITIONS - 1) // block * block
+    else:
+        latent = ROPE_MAX_POSITIONS // block * block
+    return pixel_frames_for(latent, temporal_stride)

@@ -15,6 +15,9 @@ from omegaconf import OmegaConf
 from utils.errors import UserError
 from utils.folders import DIFFUSERS_EXPERT_DIRS, MOE_EXPERT_DIRS, dit_folder, moe_expert_dirs  # noqa: F401 (re-exported)
 
+ROPE_MAX_POSITIONS = 1024  # frame positions of the official RoPE table (rope_max_seq_len): the longest video placeable
+
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIGS_DIR = REPO_ROOT / "configs"
 

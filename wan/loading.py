@@ -6,16 +6,18 @@ checkpoint is never held twice in memory. Everything is checked from the file he
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, TypeVar
+from typing import Iterator, Optional, TypeVar
 
 import torch
 import torch.nn as nn
 from safetensors import safe_open
 
+from utils.config import Config
 from utils.errors import UserError
 from utils.presets import ARCH_FIELDS, dit_folder, read_checkpoint_config
 from utils.weights import read_weight_file
@@ -195,3 +197,74 @@ def load_pretrained(
     with torch.device("meta"):
         model = model_cls(**{k: arch[k] for k in ARCH_FIELDS}, attention_backend=attention_backend)
     return load_weights_into(model, path, dtype=dtype, device=device)
+
+
+# --------------------------------------------------------------------------------------------- a student's weights
+GENERATOR_FILE = "generator.safetensors"  # the trainer's export names
+GENERATOR_EMA_FILE = "generator_ema.safetensors"
+ARCH_KEYS_CHECKED = ("dim", "num_heads", "num_layers", "in_dim", "out_dim", "ffn_dim", "patch_size", "text_dim")
+
+
+@dataclass(frozen=True)
+class GeneratorWeights:
+    """Where the generator's weights come from: a weights file or an official folder, and its architecture."""
+
+    path: Optional[Path]  # None: the recipe's generator (its checkpoint, or a seeded random init)
+    arch: dict
+
+
+def resolve_generator_weights(checkpoint: str | Path | None, use_ema: bool, recipe_arch: dict) -> GeneratorWeights:
+    """Pick the weights file of a checkpoint (the trainer's <logdir>/latest/ folder or a file); checks only paths.
+
+    A folder with generator(.ema).safetensors is a trainer export; any other folder is an official
+    one (config.json + weights). A config.json beside the weights must agree with the recipe's generator.
+    """
+    if checkpoint is None:
+        if use_ema:
+            raise UserError("--use_ema needs --checkpoint: a trainer export folder holding generator_ema.safetensors")
+        return GeneratorWeights(None, recipe_arch)
+    path = Path(checkpoint)
+    if not path.exists():
+        raise UserError(f"checkpoint {path} does not exist: expected a trainer export folder or a weights file")
+    if path.is_dir():
+        wanted = path / (GENERATOR_EMA_FILE if use_ema else GENERATOR_FILE)
+        if use_ema and not wanted.is_file():
+            raise UserError(f"--use_ema: {wanted} not found (the run kept no EMA weights)")
+        folder, file = path, (wanted if wanted.is_file() else path)
+    else:
+        if use_ema:
+            raise UserError(f"--use_ema picks {GENERATOR_EMA_FILE} inside a folder, but checkpoint {path} is a file")
+        folder, file = path.parent, path
+    folder = dit_folder(folder)  # a diffusers pipeline root: its transformer/
+    if (folder / "config.json").is_file():
+        found = read_checkpoint_config(folder)
+        mismatched = [k for k in ARCH_KEYS_CHECKED if list_like(found[k]) != list_like(recipe_arch[k])]
+        if mismatched:
+            key = mismatched[0]
+            raise UserError(
+                f"checkpoint {folder}/config.json has {key}={found[key]} but the recipe's generator has {recipe_arch[key]}: "
+                "use the recipe the checkpoint was trained with"
+            )
+    arch = {k: recipe_arch[k] for k in ARCH_FIELDS}
+    # A folder without a trainer file is an official folder: load_pretrained reads its own config.json.
+    return GeneratorWeights(file, arch)
+
+
+def recipe_for_checkpoint(config: Config, checkpoint: str | Path | None) -> Config:
+    """The recipe as run with --checkpoint, which replaces the generator's weights.
+
+    A recipe whose generator is named by a checkpoint that is absent here (the training run's initialisation,
+    e.g. an ODE-init export that exists only where that run was made) takes the architecture from the given
+    checkpoint instead. When the recipe's checkpoint exists, its architecture stays the recipe's, and a
+    --checkpoint of another model is refused against it.
+    """
+    if checkpoint is None or config.generator.checkpoint is None or Path(config.generator.checkpoint).exists():
+        return config
+    path = Path(checkpoint)
+    if not path.exists():
+        raise UserError(f"checkpoint {path} does not exist: expected a trainer export folder or a weights file")
+    return dataclasses.replace(config, generator=dataclasses.replace(config.generator, checkpoint=str(path)))
+
+
+def list_like(value: object) -> object:
+    return list(value) if isinstance(value, (list, tuple)) else value

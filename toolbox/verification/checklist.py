@@ -70,9 +70,8 @@ def check_all(config: Config, ckpt_dir: Optional[str] = None, device: Optional[t
     # 2a. Weights: with --ckpt_dir, every weight file is opened and its keys and shapes compared with the
     #     recipe's generator before any model is built; without it there is nothing to read (SKIP).
     def weights_item() -> str:
-        from pipeline.causal_inference import resolve_generator_weights
         from utils.presets import ARCH_FIELDS, dit_folder
-        from wan.loading import Checkpoint
+        from wan.loading import Checkpoint, resolve_generator_weights
         from wan.modules.model import WanModel
 
         arch = state["resolved"].generator.arch
@@ -94,7 +93,7 @@ def check_all(config: Config, ckpt_dir: Optional[str] = None, device: Optional[t
     def model_item() -> str:
         resolved = state["resolved"]
         if ckpt_dir is not None:
-            from pipeline.causal_inference import resolve_generator_weights
+            from wan.loading import resolve_generator_weights
             from wan.modules.causal_model import CausalWanModel
 
             weights = resolve_generator_weights(ckpt_dir, False, resolved.generator.arch)

@@ -12,9 +12,9 @@ import functools
 import torch
 
 from utils.fake import fake_mode_active
+from utils.presets import ROPE_MAX_POSITIONS  # the official table's length, positions per axis
 
 ROPE_THETA = 10000.0
-ROPE_MAX_POSITIONS = 1024  # table length of the official model (positions per axis)
 
 
 def rope_split(head_dim: int) -> tuple[int, int, int]:
