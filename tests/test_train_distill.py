@@ -3,6 +3,7 @@ import os
 
 import pytest
 
+from tests.helpers import run_script
 from tests.train_helpers import PROMPTS, TINY, assert_ok, metrics, torchrun_train
 
 DMD = os.path.join(TINY, "self_forcing_dmd.yaml")
@@ -62,3 +63,36 @@ def test_mixed_precision_on_two_ranks_trains_every_parameter_of_both_models(tmp_
         unchanged = [key for key in weights if torch.equal(before[key], after[key])]
         assert not unchanged, (model, unchanged)
         assert all(after[key].dtype == torch.float32 for key in weights)
+
+
+def test_sharded_dits_return_no_view_that_would_lose_fsdp_hooks(tmp_path):
+    """FSDP2 warns when a wrapped unit returns a view (an in-place op on it would drop the pre-backward hook and skip
+    the all-gather). Every unit of the sharded causal and bidirectional DiTs returns a fresh tensor: no warning."""
+    script = tmp_path / "shard.py"
+    script.write_text('''
+import warnings, torch, torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from pipeline.components import build_dit
+from trainer.parallel import shard_model
+from utils.config import load_config
+from utils.geometry import resolve_recipe
+
+dist.init_process_group("gloo", init_method="tcp://127.0.0.1:0", rank=0, world_size=1)
+mesh = init_device_mesh("cpu", (1,))
+recipe = resolve_recipe(load_config("configs/tiny/self_forcing_dmd.yaml"))
+g = recipe.geometry
+for causal in (True, False):
+    model = shard_model(build_dit(recipe.generator, causal=causal, attention_backend="sdpa"), mesh, mixed_precision=False)
+    x = torch.randn(1, *g.latent_shape[1:])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        flow = model.predict_flow(x, torch.full((1, g.num_latent_frames), 500.0), torch.randn(1, 5, g.text_dim))
+        flow.square().mean().backward()
+    views = [str(w.message) for w in caught if "view tensor" in str(w.message)]
+    assert not views, views
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+print("no view warnings")
+dist.destroy_process_group()
+''')
+    proc = run_script([str(script)])
+    assert proc.returncode == 0 and "no view warnings" in proc.stdout, proc.stderr[-3000:]

@@ -63,13 +63,21 @@ class WanSelfAttention(_Projections):
 
 
 class WanCrossAttention(_Projections):
+    # Under FSDP2 this module is a unit of its own with `key_value` hooked as a second forward: neither may return a
+    # view (nn.Linear on [B, L, dim] returns one), because an in-place op on a view drops the unit's pre-backward
+    # hook and skips its all-gather. `key_value` hands out fresh tensors and `forward` ends in the residual add.
     def key_value(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Embedded text [B, text_len, dim] -> k, v [B, text_len, H, D] (cacheable per context)."""
-        return self.heads(self.norm_k(linear(self.k, context))), self.heads(linear(self.v, context))
+        """Embedded text [B, text_len, dim] -> k, v [B, text_len, dim], split into heads by `forward` (cacheable
+        per context)."""
+        k, v = self.norm_k(linear(self.k, context)), linear(self.v, context)
+        return tuple(t.clone() if t._base is not None else t for t in (k, v))  # text_len x dim: a small copy
 
-    def forward(self, x: torch.Tensor, key_value: tuple[torch.Tensor, torch.Tensor], backend: str) -> torch.Tensor:
+    def forward(self, residual: torch.Tensor, x: torch.Tensor, key_value: tuple[torch.Tensor, torch.Tensor],
+                backend: str) -> torch.Tensor:
+        """residual + cross-attention of the normalised stream x [B, L, dim] to the text, in float32."""
         q = self.heads(self.norm_q(linear(self.q, x)))
-        return self.output(attention(q, *key_value, backend=backend))
+        k, v = key_value
+        return residual + self.output(attention(q, self.heads(k), self.heads(v), backend=backend)).float()
 
 
 class WanAttentionBlock(nn.Module):
@@ -104,7 +112,7 @@ class WanAttentionBlock(nn.Module):
         x = x + gate(self.self_attn.output(attend(q, k, v)), gate1)
 
         # 2. Cross-attention to the text (no modulation, no gate).
-        x = x + self.cross_attn(self.norm3(x).float(), context_kv, self.backend).float()
+        x = self.cross_attn(x, self.norm3(x).float(), context_kv, self.backend)
 
         # 3. Feed-forward.
         hidden = modulate(self.norm2(x), shift2, scale2)
