@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Optional
 
 from pipeline.causal_inference import InferenceResult
+from utils.errors import DiskFull, is_disk_full
 from utils.io import atomic_save_safetensors, atomic_write_json
 from utils.video_io import write_frame_strip, write_mp4
 
@@ -92,8 +93,10 @@ def save_result(result: InferenceResult, output_root: str | Path, parameters: di
         staging.chmod(0o777 & ~_umask())  # mkdtemp makes 0700; the video folder gets the usual permissions
         folder = new_output_dir(output_root, result.task, geometry.width, geometry.height, result.prompt)
         os.replace(staging, folder)  # onto the freshly reserved (empty) name
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(staging, ignore_errors=True)
+        if is_disk_full(err):
+            raise DiskFull(output_root) from err
         raise
     return folder
 

@@ -31,7 +31,7 @@ from torch.distributed.checkpoint.stateful import Stateful
 
 from trainer.parallel import clean_name
 from utils.dist import barrier
-from utils.errors import UserError
+from utils.errors import DiskFull, UserError, is_disk_full
 from utils.io import atomic_save_safetensors, atomic_write_json, atomic_write_text
 
 # Test-only: the process exits (as if killed) in the middle of saving this step, after the shards are
@@ -184,14 +184,21 @@ class CheckpointManager:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         barrier()
-        with _single_process_quiet():
-            dcp.save(state, checkpoint_id=str(tmp))
-        if self.writes_rng:
-            torch.save(rng_state(), tmp / f"rng_dp{self.data_rank}.pt")
-        barrier()
-        if self.rank == 0:
-            files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
-            atomic_write_json(tmp / MANIFEST_NAME, {"step": step, "recipe": recipe, "files": files})
+        try:
+            with _single_process_quiet():
+                dcp.save(state, checkpoint_id=str(tmp))
+            if self.writes_rng:
+                torch.save(rng_state(), tmp / f"rng_dp{self.data_rank}.pt")
+            barrier()
+            if self.rank == 0:
+                files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+                atomic_write_json(tmp / MANIFEST_NAME, {"step": step, "recipe": recipe, "files": files})
+        except Exception as err:  # the half-written folder goes; latest.txt still names the last complete one
+            if self.rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            if is_disk_full(err) and not isinstance(err, DiskFull):
+                raise DiskFull(tmp) from err
+            raise
         if os.environ.get(EXIT_DURING_SAVE_ENV) == str(step):
             os._exit(17)
         if self.rank == 0:
@@ -247,10 +254,14 @@ def write_export(folder: Path, weights: dict[str, dict[str, torch.Tensor]], conf
     tmp, old = folder.with_name(folder.name + ".tmp"), folder.with_name(folder.name + ".old")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    for name, tensors in weights.items():
-        atomic_save_safetensors(tmp / f"{name}.safetensors", tensors, metadata={"format": "pt"})
-    atomic_write_json(tmp / "config.json", config_json)
-    atomic_write_text(tmp / "config.yaml", config_yaml)
+    try:
+        for name, tensors in weights.items():
+            atomic_save_safetensors(tmp / f"{name}.safetensors", tensors, metadata={"format": "pt"})
+        atomic_write_json(tmp / "config.json", config_json)
+        atomic_write_text(tmp / "config.yaml", config_yaml)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # the previous export stays as it was
+        raise
     shutil.rmtree(old, ignore_errors=True)
     if folder.exists():
         os.replace(folder, old)

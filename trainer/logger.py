@@ -14,7 +14,7 @@ from typing import Any
 from tqdm import tqdm
 
 from utils.config import Config, to_yaml
-from utils.errors import UserError
+from utils.errors import DiskFull, UserError, is_disk_full
 from utils.io import atomic_write
 
 CURVE_KEYS = ("generator_loss", "critic_loss", "eval/seam_ratio", "eval/seam_ratio_pixels", "eval/flicker", "eval/drift",
@@ -39,8 +39,13 @@ class TrainLogger:
         if not self.is_main:
             return
         record = {"step": step, **metrics}
-        with open(self.metrics_path, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record) + "\n")
+        try:
+            with open(self.metrics_path, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(record) + "\n")
+        except OSError as err:
+            if is_disk_full(err):
+                raise DiskFull(self.metrics_path) from err
+            raise
         shown = " ".join(f"{k}={_short(v)}" for k, v in metrics.items())
         tqdm.write(f"step {step}: {shown}")
         if self._wandb is not None:

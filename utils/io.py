@@ -7,6 +7,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
+from utils.errors import DiskFull, is_disk_full
+
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     """Call `write(tmp_path)` on a temp file beside `path`, fsync it, then rename it over `path`."""
@@ -23,9 +25,11 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if is_disk_full(err) and not isinstance(err, DiskFull):
+            raise DiskFull(path) from err
         raise
     return path
 

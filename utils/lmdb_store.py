@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from utils.errors import UserError
+from utils.errors import DiskFull, UserError, is_disk_full
 from utils.geometry import Geometry
 from utils.io import atomic_save_safetensors
 
@@ -229,9 +229,11 @@ def write_ode_lmdb(path: str | os.PathLike, header: dict, rows: Iterable[tuple[s
         txn.put(HEADER_KEY, json.dumps(header, sort_keys=True).encode("utf-8"))
         txn.commit()
         env.sync(True)
-    except BaseException:
+    except BaseException as err:
         env.close()
         tmp.unlink(missing_ok=True)
+        if is_disk_full(err):
+            raise DiskFull(path) from err
         raise
     env.close()
     os.replace(tmp, path)
