@@ -397,13 +397,105 @@ def test_only_its_own_page_may_drive_it(server):
         assert json.loads(socket.recv(timeout=30))["status"] == 422
 
 
-# --------------------------------------------------------------------------------------------- the page
-def test_the_page_plays_the_stream_in_a_real_browser(server, tmp_path):
+def _browser_or_skip() -> Browser:
     binary = find_chromium()
     if binary is None and os.environ.get("SF_SKIP_BROWSER") == "1":
         pytest.skip("SF_SKIP_BROWSER=1 and no chromium")
     assert binary is not None, "chromium is missing: `make test` installs it (apt-get install chromium), or set CHROMIUM"
-    browser = Browser(binary)
+    return Browser(binary)
+
+
+EVIL_PAGE = """<!doctype html><title>elsewhere</title><script>
+window.results = {frames: 0};
+async function attempt(name, url, options) {
+  try { const answer = await fetch(url, options); results[name] = answer.status; }
+  catch (err) { results[name] = "blocked"; }
+}
+(async () => {
+  await attempt("start", "SERVER/jobs", {method: "POST", headers: {"Content-Type": "text/plain"},
+                                         body: JSON.stringify({prompt: "PROMPT"})});
+  await attempt("watch", "SERVER/jobs/JOB");
+  await attempt("stop", "SERVER/jobs/JOB", {method: "DELETE"});
+  await new Promise(done => {
+    const socket = new WebSocket("WS/ws");
+    socket.binaryType = "arraybuffer";
+    socket.onopen = () => socket.send(JSON.stringify({prompt: "PROMPT"}));
+    socket.onmessage = m => { if (typeof m.data === "string") results.socket = JSON.parse(m.data); else results.frames++; };
+    socket.onclose = () => done();
+    setTimeout(done, 20000);
+  });
+  window.finished = true;
+})();
+</script>"""
+
+
+def test_a_page_from_another_origin_cannot_start_watch_or_stop_a_job(server, tmp_path):
+    """A real browser on a page served from a second port: its fetches to start, read and stop a job and its
+    WebSocket get nothing, and the job it aimed at runs on."""
+    import functools
+    import http.server
+    import threading
+
+    longest = server.get("/config")["max_frames"]
+    status, answer = server.request("POST", "/jobs", {"prompt": PROMPT, "num_frames": longest})
+    assert status == 202, answer
+    job_id = json.loads(answer)["job_id"]
+    page = EVIL_PAGE.replace("SERVER", server.url).replace("WS", f"ws://127.0.0.1:{server.port}")
+    (tmp_path / "evil.html").write_text(page.replace("PROMPT", PROMPT).replace("JOB", job_id))
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    elsewhere = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), handler)
+    threading.Thread(target=elsewhere.serve_forever, daemon=True).start()
+    browser = _browser_or_skip()
+    try:
+        browser.goto(f"http://127.0.0.1:{elsewhere.server_address[1]}/evil.html")
+        browser.wait_for("window.finished === true", timeout=60)
+        results = json.loads(browser.evaluate("JSON.stringify(window.results)"))
+    finally:
+        browser.close()
+        elsewhere.shutdown()
+    # the browser shows the page nothing: no readable answer, no frames; the server refused the socket with 403
+    assert results["start"] == results["watch"] == results["stop"] == "blocked", results
+    assert results["frames"] == 0 and results["socket"]["status"] == 403, results
+    # the aimed-at job was neither stopped nor joined by another
+    assert server.get(f"/jobs/{job_id}")["status"] in ("running", "done"), server.get(f"/jobs/{job_id}")
+    health = server.get("/health")
+    assert health["active"] <= 1 and health["queued"] == 0, health
+    assert server.request("DELETE", f"/jobs/{job_id}")[0] == 200
+
+
+def test_a_storm_of_bad_and_abandoned_requests_leaves_every_slot_free(server):
+    """50 bad requests (HTTP and WebSocket) and 50 requests abandoned right after they are sent, on loopback: every
+    bad one gets its one-line JSON error, every abandoned job stops, and the server then serves a full video."""
+    from websockets.sync.client import connect
+
+    longest = server.get("/config")["max_frames"]
+    bad_bodies = [{"prompt": ""}, {"prompt": 3}, {"prompt": PROMPT, "seed": -1}, {"prompt": PROMPT, "num_frames": 0},
+                  {"prompt": PROMPT, "num_frames": 10**6}]
+    for index in range(50):
+        body = bad_bodies[index % len(bad_bodies)]
+        if index % 2:
+            status, answer = server.request("POST", "/jobs", body)
+            assert 400 <= status < 500 and json.loads(answer)["error"], answer
+        else:
+            with connect(f"ws://127.0.0.1:{server.port}/ws", max_size=None) as socket:
+                socket.send(json.dumps(body) if index % 4 else "{not json")
+                message = json.loads(socket.recv(timeout=30))
+                assert message["type"] == "error" and 400 <= message["status"] < 500, message
+    for index in range(50):
+        with connect(f"ws://127.0.0.1:{server.port}/ws", max_size=None) as socket:
+            socket.send(json.dumps({"prompt": PROMPT, "seed": index, "num_frames": longest}))
+    deadline = time.time() + 120
+    while time.time() < deadline and (server.get("/health")["active"] or server.get("/health")["queued"]):
+        time.sleep(0.2)
+    health = server.get("/health")
+    assert health["active"] == 0 and health["queued"] == 0, health
+    result = server.stream({"prompt": PROMPT, "seed": 9})
+    assert result["last"]["type"] == "done"
+
+
+# --------------------------------------------------------------------------------------------- the page
+def test_the_page_plays_the_stream_in_a_real_browser(server, tmp_path):
+    browser = _browser_or_skip()
     try:
         browser.goto(server.url + "/")
         assert browser.evaluate("document.title") == "Self-Forcing streaming"
