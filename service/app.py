@@ -20,6 +20,7 @@ given with --allow_origin. Clients that send no Origin (scripts, curl) are not b
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,7 +116,14 @@ STATE_CHANGING = ("POST", "PUT", "PATCH", "DELETE")
 
 
 def create_app(manager: JobManager, info: dict, rules: AccessRules = AccessRules()) -> FastAPI:
-    app = FastAPI(title="Self-Forcing streaming service", docs_url=None, redoc_url=None)
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI):
+        yield
+        # uvicorn's graceful shutdown ends here before it re-raises a SIGTERM/SIGINT (which would skip any code after
+        # uvicorn.run): stop the jobs and remove the uploads now
+        manager.shutdown()
+
+    app = FastAPI(title="Self-Forcing streaming service", docs_url=None, redoc_url=None, lifespan=lifespan)
     app.state.manager = manager
 
     @app.middleware("http")

@@ -281,6 +281,8 @@ class JobManager:
             del self.jobs[job.id]
 
     def shutdown(self) -> None:
+        """Stop every job, wait for the workers, remove the uploads (idempotent: the app's shutdown and serve.py's
+        exit may both call it)."""
         for job in list(self.jobs.values()):
             job.stop.set()
         self.executor.shutdown(wait=True, cancel_futures=True)

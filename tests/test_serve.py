@@ -525,6 +525,27 @@ def test_the_page_plays_the_stream_in_a_real_browser(server, tmp_path):
     assert (tmp_path / "streaming.png").stat().st_size > 1000 and (tmp_path / "done.png").stat().st_size > 1000
 
 
+def test_uploads_are_removed_at_shutdown(student, tmp_path, monkeypatch):
+    """An image-to-video server keeps each queued job's uploaded image in its own temporary folder; stopping the
+    server (SIGTERM, as a service manager does) removes that folder with the images of jobs that never ran."""
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    monkeypatch.setenv("TMPDIR", str(temporary))  # the server's temporary folders land here
+    served = Server(tmp_path, student, "--max_active", "1", "--max_queue", "2", ABSENT_INIT, "video.task=ti2v")
+    try:
+        longest = served.get("/config")["max_frames"]
+        assert served.get("/config")["takes_image"] is True
+        for seed in range(3):  # one running, two waiting
+            status, answer = served.request("POST", "/jobs", {"prompt": PROMPT, "seed": seed, "num_frames": longest,
+                                                              "image": _png()})
+            assert status == 202, answer
+        (uploads,) = temporary.glob("serve-uploads-*")
+        assert len(list(uploads.iterdir())) >= 2  # the waiting jobs' images at least
+    finally:
+        served.close()
+    assert list(temporary.glob("serve-uploads-*")) == []
+
+
 # --------------------------------------------------------------------------------------------- command line
 def test_serve_command_line_errors_are_one_line(tmp_path):
     import socket
