@@ -259,8 +259,18 @@ async def _receive_json(socket: WebSocket) -> object:
 
 
 async def _refuse(socket: WebSocket, status: int, message: str) -> None:
-    await socket.send_json({"type": "error", "status": status, "error": " ".join(message.split())})
-    await socket.close(code=WS_POLICY_VIOLATION)
+    """The one-line error, then close; a client that already left hears nothing (and the log stays quiet)."""
+    try:
+        await socket.send_json({"type": "error", "status": status, "error": " ".join(message.split())})
+        await socket.close(code=WS_POLICY_VIOLATION)
+    except (WebSocketDisconnect, RuntimeError, OSError) as err:
+        if not _client_gone(err):
+            raise
+
+
+def _client_gone(err: BaseException) -> bool:
+    """A send to a socket whose client has closed it (uvicorn raises ClientDisconnected, starlette RuntimeError)."""
+    return isinstance(err, (WebSocketDisconnect, OSError)) or "close" in str(err).lower()
 
 
 async def _relay(socket: WebSocket, manager: JobManager, job: Job, events: asyncio.Queue) -> None:

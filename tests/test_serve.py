@@ -491,6 +491,8 @@ def test_a_storm_of_bad_and_abandoned_requests_leaves_every_slot_free(server):
     assert health["active"] == 0 and health["queued"] == 0, health
     result = server.stream({"prompt": PROMPT, "seed": 9})
     assert result["last"]["type"] == "done"
+    server.log.flush()
+    assert "Traceback" not in (server.out.parent / "server.log").read_text()  # clients' mistakes are not the server's
 
 
 # --------------------------------------------------------------------------------------------- the page
