@@ -4,6 +4,7 @@ operating system would) from its n-th call, in the entry point's own process."""
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 from tests.helpers import REPO_ROOT, run_script
@@ -34,7 +35,7 @@ def run_with_full_disk(tmp_path: Path, target: str, from_call: int, args: list[s
 
 
 def one_error_line(proc) -> str:
-    lines = [line for line in proc.stderr.strip().splitlines() if line.strip() and "%|" not in line]
+    lines = [line for line in re.split(r"[\r\n]+", proc.stderr) if line.strip() and "%|" not in line]
     assert proc.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: no space left"), proc.stderr[-3000:]
     return lines[0]
 
@@ -68,3 +69,24 @@ def test_inference_leaves_no_half_video_when_the_disk_fills(tmp_path):
         "--output_folder", str(out)])
     assert str(out) in one_error_line(proc)
     assert list(out.iterdir()) == []  # the staging folder went with the failure
+
+
+def test_packing_pairs_leaves_no_half_database_when_the_disk_fills(tmp_path, capsys, monkeypatch):
+    import errno
+
+    import utils.lmdb_store as store
+    from tests.test_lmdb import create, tiny_geometry, write_pairs
+
+    write_pairs(tmp_path / "pairs", {0: "a cat", 1: "a dog", 2: "a cow"}, tiny_geometry())
+    original, calls = store.row_checksum, []
+
+    def full(*args):
+        calls.append(args)
+        if len(calls) >= 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return original(*args)
+
+    monkeypatch.setattr(store, "row_checksum", full)
+    result = create(tmp_path / "pairs", tmp_path / "pairs.lmdb", capsys)
+    assert str(tmp_path / "pairs.lmdb") in one_error_line(result)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pairs"]  # no database, no .tmp, no lock file

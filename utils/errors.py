@@ -69,17 +69,27 @@ def run_main(main: F) -> F:
         try:
             return main(*args, **kwargs)
         except UserError as err:
+            _close_progress_bars()
             message = " ".join(str(err).split())  # always one line
             print(f"error: {message}", file=sys.stderr, flush=True)
             sys.exit(USER_ERROR_EXIT_CODE)
         except Exception as err:
             if not is_disk_full(err):
                 raise
+            _close_progress_bars()
             found = err if isinstance(err, DiskFull) else DiskFull(getattr(err, "filename", None) or os.getcwd())
             print(f"error: {found}", file=sys.stderr, flush=True)
             sys.exit(FAULT_EXIT_CODE)
 
     return wrapper  # type: ignore[return-value]
+
+
+def _close_progress_bars() -> None:
+    """End any progress bar left open by the failure, so the error starts a line of its own."""
+    tqdm = sys.modules.get("tqdm")
+    if tqdm is not None:
+        for bar in list(getattr(tqdm.tqdm, "_instances", ())):
+            bar.close()
 
 
 class OneLineArgumentParser(argparse.ArgumentParser):
