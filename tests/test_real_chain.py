@@ -148,3 +148,40 @@ def test_causal_chain_runs_on_the_downloaded_folders(tmp_path, name):
         assert all(item["result"] != "FAIL" for item in plan.values()), plan
         _run(work, "train.py", "--config_path", recipe(key), "--logdir", logdir, "--disable-wandb", *sizes)
         assert (work / logdir / "latest" / "generator_ema.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_image_to_video_chain_runs_on_the_downloaded_folders(tmp_path):
+    """README's image-to-video chain for the 5B: text-to-video pairs -> their first frames (the teacher's own images)
+    -> image-conditioned pairs -> ode_init -> DMD -> a video from an image; plan names each missing input."""
+    chain = CHAINS["5B"]
+    work = _fresh_folder(tmp_path, chain)
+    ode, dmd = str(Path(REPO_ROOT) / "configs/ode_ti2v_5B.yaml"), str(Path(REPO_ROOT) / "configs/self_forcing_dmd_ti2v_5B.yaml")
+    sizes = _sizes(chain)
+
+    # 1. The text-to-video pairs (README step 1), then their first frames.
+    _run(work, "scripts/generate_ode_pairs.py", "--config_path", str(Path(REPO_ROOT) / chain["ode"]), "--caption_path",
+         "prompts/my_prompts.txt", "--output_folder", chain["pairs"], *sizes)
+    item = _plan(work, ode)["train.image_root (first frames)"]
+    assert item["result"] == "FAIL" and "scripts/first_frames.py" in item["detail"] and chain["pairs"] in item["detail"]
+    _run(work, "scripts/first_frames.py", "--config_path", ode, "--data_path", chain["pairs"], "--output_folder",
+         "data/first_frames_5B", *sizes)
+    lines = (work / "data/first_frames_5B/captions.tsv").read_text().splitlines()
+    assert [line.split("\t")[1] for line in lines] == ["a red cat moving left", "a blue dog on the background"]
+    # 2. Image-conditioned pairs from those images, packed; 3. ode_init; 4. DMD; each recipe reads the one before.
+    item = _plan(work, ode)["train.data_path (ODE LMDB)"]
+    assert item["result"] == "FAIL" and "data/first_frames_5B/captions.tsv" in item["detail"]
+    _run(work, "scripts/generate_ode_pairs.py", "--config_path", ode, "--caption_path", "data/first_frames_5B/captions.tsv",
+         "--output_folder", "data/ode_pairs_ti2v_5B", *sizes)
+    _run(work, "scripts/create_lmdb.py", "--data_path", "data/ode_pairs_ti2v_5B", "--lmdb_path", "data/ode_pairs_ti2v_5B.lmdb")
+    _run(work, "train.py", "--config_path", ode, "--logdir", "checkpoints/ode_init_ti2v_5B", "--disable-wandb", *sizes)
+    plan = _plan(work, dmd)
+    assert all(item["result"] != "FAIL" for item in plan.values()), plan
+    _run(work, "train.py", "--config_path", dmd, "--logdir", "logs/dmd_ti2v_5B", "--disable-wandb", *sizes)
+    # 5. A video from an image; the student refuses to start without one.
+    _run(work, "inference.py", "--config_path", dmd, "--checkpoint", "logs/dmd_ti2v_5B/latest", "--use_ema", "--image",
+         "data/first_frames_5B/000000.png", "--prompt", "a red cat moving left", "--output_folder", "videos", *sizes)
+    assert len(list((work / "videos").glob("*/video.mp4"))) == 1
+    proc = run_script([str(Path(REPO_ROOT) / "inference.py"), "--config_path", dmd, "--checkpoint", "logs/dmd_ti2v_5B/latest",
+                       "--prompt", "a red cat moving left", *sizes], cwd=str(work))
+    assert proc.returncode == 2 and "--image" in proc.stderr

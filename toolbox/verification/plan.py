@@ -29,6 +29,7 @@ STAGE_LOGDIRS = {
     "configs/causal_teacher_5B.yaml": "checkpoints/causal_teacher_5B",
     "configs/ode_causal.yaml": "checkpoints/ode_init_causal_1.3B",
     "configs/ode_causal_5B.yaml": "checkpoints/ode_init_causal_5B",
+    "configs/ode_ti2v_5B.yaml": "checkpoints/ode_init_ti2v_5B",
 }
 
 
@@ -52,6 +53,21 @@ def _pairs_recipe_for(data_path: str, config_path: str) -> str:
         if objective_class(config).reads_point_timesteps and config.train.data_path == data_path:
             return recipe
     return config_path
+
+
+def _text_pairs_for(config: Config) -> str:
+    """The folder of text-to-video pairs that first frames come from: the shipped t2v ODE recipe of the same model."""
+    for recipe in STAGE_LOGDIRS:
+        other = load_config(CONFIGS.parent / recipe)
+        if other.video.task == "t2v" and other.generator.preset == config.generator.preset \
+                and objective_class(other).reads_point_timesteps and not other.ode.causal_teacher:  # fmt: skip
+            return str(Path(other.train.data_path).with_suffix(""))
+    return "<text-to-video pairs>"
+
+
+def _first_frames_make(config: Config, config_path: str) -> str:
+    return (f"make them from the teacher's text-to-video pairs: python scripts/first_frames.py --config_path {config_path} "
+            f"--data_path {_text_pairs_for(config)} --output_folder {config.train.image_root}")
 
 
 def _exists(name: str, path: str | None, what: str, make: str) -> Check:
@@ -85,13 +101,21 @@ def check_plan(config: Config, config_path: str) -> list[Check]:
     checks.append(_exists("text_encoder.checkpoint", config.text_encoder.checkpoint, "an umT5 file", download))
     checks.append(_exists("text_encoder.tokenizer", config.text_encoder.tokenizer, "a tokenizer folder", download))
     data = config.train.data_path
+    image_to_video = config.video.task == "ti2v"
+    if image_to_video:
+        checks.append(_exists("train.image_root (first frames)", config.train.image_root, "a folder of first frames",
+                              _first_frames_make(config, config_path)))
     if pairs_stage:
         pairs = str(Path(data).with_suffix("")) if data else "data/ode_pairs"
         sampler = _pairs_recipe_for(data, config_path) if data else config_path
+        captions = f"{config.train.image_root}/captions.tsv" if image_to_video else "<prompts.txt>"
         make = (f"make the pairs, then pack them: torchrun --nproc_per_node=8 scripts/generate_ode_pairs.py --config_path "
-                f"{sampler} --caption_path <prompts.txt> --output_folder {pairs} && python scripts/create_lmdb.py "
+                f"{sampler} --caption_path {captions} --output_folder {pairs} && python scripts/create_lmdb.py "
                 f"--data_path {pairs} --lmdb_path {data}")
         checks.append(_exists("train.data_path (ODE LMDB)", data, "an ODE LMDB", make))
+    elif image_to_video:
+        checks.append(_exists("train.data_path (prompts)", data, "an image<TAB>prompt list",
+                              _first_frames_make(config, config_path)))
     else:
         checks.append(_exists("train.data_path (prompts)", data, "a prompt file", f"put {PROMPTS_HINT} there"))
     return checks
