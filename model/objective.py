@@ -41,11 +41,6 @@ class Batch:
     def batch_size(self) -> int:
         return self.context.shape[0]
 
-    @property
-    def generated_frames(self) -> slice:
-        """Frames the losses see: all of them, or all but a given first frame."""
-        return slice(1, None) if self.first_frame is not None else slice(None)
-
 
 class Objective(ABC):
     """A training objective: a generator loss, and a critic loss when it trains a fake score.

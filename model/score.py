@@ -18,7 +18,9 @@ from pipeline.flow_matching import add_noise, predict_x0, shift_sigmas
 from pipeline.guidance import combine_cfg, guidance_is_identity
 from pipeline.self_forcing_training import SelfForcingRollout, SelfForcingSample
 from utils.config import Config
+from utils.dist import broadcast_int_list
 from utils.errors import UserError
+from utils.fake import real_values
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,20 @@ class ScoreTimesteps:
         timestep = shift_sigmas(sigma, self.shift) * self.num_train_timesteps
         low, high = self.min_ratio * self.num_train_timesteps, self.max_ratio * self.num_train_timesteps
         return timestep.clamp(low, high).to(torch.float32)
+
+
+def check_long_rollout(geometry, factor: int) -> None:
+    """Long tuning's longest rollout must fit the RoPE table and leave the rolling cache room past its sink."""
+    from utils.presets import ROPE_MAX_POSITIONS
+
+    longest = factor * geometry.num_latent_frames
+    if longest > ROPE_MAX_POSITIONS:
+        raise UserError(f"distill.long_rollout_factor={factor} rolls out up to {longest} latent frames: the RoPE table "
+                        f"places at most {ROPE_MAX_POSITIONS}; expected a factor up to "
+                        f"{ROPE_MAX_POSITIONS // geometry.num_latent_frames}")
+    if geometry.sink_frames >= geometry.cache_frames:
+        raise UserError(f"rollout.sink_size={geometry.sink_frames} leaves no room in the {geometry.cache_frames}-frame "
+                        "cache window that long tuning rolls through")
 
 
 def frame_timesteps(timestep: Tensor, num_frames: int, held_first_frame: bool) -> Tensor:
@@ -83,7 +99,8 @@ class ScoreDistillation(Objective):
     def from_config(cls, config: Config, geometry) -> "ScoreDistillation":
         distill = config.distill
         return cls(SelfForcingRollout.from_config(config, geometry), ScoreTimesteps.from_config(config),
-                   distill.guidance_scale, distill.guidance_form, **cls.loss_settings(config))
+                   distill.guidance_scale, distill.guidance_form, long_rollout_factor=distill.long_rollout_factor,
+                   **cls.loss_settings(config))
 
     @classmethod
     def loss_settings(cls, config: Config) -> dict:
@@ -91,8 +108,11 @@ class ScoreDistillation(Objective):
         return {}
 
     def __init__(self, rollout: SelfForcingRollout, score_timesteps: ScoreTimesteps, guidance_scale: float,
-                 guidance_form: str):
+                 guidance_form: str, long_rollout_factor: int = 1):
         self.rollout = rollout
+        self.long_rollout_factor = long_rollout_factor
+        if long_rollout_factor > 1:
+            check_long_rollout(rollout.geometry, long_rollout_factor)
         self.score_timesteps = score_timesteps
         self.guidance_scale = guidance_scale
         self.guidance_form = guidance_form
@@ -102,13 +122,33 @@ class ScoreDistillation(Objective):
         """The generator loss from its output x (with gradient) and the scores' x0 (without), generated frames only."""
 
     def _sample(self, models: Models, batch: Batch) -> SelfForcingSample:
-        noise = self.rollout.noise(batch.batch_size, batch.context.device)
-        return self.rollout.generate(models.generator, noise, batch.context, first_frame=batch.first_frame)
+        """The self-forcing sample the scores see: the training length, or with long tuning the last training-length
+        window of a longer rollout (the frames before it ran without gradient, their keys in the rolling cache)."""
+        frames = self._rollout_frames()
+        noise = self.rollout.noise(batch.batch_size, batch.context.device, num_frames=frames)
+        sample = self.rollout.generate(models.generator, noise, batch.context, first_frame=batch.first_frame)
+        return sample.last_frames(self.rollout.geometry.num_latent_frames)
 
-    def _noisy(self, x: Tensor, batch: Batch) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def _rollout_frames(self) -> int:
+        """Latent frames to roll out: the training length, or (long tuning) whole blocks up to N times it, drawn on
+        rank 0 and broadcast so every rank rolls out alike."""
+        geometry = self.rollout.geometry
+        if self.long_rollout_factor == 1:
+            return geometry.num_latent_frames
+        block = geometry.num_frame_per_block
+        extra_blocks = (self.long_rollout_factor - 1) * geometry.num_latent_frames // block
+        with real_values():
+            drawn = int(torch.randint(0, extra_blocks + 1, (1,)))
+        return geometry.num_latent_frames + broadcast_int_list([drawn])[0] * block
+
+    def _holds_first_frame(self, batch: Batch, sample: SelfForcingSample) -> bool:
+        """Whether the scored window starts with the given (TI2V) first frame: only a rollout of the training length."""
+        return batch.first_frame is not None and sample.start_frame == 0
+
+    def _noisy(self, x: Tensor, held_first_frame: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """x_t at a fresh score timestep: (x_t, per-frame timesteps [B, F], noise, timestep [B])."""
         timestep = self.score_timesteps.sample(x.shape[0], x.device)
-        per_frame = frame_timesteps(timestep, x.shape[1], batch.first_frame is not None)
+        per_frame = frame_timesteps(timestep, x.shape[1], held_first_frame)
         noise = torch.randn_like(x)
         return add_noise(x, noise, per_frame, self.score_timesteps.num_train_timesteps), per_frame, noise, timestep
 
@@ -120,26 +160,30 @@ class ScoreDistillation(Objective):
         #    gradients; with scores_carry_gradient (SiD) the gradient reaches x through the scores' inputs.
         num_train_timesteps = self.score_timesteps.num_train_timesteps
         carry = self.scores_carry_gradient
+        held = self._holds_first_frame(batch, sample)
         with (contextlib.nullcontext() if carry else torch.no_grad()), frozen(models.critic):
-            x_t, per_frame, _, timestep = self._noisy(x if carry else x.detach(), batch)
+            x_t, per_frame, _, timestep = self._noisy(x if carry else x.detach(), held)
             real_x0 = real_score_x0(models.real_score, x_t, per_frame, batch, self.guidance_scale, self.guidance_form,
                                     num_train_timesteps)
             fake_flow = models.critic.predict_flow(x_t, per_frame, batch.context)
             fake_x0 = predict_x0(x_t, fake_flow, per_frame, num_train_timesteps)
         # 3. The objective's loss on the generated frames.
-        frames = batch.generated_frames
+        frames = slice(1, None) if held else slice(None)
         loss, logs = self.distribution_loss(x[:, frames], real_x0[:, frames], fake_x0[:, frames])
         logs.update(score_timestep=timestep.mean(), exit_step=sum(sample.exit_steps) / len(sample.exit_steps))
+        if self.long_rollout_factor > 1:
+            logs["rollout_frames"] = float(sample.start_frame + x.shape[1])
         return loss, logs
 
     def critic_loss(self, models: Models, batch: Batch) -> tuple[Tensor, Logs]:
         # 1. A detached self-forcing sample (no gradient into the generator).
         with torch.no_grad():
-            x = self._sample(models, batch).latents
-            x_t, per_frame, noise, timestep = self._noisy(x, batch)
+            sample = self._sample(models, batch)
+            x, held = sample.latents, self._holds_first_frame(batch, sample)
+            x_t, per_frame, noise, timestep = self._noisy(x, held)
         # 2. Flow matching: the fake score regresses v = noise - x at the fresh timestep.
         flow = models.critic.predict_flow(x_t, per_frame, batch.context)
-        frames = batch.generated_frames
+        frames = slice(1, None) if held else slice(None)
         target = noise[:, frames] - x[:, frames]
         loss = (flow[:, frames].float() - target.float()).pow(2).mean()
         return loss, {"critic_loss": loss.detach(), "critic_timestep": timestep.mean()}

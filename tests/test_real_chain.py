@@ -19,12 +19,13 @@ CHAINS = {
     "5B": dict(folders=("Wan2.2-TI2V-5B",), ode="configs/ode_5B.yaml", dmd="configs/self_forcing_dmd_5B.yaml",
                causal_teacher="configs/causal_teacher_5B.yaml", ode_causal="configs/ode_causal_5B.yaml",
                dmd_causal="configs/self_forcing_dmd_causal_5B.yaml", dmd_longlive="configs/self_forcing_dmd_longlive_5B.yaml",
+               long_tuning="configs/long_tuning_5B.yaml",
                pairs="data/ode_pairs_5B", video=["video.height=64", "video.width=96", "video.image_or_video_shape=[1,3,48,4,6]"],
                vae="tiny-wan2.2"),
     "1.3B": dict(folders=("Wan2.1-T2V-1.3B", "Wan2.1-T2V-14B"), ode="configs/ode.yaml", dmd="configs/self_forcing_dmd.yaml",
                  causal_teacher="configs/causal_teacher.yaml", ode_causal="configs/ode_causal.yaml",
                  dmd_causal="configs/self_forcing_dmd_causal.yaml", dmd_longlive="configs/self_forcing_dmd_longlive.yaml",
-                 pairs="data/ode_pairs_1.3B", video=["video.height=32", "video.width=48",
+                 long_tuning="configs/long_tuning.yaml", pairs="data/ode_pairs_1.3B", video=["video.height=32", "video.width=48",
                                                      "video.image_or_video_shape=[1,3,16,4,6]"], vae="tiny-wan2.1"),
     "a14b": dict(folders=("Wan2.1-T2V-1.3B", "Wan2.2-T2V-A14B"), ode="configs/ode_a14b.yaml",
                  dmd="configs/self_forcing_dmd_a14b.yaml", pairs="data/ode_pairs_a14b",
@@ -110,6 +111,11 @@ def test_readme_chain_runs_on_the_downloaded_folders(tmp_path, name):
     _run(work, "inference.py", "--config_path", recipe("dmd"), "--checkpoint", f"logs/dmd_{name}/latest", "--use_ema",
          "--prompt", "a red cat moving left", "--output_folder", "videos", *sizes)
     assert len(list((work / "videos").glob("*/video.mp4"))) == 1
+    # 6. Long tuning from the DMD export (its EMA weights), at README's paths.
+    if "long_tuning" in chain:
+        log = _run(work, "train.py", "--config_path", recipe("long_tuning"), "--logdir", f"logs/long_tuning_{name}",
+                   "--disable-wandb", *sizes)
+        assert "rollout_frames" in (work / f"logs/long_tuning_{name}" / "metrics.jsonl").read_text(), log.stdout[-500:]
 
 
 @pytest.mark.slow

@@ -159,6 +159,11 @@ class DistillConfig:
     score_timestep_shift: Optional[float] = None
     sid_alpha: float = 1.0  # SiD's alpha
     dfake_gen_update_ratio: int = 5  # the generator steps every N-th iteration, the critic every iteration
+    # Long tuning (LongLive's streaming long tuning), off at 1 (Self-Forcing trains on the training length). N > 1:
+    # each sample rolls out to a length drawn in whole blocks from the training length to N times it, through the
+    # rolling cache (rollout.local_attn_size, or the training length when -1; rollout.sink_size), and the teacher and
+    # critic score only its last training-length window, the only frames with gradient: memory stays one window's.
+    long_rollout_factor: int = 1
 
 
 @dataclass
@@ -463,6 +468,8 @@ def validate_choices(config: Config) -> None:
         ("train.save_iters", config.train.save_iters >= 1, "at least 1"),
         ("train.keep_last", config.train.keep_last >= 1, "at least 1"),
         ("distill.dfake_gen_update_ratio", config.distill.dfake_gen_update_ratio >= 1, "at least 1"),
+        ("distill.long_rollout_factor", config.distill.long_rollout_factor >= 1,
+         "1 (the training length, as published) or more (long tuning)"),
         ("rollout.denoising_step_list", len(config.rollout.denoising_step_list) >= 1, "at least one timestep"),
         ("rollout.sink_size", config.rollout.sink_size >= 0, "0 or more frames"),
         ("evaluation.every", config.evaluation.every >= 0, "0 (off) or a number of iterations"),

@@ -30,11 +30,13 @@ STAGE_LOGDIRS = {
     "configs/ode_causal.yaml": "checkpoints/ode_init_causal_1.3B",
     "configs/ode_causal_5B.yaml": "checkpoints/ode_init_causal_5B",
     "configs/ode_ti2v_5B.yaml": "checkpoints/ode_init_ti2v_5B",
+    "configs/self_forcing_dmd.yaml": "logs/dmd_1.3B",
+    "configs/self_forcing_dmd_5B.yaml": "logs/dmd_5B",
 }
 
 
 def _stage_recipe_for(checkpoint: str) -> tuple[str, str] | None:
-    """The shipped stage recipe whose `--logdir <folder>` export is `checkpoint` (<folder>/latest/generator.safetensors)."""
+    """The shipped stage recipe whose `--logdir <folder>` export is `checkpoint` (<folder>/latest/generator*.safetensors)."""
     path = Path(checkpoint)
     if path.parent.name != "latest":
         return None
