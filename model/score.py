@@ -111,6 +111,7 @@ class ScoreDistillation(Objective):
                  guidance_form: str, long_rollout_factor: int = 1):
         self.rollout = rollout
         self.long_rollout_factor = long_rollout_factor
+        self.fixed_rollout_frames: Optional[int] = None  # set: every rollout this long (memory estimates: the longest)
         if long_rollout_factor > 1:
             check_long_rollout(rollout.geometry, long_rollout_factor)
         self.score_timesteps = score_timesteps
@@ -133,6 +134,8 @@ class ScoreDistillation(Objective):
         """Latent frames to roll out: the training length, or (long tuning) whole blocks up to N times it, drawn on
         rank 0 and broadcast so every rank rolls out alike."""
         geometry = self.rollout.geometry
+        if self.fixed_rollout_frames is not None:
+            return self.fixed_rollout_frames
         if self.long_rollout_factor == 1:
             return geometry.num_latent_frames
         block = geometry.num_frame_per_block
@@ -140,6 +143,13 @@ class ScoreDistillation(Objective):
         with real_values():
             drawn = int(torch.randint(0, extra_blocks + 1, (1,)))
         return geometry.num_latent_frames + broadcast_int_list([drawn])[0] * block
+
+    @property
+    def longest_rollout_frames(self) -> int:
+        """The longest rollout `_rollout_frames` draws: the training length times the factor, in whole blocks."""
+        geometry = self.rollout.geometry
+        block = geometry.num_frame_per_block
+        return geometry.num_latent_frames + (self.long_rollout_factor - 1) * geometry.num_latent_frames // block * block
 
     def _holds_first_frame(self, batch: Batch, sample: SelfForcingSample) -> bool:
         """Whether the scored window starts with the given (TI2V) first frame: only a rollout of the training length."""

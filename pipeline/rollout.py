@@ -171,6 +171,7 @@ class BlockRollout:
         noise_generator: Optional[torch.Generator] = None,
         prompt_switch: Optional[PromptSwitchHook] = None,
         on_pass: Optional[PassHook] = None,
+        keep_last_frames: Optional[int] = None,
     ) -> RolloutOutput:
         """Roll out noise [B, F, C, H, W] into clean latents, block by block.
 
@@ -185,6 +186,8 @@ class BlockRollout:
         prompt_switch(index) -> PromptSwitch or None, asked before every block after the first (inference).
         on_pass(ForwardPass) -> a context manager entered around each generator forward, told which pass it is
             (inference's timing and memory phases).
+        keep_last_frames: return only the blocks within the last N frames (latents and exit timesteps); the others
+            are dropped as soon as their context pass is written (long tuning: memory stays one window's).
         """
         # 1. Validate and plan the blocks; inference exits every block at the last step, without gradient.
         if noise.ndim != 5:
@@ -201,9 +204,12 @@ class BlockRollout:
                                              device=noise.device, sp_size=sp_size_of(generator))
         kv_cache.reset()
         shared = _Forward(generator, context, kv_cache, noise_generator, on_pass)
+        if keep_last_frames is not None and prompt_switch is not None:
+            raise UserError("a rollout that keeps only its last frames cannot recache them for a prompt switch")
+        keep_from = 0 if keep_last_frames is None else max(num_frames - keep_last_frames, 0)
         with torch.no_grad() if inference else contextlib.nullcontext():
             return self._roll(shared, noise, blocks, exit_steps, grad_from_frame, first_frame, on_block, prompt_switch,
-                              given_blocks)
+                              given_blocks, keep_from)
 
     def _roll(
         self,
@@ -216,6 +222,7 @@ class BlockRollout:
         on_block: Optional[BlockCallback],
         prompt_switch: Optional[PromptSwitchHook] = None,
         given_blocks: Optional[Tensor] = None,
+        keep_from: int = 0,
     ) -> RolloutOutput:
         batch, num_frames = noise.shape[:2]
         given_frames = 0 if given_blocks is None else given_blocks.shape[1]
@@ -253,14 +260,15 @@ class BlockRollout:
                                             index)
                 nfe += exit_steps[index] + 1
                 exit_timesteps[:, frames] = timesteps[exit_steps[index]] * mask
-            outputs.append(block)
+            if start >= keep_from:  # blocks before it are history: their keys are in the cache, their latents go
+                outputs.append(block)
             if on_block is not None:
                 on_block(index, block)
             # 4. Context pass: write the finished block's K/V into the cache (no gradient, detached).
             self._context_pass(shared, block, start, mask, ForwardPass("context", index))
             nfe += 1
             start += size
-        return RolloutOutput(latents=torch.cat(outputs, dim=1), exit_timesteps=exit_timesteps, nfe=nfe)
+        return RolloutOutput(latents=torch.cat(outputs, dim=1), exit_timesteps=exit_timesteps[:, keep_from:], nfe=nfe)
 
     def _context_pass(self, shared: "_Forward", block: Tensor, start: int, mask: Tensor, which: ForwardPass) -> None:
         """Write a finished block's K/V into the cache at the context timestep (no gradient, detached)."""

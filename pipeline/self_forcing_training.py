@@ -75,7 +75,8 @@ class SelfForcingRollout:
     ) -> SelfForcingSample:
         """One self-forcing sample; under an outer torch.no_grad() it is the detached sample the critic trains on.
 
-        A rollout longer than the training length keeps gradient only in its last training-length frames.
+        A rollout longer than the training length keeps gradient only in its last training-length frames, and returns
+        only those (`start_frame` says where they start).
         """
         # 1. Exit steps: drawn once on rank 0, broadcast.
         num_frames = noise.shape[1]
@@ -85,18 +86,21 @@ class SelfForcingRollout:
         )
         # 2. The shared rollout, gradient at each exit step.
         training_frames = self.geometry.num_latent_frames
+        longer = num_frames > training_frames
         output = self.rollout.run(
             generator,
             noise,
             context,
             exit_steps=exit_steps,
-            grad_last_frames=training_frames if num_frames > training_frames else None,
+            grad_last_frames=training_frames if longer else None,
             first_frame=first_frame,
             kv_cache=kv_cache,
+            keep_last_frames=training_frames if longer else None,
         )
         # 3. The timestep range each frame's exit step covered.
         next_timesteps = self._next_timesteps(output.exit_timesteps)
-        return SelfForcingSample(output.latents, exit_steps, output.exit_timesteps, next_timesteps, output.nfe)
+        start = num_frames - output.latents.shape[1]
+        return SelfForcingSample(output.latents, exit_steps, output.exit_timesteps, next_timesteps, output.nfe, start)
 
     def _next_timesteps(self, exit_timesteps: Tensor) -> Tensor:
         """Map each exit timestep to the following one in the student's list (0 after the last; 0 stays 0)."""

@@ -68,7 +68,7 @@ def test_the_scores_see_the_last_window_of_a_longer_rollout():
 
 def saved_bytes(objective, models, g, frames: int) -> int:
     """Bytes autograd keeps for backward in one generator loss rolled out to `frames` latent frames."""
-    objective._rollout_frames = lambda: frames
+    objective.fixed_rollout_frames = frames
     total = [0]
 
     def pack(tensor):

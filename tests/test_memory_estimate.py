@@ -93,3 +93,20 @@ def test_bad_input_is_one_line(tmp_path):
     assert_one_line_error(run_script([script, "--config_path", DMD, "--gpu_memory_gb", "nan"]), "--gpu_memory_gb nan")
     assert_one_line_error(run_script([script, "--config_path", DMD, "nonsense"]), "unexpected argument 'nonsense'")
     assert_one_line_error(run_script([script, "--config_path", str(tmp_path / "missing.yaml")]), "not found")
+
+
+def test_long_tuning_estimates_one_window_whatever_the_length(tmp_path):
+    """The estimate of long tuning rolls out its longest length: from 2x to 8x the training length its step's working
+    memory grows only by the start noise of the extra frames (and its copy), not by their activations or latents."""
+    from utils.config import load_config
+    from utils.geometry import derive_geometry
+
+    size = ("video.height=256", "video.width=384")  # activations, not weights, dominate the step
+    short, _ = estimate(tmp_path, "x2", "--config_path", DMD, "--nproc_per_node", "2", "distill.long_rollout_factor=2", *size)
+    long, _ = estimate(tmp_path, "x8", "--config_path", DMD, "--nproc_per_node", "2", "distill.long_rollout_factor=8", *size)
+    g = derive_geometry(load_config(DMD, list(size)), check_weights=False)
+    frame_bytes = 4 * g.latent_channels * g.latent_height * g.latent_width
+    extra_frames = (8 - 2) * g.num_latent_frames
+    work = "step working memory at the peak"
+    grown = rows(long)[work] - rows(short)[work]
+    assert grown <= 2.5 * extra_frames * frame_bytes, (rows(short)[work], rows(long)[work], extra_frames * frame_bytes)

@@ -162,6 +162,8 @@ def measure_step(config: Config, info: DistInfo, *, fake: bool) -> MemoryReport:
     data_parallel = build_data_parallel(info, config.parallel.sp_size, config.train.sharding_strategy)
     mesh = build_mesh(info, config.train.sharding_strategy)  # device meshes are built outside the fake mode
     objective = build_objective(config, recipe.geometry)
+    if getattr(objective, "long_rollout_factor", 1) > 1:  # long tuning: the longest rollout it may draw
+        objective.fixed_rollout_frames = objective.longest_rollout_frames
     device = info.device
     mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext()
     single_bf16 = config.train.mixed_precision and info.world_size == 1
@@ -169,6 +171,7 @@ def measure_step(config: Config, info: DistInfo, *, fake: bool) -> MemoryReport:
     def autocast():
         return torch.autocast(device.type, dtype=torch.bfloat16) if single_bf16 else contextlib.nullcontext()
 
+    torch.manual_seed(config.train.seed)  # the same exit steps and draws every time: a reproducible estimate
     with mode:
         models: ModelSet = build_models(config, recipe, device, mesh, data_parallel.sequence,
                                         MemoryProfiler(False, device))
