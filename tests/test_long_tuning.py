@@ -8,7 +8,7 @@ import torch
 
 from model import Models, build_objective
 from pipeline.components import build_dit
-from tests.helpers import REPO_ROOT, assert_one_line_error, run_script
+from tests.helpers import REPO_ROOT, run_script
 from tests.test_objectives import score_batch
 from utils.config import load_config
 from utils.errors import UserError
@@ -96,15 +96,28 @@ def test_long_tuning_settings_are_checked():
         long_setup(1000)
 
 
-def test_a_long_tuning_run_trains_and_logs_its_rollout_lengths(tmp_path):
-    proc = run_script(["train.py", "--config_path", str(REPO_ROOT + "/" + RECIPE), "--logdir", str(tmp_path / "run"),
-                       "--disable-wandb", "distill.long_rollout_factor=4", "train.max_steps=4", "train.log_iters=1",
-                       "train.save_iters=4", "distill.dfake_gen_update_ratio=1"])
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def test_long_tuning_resumes_exactly(tmp_path):
+    """A long-tuning run trains and logs the lengths it drew; stopped at step 2 and resumed to 4, it draws the same
+    lengths and ends with the same weights, critic and optimizer states as one run of 4 steps."""
     import json
 
-    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    lengths = [r["generator/rollout_frames"] for r in records if "generator/rollout_frames" in r]
-    assert len(lengths) == 4 and all(torch.isfinite(torch.tensor(r["generator_loss"])) for r in records)
-    assert_one_line_error(run_script(["train.py", "--config_path", str(REPO_ROOT + "/" + RECIPE), "--logdir",
-                                      str(tmp_path / "bad"), "distill.long_rollout_factor=0"]), "long_rollout_factor")
+    from tests.train_helpers import checkpoint_tensors
+
+    def train(logdir, steps):
+        proc = run_script(["train.py", "--config_path", str(REPO_ROOT + "/" + RECIPE), "--logdir", str(logdir),
+                           "--disable-wandb", "distill.long_rollout_factor=4", f"train.max_steps={steps}",
+                           "train.log_iters=1", "train.save_iters=2", "distill.dfake_gen_update_ratio=1"])
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return [json.loads(line) for line in (logdir / "metrics.jsonl").read_text().splitlines()]
+
+    straight = train(tmp_path / "straight", 4)
+    train(tmp_path / "resumed", 2)
+    resumed = train(tmp_path / "resumed", 4)
+    lengths = lambda records: [r.get("generator/rollout_frames") for r in records]  # noqa: E731
+    assert lengths(resumed) == lengths(straight) and len(set(lengths(straight))) > 1 and None not in lengths(straight)
+    assert all(torch.isfinite(torch.tensor(r["generator_loss"])) for r in straight)
+    reference = checkpoint_tensors(tmp_path / "straight" / "checkpoints" / "step_000004")
+    other = checkpoint_tensors(tmp_path / "resumed" / "checkpoints" / "step_000004")
+    assert reference.keys() == other.keys() and any(k.startswith("critic.optim.") for k in reference)
+    for key, tensor in reference.items():
+        assert torch.equal(other[key], tensor), key

@@ -57,13 +57,24 @@ def test_estimate_agrees_with_the_measured_step_within_10_percent(tmp_path, reci
     assert "peak per rank" in stdout and "fits" in stdout
 
 
-def test_sequence_parallelism_shrinks_the_working_memory(tmp_path):
+def test_sequence_parallelism_shrinks_the_working_memory_and_long_tuning_keeps_it(tmp_path):
+    from utils.config import load_config
+    from utils.geometry import derive_geometry
+
     size = ("video.height=256", "video.width=384")  # 2304 tokens: activations, not weights, dominate the step
     whole, _ = estimate(tmp_path, "sp1", "--config_path", DMD, "--nproc_per_node", "2", *size)
     split, _ = estimate(tmp_path, "sp2", "--config_path", DMD, "--nproc_per_node", "2", "parallel.sp_size=2", *size)
     work = "step working memory at the peak"
     assert rows(split)[work] < 0.7 * rows(whole)[work]
     assert rows(split)["generator parameters"] == rows(whole)["generator parameters"]  # FSDP shards alike
+    # Long tuning's estimate rolls out its longest length (8x): the working memory grows only by the start noise of
+    # the extra frames (and its copy), not by their activations or latents.
+    long, _ = estimate(tmp_path, "x8", "--config_path", DMD, "--nproc_per_node", "2", "distill.long_rollout_factor=8", *size)
+    g = derive_geometry(load_config(DMD, list(size)), check_weights=False)
+    extra_frames = (8 - 1) * g.num_latent_frames
+    frame_bytes = 4 * g.latent_channels * g.latent_height * g.latent_width
+    grown = rows(long)[work] - rows(whole)[work]
+    assert grown <= 2.5 * extra_frames * frame_bytes, (rows(whole)[work], rows(long)[work], extra_frames * frame_bytes)
 
 
 def test_a_recipe_that_does_not_fit_gets_the_smallest_change_that_fits(tmp_path):
@@ -93,20 +104,3 @@ def test_bad_input_is_one_line(tmp_path):
     assert_one_line_error(run_script([script, "--config_path", DMD, "--gpu_memory_gb", "nan"]), "--gpu_memory_gb nan")
     assert_one_line_error(run_script([script, "--config_path", DMD, "nonsense"]), "unexpected argument 'nonsense'")
     assert_one_line_error(run_script([script, "--config_path", str(tmp_path / "missing.yaml")]), "not found")
-
-
-def test_long_tuning_estimates_one_window_whatever_the_length(tmp_path):
-    """The estimate of long tuning rolls out its longest length: from 2x to 8x the training length its step's working
-    memory grows only by the start noise of the extra frames (and its copy), not by their activations or latents."""
-    from utils.config import load_config
-    from utils.geometry import derive_geometry
-
-    size = ("video.height=256", "video.width=384")  # activations, not weights, dominate the step
-    short, _ = estimate(tmp_path, "x2", "--config_path", DMD, "--nproc_per_node", "2", "distill.long_rollout_factor=2", *size)
-    long, _ = estimate(tmp_path, "x8", "--config_path", DMD, "--nproc_per_node", "2", "distill.long_rollout_factor=8", *size)
-    g = derive_geometry(load_config(DMD, list(size)), check_weights=False)
-    frame_bytes = 4 * g.latent_channels * g.latent_height * g.latent_width
-    extra_frames = (8 - 2) * g.num_latent_frames
-    work = "step working memory at the peak"
-    grown = rows(long)[work] - rows(short)[work]
-    assert grown <= 2.5 * extra_frames * frame_bytes, (rows(short)[work], rows(long)[work], extra_frames * frame_bytes)

@@ -7,6 +7,7 @@ the recipe and looks at the disk.
 """
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 from model.registry import objective_class
@@ -47,11 +48,17 @@ def _stage_recipe_for(checkpoint: str) -> tuple[str, str] | None:
     return None
 
 
+@functools.lru_cache(maxsize=None)
+def _shipped(recipe: str) -> Config:
+    """A shipped stage recipe, loaded once per process."""
+    return load_config(CONFIGS.parent / recipe)
+
+
 def _pairs_recipe_for(data_path: str, config_path: str) -> str:
     """The recipe that samples the pairs of `data_path`: the shipped ODE recipe training on them (its ode settings
     make pairs at its student's steps), else this one."""
     for recipe in STAGE_LOGDIRS:
-        config = load_config(CONFIGS.parent / recipe)
+        config = _shipped(recipe)
         if objective_class(config).reads_point_timesteps and config.train.data_path == data_path:
             return recipe
     return config_path
@@ -60,7 +67,7 @@ def _pairs_recipe_for(data_path: str, config_path: str) -> str:
 def _text_pairs_for(config: Config) -> str:
     """The folder of text-to-video pairs that first frames come from: the shipped t2v ODE recipe of the same model."""
     for recipe in STAGE_LOGDIRS:
-        other = load_config(CONFIGS.parent / recipe)
+        other = _shipped(recipe)
         if other.video.task == "t2v" and other.generator.preset == config.generator.preset \
                 and objective_class(other).reads_point_timesteps and not other.ode.causal_teacher:  # fmt: skip
             return str(Path(other.train.data_path).with_suffix(""))
