@@ -127,8 +127,7 @@ class ScoreDistillation(Objective):
         window of a longer rollout (the frames before it ran without gradient, their keys in the rolling cache)."""
         frames = self._rollout_frames()
         noise = self.rollout.noise(batch.batch_size, batch.context.device, num_frames=frames)
-        sample = self.rollout.generate(models.generator, noise, batch.context, first_frame=batch.first_frame)
-        return sample.last_frames(self.rollout.geometry.num_latent_frames)
+        return self.rollout.generate(models.generator, noise, batch.context, first_frame=batch.first_frame)
 
     def _rollout_frames(self) -> int:
         """Latent frames to roll out: the training length, or (long tuning) whole blocks up to N times it, drawn on

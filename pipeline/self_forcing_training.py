@@ -28,15 +28,6 @@ class SelfForcingSample:
     nfe: int
     start_frame: int = 0  # where these frames start in the rollout (a window of a longer one: > 0)
 
-    def last_frames(self, count: int) -> "SelfForcingSample":
-        """The last `count` frames (the window a long rollout keeps gradient in); the sample itself when shorter."""
-        total = self.latents.shape[1]
-        if total <= count:
-            return self
-        start = total - count
-        return SelfForcingSample(self.latents[:, start:], self.exit_steps, self.exit_timesteps[:, start:],
-                                 self.next_timesteps[:, start:], self.nfe, self.start_frame + start)
-
 
 class SelfForcingRollout:
     """Draw exit steps, run the block-wise rollout with gradient at the exit steps."""
