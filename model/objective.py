@@ -36,6 +36,7 @@ class Batch:
     ode_latents: Optional[Tensor] = None  # [B, P, F, C, H, W] kept teacher trajectory points, the last one clean
     ode_timesteps: Optional[Tensor] = None  # [P] timestep of each kept point (the last is 0)
     first_frame: Optional[Tensor] = None  # [B, 1, C, H, W] TI2V: the given clean first latent frame
+    switch_context: Optional[Tensor] = None  # [B, L, D] another prompt per sample (long tuning's prompt switches)
 
     @property
     def batch_size(self) -> int:
@@ -55,6 +56,11 @@ class Objective(ABC):
     reads_point_timesteps: ClassVar[bool] = False  # its loss uses the pairs' point timesteps (the student's steps)
     encodes_first_frames: ClassVar[bool] = False  # TI2V: encodes the prompt file's images itself (a VAE in training)
     rolls_out: ClassVar[bool] = False  # the generator rolls out block by block with a KV cache (self forcing)
+
+    @classmethod
+    def switches_prompts(cls, config) -> bool:
+        """Whether its batches carry a second prompt per sample (`Batch.switch_context`, long tuning's switches)."""
+        return False
 
     @abstractmethod
     def generator_loss(self, models: Models, batch: Batch) -> tuple[Tensor, Logs]:

@@ -42,8 +42,8 @@ def build_objective(config: Config, geometry: Geometry) -> Objective:
 def random_batch(config: Config, geometry: Geometry, batch_size: int, device: torch.device | str,
                  dtype: Optional[torch.dtype] = None, generator: Optional[torch.Generator] = None) -> Batch:
     """A micro-batch of the recipe's shapes with random values: full-length text contexts, the kept ODE points
-    for objectives that read pairs, a first latent frame for TI2V objectives that take one (memory estimates,
-    profiles, verification)."""
+    for objectives that read pairs, a first latent frame for TI2V objectives that take one, a switch prompt's context
+    for those that switch prompts (memory estimates, profiles, verification)."""
     from utils.fake import real_values
 
     g, cls = geometry, objective_class(config)
@@ -60,6 +60,8 @@ def random_batch(config: Config, geometry: Geometry, batch_size: int, device: to
             batch.ode_timesteps = torch.linspace(float(config.flow.num_train_timesteps), 0.0, points)
     if config.video.task == "ti2v" and cls.encodes_first_frames:
         batch.first_frame = randn(batch_size, 1, *g.latent_shape[2:])
+    if cls.switches_prompts(config):
+        batch.switch_context = randn(batch_size, g.text_len, g.text_dim)
     return batch
 
 

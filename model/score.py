@@ -6,6 +6,7 @@ DMD and SiD differ only by how the real and fake predictions turn into a generat
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from abc import abstractmethod
 from dataclasses import dataclass
 from typing import Optional
@@ -61,6 +62,9 @@ def check_long_rollout(geometry, factor: int) -> None:
         raise UserError(f"distill.long_rollout_factor={factor} rolls out up to {longest} latent frames: the RoPE table "
                         f"places at most {ROPE_MAX_POSITIONS}; expected a factor up to "
                         f"{ROPE_MAX_POSITIONS // geometry.num_latent_frames}")
+    if geometry.block_sizes[0] != geometry.num_frame_per_block:
+        raise UserError("distill.long_rollout_factor > 1 rolls out in whole blocks of video.num_frame_per_block frames: "
+                        "expected rollout.independent_first_frame false")
     if geometry.sink_frames >= geometry.cache_frames:
         raise UserError(f"rollout.sink_size={geometry.sink_frames} leaves no room in the {geometry.cache_frames}-frame "
                         "cache window that long tuning rolls through")
@@ -100,7 +104,11 @@ class ScoreDistillation(Objective):
         distill = config.distill
         return cls(SelfForcingRollout.from_config(config, geometry), ScoreTimesteps.from_config(config),
                    distill.guidance_scale, distill.guidance_form, long_rollout_factor=distill.long_rollout_factor,
-                   **cls.loss_settings(config))
+                   prompt_switch_share=distill.prompt_switch_share, **cls.loss_settings(config))
+
+    @classmethod
+    def switches_prompts(cls, config: Config) -> bool:
+        return config.distill.prompt_switch_share > 0
 
     @classmethod
     def loss_settings(cls, config: Config) -> dict:
@@ -108,10 +116,12 @@ class ScoreDistillation(Objective):
         return {}
 
     def __init__(self, rollout: SelfForcingRollout, score_timesteps: ScoreTimesteps, guidance_scale: float,
-                 guidance_form: str, long_rollout_factor: int = 1):
+                 guidance_form: str, long_rollout_factor: int = 1, prompt_switch_share: float = 0.0):
         self.rollout = rollout
         self.long_rollout_factor = long_rollout_factor
-        self.fixed_rollout_frames: Optional[int] = None  # set: every rollout this long (memory estimates: the longest)
+        self.prompt_switch_share = prompt_switch_share
+        # set: every rollout this long, switching prompt whenever switches are on (memory estimates: the longest)
+        self.fixed_rollout_frames: Optional[int] = None
         if long_rollout_factor > 1:
             check_long_rollout(rollout.geometry, long_rollout_factor)
         self.score_timesteps = score_timesteps
@@ -122,26 +132,42 @@ class ScoreDistillation(Objective):
     def distribution_loss(self, x: Tensor, real_x0: Tensor, fake_x0: Tensor) -> tuple[Tensor, Logs]:
         """The generator loss from its output x (with gradient) and the scores' x0 (without), generated frames only."""
 
-    def _sample(self, models: Models, batch: Batch) -> SelfForcingSample:
-        """The self-forcing sample the scores see: the training length, or with long tuning the last training-length
-        window of a longer rollout (the frames before it ran without gradient, their keys in the rolling cache)."""
-        frames = self._rollout_frames()
-        noise = self.rollout.noise(batch.batch_size, batch.context.device, num_frames=frames)
-        return self.rollout.generate(models.generator, noise, batch.context, first_frame=batch.first_frame)
+    def _sample(self, models: Models, batch: Batch) -> tuple[SelfForcingSample, Batch]:
+        """The self-forcing sample the scores see, and the batch they score it under.
 
-    def _rollout_frames(self) -> int:
-        """Latent frames to roll out: the training length, or (long tuning) whole blocks up to N times it, drawn on
-        rank 0 and broadcast so every rank rolls out alike."""
+        The training length; or with long tuning the last training-length window of a longer rollout (the frames
+        before it ran without gradient, their keys in the rolling cache), and with a prompt switch drawn, that window
+        made and scored under the batch's switch prompt.
+        """
+        frames, switch = self._draw_rollout()
+        if switch and batch.switch_context is None:
+            raise UserError("distill.prompt_switch_share > 0: the batch carries no switch prompt (Batch.switch_context)")
+        noise = self.rollout.noise(batch.batch_size, batch.context.device, num_frames=frames)
+        switch_context = batch.switch_context if switch else None
+        sample = self.rollout.generate(models.generator, noise, batch.context, first_frame=batch.first_frame,
+                                       switch_context=switch_context)
+        return sample, (dataclasses.replace(batch, context=switch_context) if switch else batch)
+
+    def _draw_rollout(self) -> tuple[int, bool]:
+        """Latent frames to roll out and whether the prompt switches: the training length, or (long tuning) whole
+        blocks up to N times it, switching in a share of the longer ones; drawn on rank 0 and broadcast so every rank
+        rolls out alike."""
         geometry = self.rollout.geometry
+        switching = self.prompt_switch_share > 0
         if self.fixed_rollout_frames is not None:
-            return self.fixed_rollout_frames
+            frames = self.fixed_rollout_frames
+            return frames, switching and frames > geometry.num_latent_frames
         if self.long_rollout_factor == 1:
-            return geometry.num_latent_frames
+            return geometry.num_latent_frames, False
         block = geometry.num_frame_per_block
         extra_blocks = (self.long_rollout_factor - 1) * geometry.num_latent_frames // block
         with real_values():
-            drawn = int(torch.randint(0, extra_blocks + 1, (1,)))
-        return geometry.num_latent_frames + broadcast_int_list([drawn])[0] * block
+            drawn = [int(torch.randint(0, extra_blocks + 1, (1,)))]
+            if switching:  # drawn only when switches are on: a run without them keeps its random stream
+                drawn.append(int(torch.rand(()) < self.prompt_switch_share))
+        drawn = broadcast_int_list(drawn)
+        switch = switching and drawn[0] > 0 and bool(drawn[1])
+        return geometry.num_latent_frames + drawn[0] * block, switch
 
     @property
     def longest_rollout_frames(self) -> int:
@@ -162,8 +188,8 @@ class ScoreDistillation(Objective):
         return add_noise(x, noise, per_frame, self.score_timesteps.num_train_timesteps), per_frame, noise, timestep
 
     def generator_loss(self, models: Models, batch: Batch) -> tuple[Tensor, Logs]:
-        # 1. The generator's self-forcing sample, with gradient at the exit steps.
-        sample = self._sample(models, batch)
+        # 1. The generator's self-forcing sample, with gradient at the exit steps (and the batch it is scored under).
+        sample, batch = self._sample(models, batch)
         x = sample.latents
         # 2. Real (guided) and fake (conditional) x0 at a random noise level. Score parameters never get
         #    gradients; with scores_carry_gradient (SiD) the gradient reaches x through the scores' inputs.
@@ -182,12 +208,14 @@ class ScoreDistillation(Objective):
         logs.update(score_timestep=timestep.mean(), exit_step=sum(sample.exit_steps) / len(sample.exit_steps))
         if self.long_rollout_factor > 1:
             logs["rollout_frames"] = float(sample.start_frame + x.shape[1])
+        if self.prompt_switch_share > 0:
+            logs["prompt_switched"] = float(sample.switched)
         return loss, logs
 
     def critic_loss(self, models: Models, batch: Batch) -> tuple[Tensor, Logs]:
         # 1. A detached self-forcing sample (no gradient into the generator).
         with torch.no_grad():
-            sample = self._sample(models, batch)
+            sample, batch = self._sample(models, batch)
             x, held = sample.latents, self._holds_first_frame(batch, sample)
             x_t, per_frame, noise, timestep = self._noisy(x, held)
         # 2. Flow matching: the fake score regresses v = noise - x at the fresh timestep.

@@ -183,7 +183,8 @@ class BlockRollout:
         kv_cache: storage to reuse (reset here); a new one sized by the geometry otherwise.
         on_block(index, latents [B, f, C, H, W]) is called as soon as a block is final (streaming decode).
         noise_generator: RNG of the fresh re-noising noise (default: the global one).
-        prompt_switch(index) -> PromptSwitch or None, asked before every block after the first (inference).
+        prompt_switch(index) -> PromptSwitch or None, asked before every block after the first (inference, and long
+            tuning's switches).
         on_pass(ForwardPass) -> a context manager entered around each generator forward, told which pass it is
             (inference's timing and memory phases).
         keep_last_frames: return only the blocks within the last N frames (latents and exit timesteps); the others
@@ -204,8 +205,6 @@ class BlockRollout:
                                              device=noise.device, sp_size=sp_size_of(generator))
         kv_cache.reset()
         shared = _Forward(generator, context, kv_cache, noise_generator, on_pass)
-        if keep_last_frames is not None and prompt_switch is not None:
-            raise UserError("a rollout that keeps only its last frames cannot recache them for a prompt switch")
         keep_from = 0 if keep_last_frames is None else max(num_frames - keep_last_frames, 0)
         with torch.no_grad() if inference else contextlib.nullcontext():
             return self._roll(shared, noise, blocks, exit_steps, grad_from_frame, first_frame, on_block, prompt_switch,
@@ -230,6 +229,7 @@ class BlockRollout:
         grad_allowed = torch.is_grad_enabled()  # an outer no_grad (e.g. the critic's rollout) wins
         timesteps = self.timesteps.to(noise.device)
         outputs: list[Tensor] = []
+        cached: dict[int, Tensor] = {}  # frame -> its detached latent, for the frames the cache holds (a recache's input)
         exit_timesteps = torch.zeros(batch, num_frames, dtype=torch.float32, device=noise.device)
         nfe = 0
 
@@ -242,7 +242,7 @@ class BlockRollout:
             if switch is not None:
                 shared.context = switch.context
                 if switch.recache:
-                    nfe += self._recache(shared, outputs, blocks[:index], clean_frames, index)
+                    nfe += self._recache(shared, cached, blocks[:index], clean_frames, index)
             # 3. Frames held clean at t = 0 (the TI2V first frame): mask 0 there, 1 elsewhere.
             holds_first_frame = first_frame is not None and start == 0
             mask = torch.ones(batch, size, dtype=torch.float32, device=noise.device)
@@ -267,6 +267,9 @@ class BlockRollout:
             # 4. Context pass: write the finished block's K/V into the cache (no gradient, detached).
             self._context_pass(shared, block, start, mask, ForwardPass("context", index))
             nfe += 1
+            if prompt_switch is not None:  # what a later recache re-encodes: the frames the cache now holds
+                cached.update((start + f, block[:, f:f + 1].detach()) for f in range(size))
+                cached = {frame: cached[frame] for frame in shared.kv_cache.slot_frames}
             start += size
         return RolloutOutput(latents=torch.cat(outputs, dim=1), exit_timesteps=exit_timesteps[:, keep_from:], nfe=nfe)
 
@@ -279,24 +282,22 @@ class BlockRollout:
                 block_in = add_noise(block_in, shared.fresh_noise(block_in), context_t, self.num_train_timesteps)
             shared.flow(block_in, context_t, start, commit=True, which=which)
 
-    def _recache(self, shared: "_Forward", outputs: list[Tensor], blocks: Sequence[int], clean_frames: int,
+    def _recache(self, shared: "_Forward", held: dict[int, Tensor], blocks: Sequence[int], clean_frames: int,
                  before_block: int) -> int:
-        """Re-run the context passes of the frames the cache holds under shared.context; returns the forwards.
-
-        The frames kept (sink and recent window) are recommitted at their own positions, per original block.
+        """Re-run the context passes of the frames the cache holds (`held`: frame -> latent) under shared.context;
+        returns the forwards. The frames kept (sink and recent window) are recommitted at their own positions, per
+        original block.
         """
-        held = set(shared.kv_cache.slot_frames)
-        clean = torch.cat(outputs, dim=1)
         shared.kv_cache.reset()
         passes, start = 0, 0
         for size in blocks:
             frames = [f for f in range(start, start + size) if f in held]
             if frames:
                 first, count = frames[0], len(frames)
-                mask = torch.ones(clean.shape[0], count, dtype=torch.float32, device=clean.device)
+                latents = torch.cat([held[f] for f in frames], dim=1)
+                mask = torch.ones(latents.shape[0], count, dtype=torch.float32, device=latents.device)
                 mask[:, : max(0, clean_frames - first)] = 0.0  # given frames (TI2V frame, given blocks) stay clean
-                self._context_pass(shared, clean[:, first:first + count], first, mask,
-                                   ForwardPass("recache", before_block))
+                self._context_pass(shared, latents, first, mask, ForwardPass("recache", before_block))
                 passes += 1
             start += size
         return passes

@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from pipeline.rollout import BlockRollout, CausalGenerator, draw_exit_steps
+from pipeline.rollout import BlockRollout, CausalGenerator, PromptSwitch, draw_exit_steps
 from utils.config import Config
 from utils.geometry import Geometry
 from wan.modules.kv_cache import KVCache
@@ -27,6 +27,7 @@ class SelfForcingSample:
     next_timesteps: Tensor  # [B, F]: the timestep that step denoised towards (the next in the list; 0 after the last)
     nfe: int
     start_frame: int = 0  # where these frames start in the rollout (a window of a longer one: > 0)
+    switched: bool = False  # the prompt switched (to the switch context) where these frames start
 
 
 class SelfForcingRollout:
@@ -63,11 +64,13 @@ class SelfForcingRollout:
         *,
         first_frame: Optional[Tensor] = None,
         kv_cache: Optional[KVCache] = None,
+        switch_context: Optional[Tensor] = None,
     ) -> SelfForcingSample:
         """One self-forcing sample; under an outer torch.no_grad() it is the detached sample the critic trains on.
 
         A rollout longer than the training length keeps gradient only in its last training-length frames, and returns
-        only those (`start_frame` says where they start).
+        only those (`start_frame` says where they start). switch_context [B, L, D] (long rollouts only): the prompt
+        switches to it at the block where those frames start, the cached frames re-encoded under it first.
         """
         # 1. Exit steps: drawn once on rank 0, broadcast.
         num_frames = noise.shape[1]
@@ -78,6 +81,15 @@ class SelfForcingRollout:
         # 2. The shared rollout, gradient at each exit step.
         training_frames = self.geometry.num_latent_frames
         longer = num_frames > training_frames
+        switch_hook = None
+        if switch_context is not None:
+            if not longer:
+                raise ValueError("a prompt switch needs a rollout longer than the training length")
+            switch_frame = num_frames - training_frames
+            starts = [sum(self.rollout.block_sizes(num_frames)[:n]) for n in range(num_blocks)]
+            switch_block = starts.index(switch_frame)  # whole blocks (long tuning refuses a one-frame head block)
+            switch = PromptSwitch(switch_context, recache=True)
+            switch_hook = lambda index: switch if index == switch_block else None  # noqa: E731
         output = self.rollout.run(
             generator,
             noise,
@@ -87,11 +99,13 @@ class SelfForcingRollout:
             first_frame=first_frame,
             kv_cache=kv_cache,
             keep_last_frames=training_frames if longer else None,
+            prompt_switch=switch_hook,
         )
         # 3. The timestep range each frame's exit step covered.
         next_timesteps = self._next_timesteps(output.exit_timesteps)
         start = num_frames - output.latents.shape[1]
-        return SelfForcingSample(output.latents, exit_steps, output.exit_timesteps, next_timesteps, output.nfe, start)
+        return SelfForcingSample(output.latents, exit_steps, output.exit_timesteps, next_timesteps, output.nfe, start,
+                                 switched=switch_hook is not None)
 
     def _next_timesteps(self, exit_timesteps: Tensor) -> Tensor:
         """Map each exit timestep to the following one in the student's list (0 after the last; 0 stays 0)."""

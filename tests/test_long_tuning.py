@@ -3,6 +3,8 @@ cache, and the scores see, and the gradient flows through, only the last trainin
 window's whatever the rollout length."""
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -18,14 +20,15 @@ RECIPE = "configs/tiny/self_forcing_dmd.yaml"
 
 
 class Recorder(torch.nn.Module):
-    """A score network that records the shape of what it is asked to score."""
+    """A score network that records the shape of what it is asked to score, and under which text."""
 
     def __init__(self, model):
         super().__init__()
-        self.model, self.frames = model, []
+        self.model, self.frames, self.contexts = model, [], []
 
     def predict_flow(self, x, timestep, context):
         self.frames.append(x.shape[1])
+        self.contexts.append(context)
         return self.model.predict_flow(x, timestep, context)
 
 
@@ -94,18 +97,83 @@ def test_long_tuning_settings_are_checked():
         load_config(RECIPE, ["distill.long_rollout_factor=0"])
     with pytest.raises(UserError, match="RoPE table"):
         long_setup(1000)
+    with pytest.raises(UserError, match="independent_first_frame false"):
+        long_setup(2, "rollout.independent_first_frame=true", "video.num_frames=25")
+    with pytest.raises(UserError, match="prompt_switch_share.*0 unless distill.long_rollout_factor > 1"):
+        load_config(RECIPE, ["distill.prompt_switch_share=0.5"])
+    with pytest.raises(UserError, match=r"prompt_switch_share.*a share in \[0, 1\]"):
+        load_config(RECIPE, ["distill.long_rollout_factor=2", "distill.prompt_switch_share=1.5"])
+
+
+def test_a_switch_in_a_long_rollout_is_the_streaming_switch():
+    """Long tuning's switch, made while only the window is kept, is the switch inference makes while keeping every
+    frame: the same frames re-cached under the new prompt (sink and recent window), the same window after it."""
+    from pipeline.rollout import PromptSwitch
+
+    objective, models, g = long_setup(3)
+    sampler, frames = objective.rollout, 3 * g.num_latent_frames
+    blocks = sampler.rollout.block_sizes(frames)
+    switch_block = len(blocks) - len(g.block_sizes)  # where the last training-length window starts
+    exit_steps = [1] * len(blocks)
+    noise = torch.randn(1, frames, *g.latent_shape[2:], generator=torch.Generator().manual_seed(3))
+    context, other = score_batch(g).context, torch.randn(1, 4, g.text_dim, generator=torch.Generator().manual_seed(4))
+
+    def run(switch_context, keep, passes=None):
+        torch.manual_seed(0)  # the re-noising noise
+        hook = None if switch_context is None else (
+            lambda index: PromptSwitch(switch_context) if index == switch_block else None)
+        on_pass = None if passes is None else (lambda which: passes.append(which) or contextlib.nullcontext())
+        with torch.no_grad():
+            return sampler.rollout.run(models.generator, noise, context, exit_steps=exit_steps, prompt_switch=hook,
+                                       keep_last_frames=g.num_latent_frames if keep else None, on_pass=on_pass).latents
+
+    passes = []
+    window = run(other, keep=True, passes=passes)
+    streaming = run(other, keep=False)[:, -g.num_latent_frames:]
+    assert window.shape[1] == g.num_latent_frames and torch.equal(window, streaming)
+    assert not torch.allclose(window, run(None, keep=True))  # the switch changed the window
+    recaches = [p for p in passes if p.kind == "recache"]
+    assert recaches and {p.block for p in recaches} == {switch_block}
+    first_step = next(i for i, p in enumerate(passes) if p.kind == "step" and p.block == switch_block)
+    assert passes.index(recaches[0]) < first_step  # re-cached before the window's first block
+
+
+def test_switched_rollouts_are_scored_under_the_new_prompt():
+    objective, models, g = long_setup(3, "distill.prompt_switch_share=1.0")
+    batch = score_batch(g)
+    batch.switch_context = torch.randn_like(batch.context)
+    seen = set()
+    for seed in range(6):
+        torch.manual_seed(seed)
+        models.real_score.contexts.clear()
+        models.critic.contexts.clear()
+        loss, logs = objective.generator_loss(models, batch)
+        switched, longer = logs["prompt_switched"], logs["rollout_frames"] > g.num_latent_frames
+        assert switched == float(longer)  # share 1: every longer rollout switches at its window; none at 1x
+        expected = batch.switch_context if switched else batch.context
+        real, critic = models.real_score.contexts, models.critic.contexts
+        assert len(real) == 2 and real[0] is expected and real[1] is batch.negative_context  # CFG: the same negative
+        assert len(critic) == 1 and critic[0] is expected
+        seen.add(switched)
+    assert seen == {0.0, 1.0}
+    batch.switch_context = None
+    objective.fixed_rollout_frames = 2 * g.num_latent_frames
+    with pytest.raises(UserError, match="no switch prompt"):
+        objective.generator_loss(models, batch)
 
 
 def test_long_tuning_resumes_exactly(tmp_path):
-    """A long-tuning run trains and logs the lengths it drew; stopped at step 2 and resumed to 4, it draws the same
-    lengths and ends with the same weights, critic and optimizer states as one run of 4 steps."""
+    """A long-tuning run with prompt switches trains and logs the lengths and switches it drew; stopped at step 2 and
+    resumed to 4, it draws the same lengths, switches and switch prompts, and ends with the same weights, critic and
+    optimizer states as one run of 4 steps."""
     import json
 
     from tests.train_helpers import checkpoint_tensors
 
     def train(logdir, steps):
         proc = run_script(["train.py", "--config_path", str(REPO_ROOT + "/" + RECIPE), "--logdir", str(logdir),
-                           "--disable-wandb", "distill.long_rollout_factor=4", f"train.max_steps={steps}",
+                           "--disable-wandb", "distill.long_rollout_factor=4", "distill.prompt_switch_share=0.5",
+                           f"train.max_steps={steps}",
                            "train.log_iters=1", "train.save_iters=2", "distill.dfake_gen_update_ratio=1"])
         assert proc.returncode == 0, proc.stderr[-3000:]
         return [json.loads(line) for line in (logdir / "metrics.jsonl").read_text().splitlines()]
@@ -115,6 +183,8 @@ def test_long_tuning_resumes_exactly(tmp_path):
     resumed = train(tmp_path / "resumed", 4)
     lengths = lambda records: [r.get("generator/rollout_frames") for r in records]  # noqa: E731
     assert lengths(resumed) == lengths(straight) and len(set(lengths(straight))) > 1 and None not in lengths(straight)
+    switches = lambda records: [r.get("generator/prompt_switched") for r in records]  # noqa: E731
+    assert switches(resumed) == switches(straight) and set(switches(straight)) == {0.0, 1.0}
     assert all(torch.isfinite(torch.tensor(r["generator_loss"])) for r in straight)
     reference = checkpoint_tensors(tmp_path / "straight" / "checkpoints" / "step_000004")
     other = checkpoint_tensors(tmp_path / "resumed" / "checkpoints" / "step_000004")

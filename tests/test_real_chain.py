@@ -115,7 +115,8 @@ def test_readme_chain_runs_on_the_downloaded_folders(tmp_path, name):
     if "long_tuning" in chain:
         log = _run(work, "train.py", "--config_path", recipe("long_tuning"), "--logdir", f"logs/long_tuning_{name}",
                    "--disable-wandb", *sizes)
-        assert "rollout_frames" in (work / f"logs/long_tuning_{name}" / "metrics.jsonl").read_text(), log.stdout[-500:]
+        metrics = (work / f"logs/long_tuning_{name}" / "metrics.jsonl").read_text()
+        assert "rollout_frames" in metrics and "prompt_switched" in metrics, log.stdout[-500:]
 
 
 @pytest.mark.slow

@@ -47,6 +47,19 @@ def test_sampler_shards_are_disjoint_resumable_and_reshuffled():
         ShardedSampler(3, 1, 0, 4, 0)
 
 
+def test_switch_partners_are_other_items_drawn_again_each_epoch():
+    sampler = ShardedSampler(5, batch_size=5, rank=0, world_size=1, seed=3)
+    indices = list(range(5))
+    partners = sampler.partner_indices(indices)
+    assert all(0 <= p < 5 and p != i for i, p in zip(indices, partners))
+    assert ShardedSampler(5, 5, 0, 1, seed=3).partner_indices(indices) == partners  # from the seed and epoch alone
+    per_epoch = []
+    for _ in range(4):
+        sampler.next_indices()  # one whole epoch
+        per_epoch.append(sampler.partner_indices(indices))
+    assert len({tuple(p) for p in per_epoch}) > 1
+
+
 def test_ema_starts_with_a_copy_then_averages():
     model = nn.Linear(2, 2, bias=False)
     ema = ParameterEMA(model, decay=0.5, start_step=2)

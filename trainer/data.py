@@ -39,8 +39,9 @@ class BatchSource:
     """Hands out the next Batch for this rank; its position is the sampler's (saved in checkpoints)."""
 
     def __init__(self, dataset: Dataset, sampler: ShardedSampler, text_encoder: nn.Module, negative_prompt: str,
-                 device: torch.device, *, ti2v: bool, vae: Optional[nn.Module] = None) -> None:
-        self.dataset, self.sampler, self.ti2v = dataset, sampler, ti2v
+                 device: torch.device, *, ti2v: bool, vae: Optional[nn.Module] = None,
+                 switch_prompts: bool = False) -> None:
+        self.dataset, self.sampler, self.ti2v, self.switch_prompts = dataset, sampler, ti2v, switch_prompts
         self.text_encoder, self.negative_prompt = text_encoder, negative_prompt
         self.device, self.vae = device, vae
 
@@ -48,9 +49,14 @@ class BatchSource:
     def next(self):
         from model.objective import Batch
 
-        items = collate([self.dataset[i] for i in self.sampler.next_indices()])
+        indices = self.sampler.next_indices()
+        items = collate([self.dataset[i] for i in indices])
         prompts = items["prompts"]
         context = self.text_encoder.encode(prompts).to(self.device)
+        switch_context = None
+        if self.switch_prompts:  # long tuning's prompt switches: another prompt of the data for each sample
+            partners = [self.dataset.prompt(i) for i in self.sampler.partner_indices(indices)]
+            switch_context = self.text_encoder.encode(partners).to(self.device)
         negative = self.text_encoder.encode_cached(self.negative_prompt).to(self.device)
         ode_latents = ode_timesteps = first_frame = None
         if "ode_latents" in items:
@@ -68,4 +74,5 @@ class BatchSource:
             ode_latents=ode_latents,
             ode_timesteps=ode_timesteps,
             first_frame=first_frame,
+            switch_context=switch_context,
         )

@@ -44,6 +44,16 @@ class ShardedSampler:
             self.cursor += 1
         return indices
 
+    def partner_indices(self, indices: list[int]) -> list[int]:
+        """Another item for each index (a prompt to switch to), drawn from the seed, the epoch and the index alone, so
+        a resumed run draws the same partners."""
+        partners = []
+        for index in indices:
+            generator = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 1_000_033 + index)
+            other = int(torch.randint(0, max(self.num_items - 1, 1), (1,), generator=generator))
+            partners.append(other + 1 if self.num_items > 1 and other >= index else other)
+        return partners
+
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "cursor": self.cursor}
 

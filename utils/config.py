@@ -164,6 +164,11 @@ class DistillConfig:
     # rolling cache (rollout.local_attn_size, or the training length when -1; rollout.sink_size), and the teacher and
     # critic score only its last training-length window, the only frames with gradient: memory stays one window's.
     long_rollout_factor: int = 1
+    # Long tuning's prompt switches (LongLive's interactive tuning), off at 0 (published Self-Forcing and long tuning
+    # keep one prompt). A share of long rollouts (those longer than the training length) switch, at the block where
+    # the scored window starts, to another prompt of the data, re-caching the held frames under it; the teacher and
+    # critic score that window under the new prompt, so the student learns to follow a switch.
+    prompt_switch_share: float = 0.0
 
 
 @dataclass
@@ -470,6 +475,9 @@ def validate_choices(config: Config) -> None:
         ("distill.dfake_gen_update_ratio", config.distill.dfake_gen_update_ratio >= 1, "at least 1"),
         ("distill.long_rollout_factor", config.distill.long_rollout_factor >= 1,
          "1 (the training length, as published) or more (long tuning)"),
+        ("distill.prompt_switch_share", 0 <= config.distill.prompt_switch_share <= 1, "a share in [0, 1]"),
+        ("distill.prompt_switch_share", config.distill.prompt_switch_share == 0 or config.distill.long_rollout_factor > 1,
+         "0 unless distill.long_rollout_factor > 1 (a switch happens inside a long rollout)"),
         ("rollout.denoising_step_list", len(config.rollout.denoising_step_list) >= 1, "at least one timestep"),
         ("rollout.sink_size", config.rollout.sink_size >= 0, "0 or more frames"),
         ("evaluation.every", config.evaluation.every >= 0, "0 (off) or a number of iterations"),

@@ -90,6 +90,9 @@ class TextPromptDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         return {"prompt": self.prompts[index]}
 
+    def prompt(self, index: int) -> str:
+        return self.prompts[index]
+
 
 # --------------------------------------------------------------------------------------------- images
 MAX_IMAGE_PIXELS = 8192 * 8192  # a first frame larger than this is refused before it is decoded
@@ -155,6 +158,10 @@ class ImageTextDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         image_path, prompt = self.entries[index]
         return {"prompt": prompt, "image": load_image(image_path, self.height, self.width)}
+
+    def prompt(self, index: int) -> str:
+        """The line's prompt alone (a long rollout's switch prompt: no image read)."""
+        return self.entries[index][1]
 
 
 # --------------------------------------------------------------------------------------------- batching
