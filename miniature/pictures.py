@@ -84,3 +84,26 @@ def frame_strips(path: Path, videos: dict[str, torch.Tensor], num_frames: int = 
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def segment_adherence(path: Path, summaries: dict[str, dict], fps: float, title: str = "") -> Path:
+    """Long videos over time: each model's per-segment adherence and appearance (miniature.report.long_video_summary)
+    against the segment's start in seconds, the first segment's level dashed."""
+    plt = _matplotlib()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5), squeeze=False)
+    for axis, key in zip(axes[0], ("adherence", "appearance")):
+        for name, summary in summaries.items():
+            segments = summary["segments"]
+            seconds = [segment["start"] / fps for segment in segments]
+            line, = axis.plot(seconds, [segment[key] for segment in segments], marker="o", label=name)
+            axis.axhline(segments[0][key], color=line.get_color(), linestyle="--", linewidth=0.8)
+        axis.set_title(f"{key} per {next(iter(summaries.values()))['segment_frames']}-frame segment", fontsize=9)
+        axis.set_xlabel("segment start (s)")
+        axis.set_ylim(0, 1.05)
+        axis.legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -258,7 +258,7 @@ def write_report(out_dir: Path, results: dict, settings: dict, name: str = "repo
         "",
         "Temporal goals (reported, not part of the verdict): " + json.dumps(goals),
         "",
-        "Pictures: training_curves.png, frames.png, long_video.png; videos under videos/.",
+        "Pictures: training_curves.png, frames.png, long_video.png, long_video_segments.png; videos under videos/.",
     ]
     atomic_write_text(out_dir / f"{name}.md", "\n".join(lines) + "\n")
     return report

@@ -316,13 +316,15 @@ def main(argv: list[str] | None = None) -> int:
                                              [*distilled_over, "--use_ema"], stages, vae, student_geometry, world)
 
     # 6. Pictures and the report.
-    from miniature.pictures import frame_strips, training_curves
+    from miniature.pictures import frame_strips, segment_adherence, training_curves
 
     training_curves(out / "training_curves.png", {"ode_init": out / "ode_init", args.loss: out / args.loss})
     frame_strips(out / "frames.png", {"teacher": videos[0], "ode_init": init_videos[0], args.loss: distilled_videos[0]},
                  title=prompts[0][0])
     frame_strips(out / "long_video.png", {prompt[:24]: video for (prompt, _), video in zip(prompts[:4], long_videos)},
                  num_frames=15, title=f"{args.loss} student at {LONG_VIDEO_FACTOR}x its training length ({args.world} world)")
+    segment_adherence(out / "long_video_segments.png", {args.loss: results["long_video"]}, teacher_config.video.fps,
+                      title=f"{args.loss} student at {LONG_VIDEO_FACTOR}x its training length ({args.world} world)")
     settings = {"loss": args.loss, "ode_teacher": args.ode_teacher, "world": args.world, "short": args.short,
                 "num_train_prompts": num_prompts, "ode_pairs_per_caption": pairs_per_caption, "num_eval": len(prompts),
                 "student_shift": args.student_shift,

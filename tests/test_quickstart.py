@@ -62,7 +62,7 @@ def test_short_quickstart_runs_the_chain_and_reuses_stages(tmp_path, random_teac
     # per frame: 4 steps + the context pass; 3 blocks of 3 frames -> 15 forward calls per video
     assert report["dmd"]["nfe"] == report["ode_init"]["nfe"] == 5
     assert report["dmd"]["forward_calls"] == 15 and report["teacher"]["forward_calls"] == 16
-    for picture in ("training_curves.png", "frames.png", "long_video.png", "report.md"):
+    for picture in ("training_curves.png", "frames.png", "long_video.png", "long_video_segments.png", "report.md"):
         assert (out / picture).stat().st_size > 0
     assert "seam ratio" in (out / "report.md").read_text() and "## Long video" in (out / "report.md").read_text()
     assert "seam ratio by block boundary, first to last: teacher " in (out / "report.md").read_text()
@@ -171,6 +171,10 @@ def test_long_video_goal_is_adherence_in_the_wrapping_world_and_appearance_in_th
     # in the bounded world the same long clips are judged by appearance only
     bounded = long_video_summary("dmd", stopped_clips, captions, wrap.num_frames, WORLDS["bounded"])
     assert bounded["world"] == "bounded"
+    from miniature.pictures import segment_adherence
+
+    picture = segment_adherence(tmp_path / "segments.png", {"moving": moving, "stopped": stopped}, fps=16)
+    assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and picture.stat().st_size > 10_000
 
     def report(long_video):
         line = summarise("teacher", [c[:33] for c in clips], captions, [64] * 4, [1.0] * 4, [64] * 4, [3, 3, 3], 4, wrap)
