@@ -2,11 +2,12 @@
 
     python serve.py --config_path <recipe> --checkpoint <export folder> [--use_ema] [--host 127.0.0.1]
                     [--port 8000] [--max_active 1] [--max_queue 8] [--max_frames N] [--output_folder outputs/serve]
-                    [--device cuda] [--dtype bf16] [key=value ...]
+                    [--device cuda] [--dtype bf16] [--judge NAME|none] [key=value ...]
 
 The pipeline (the same CausalInferencePipeline and rollout as inference.py) is loaded once; every finished
 video is written like inference.py's (video.mp4, frames.png, inference_record.json) under --output_folder.
-It binds to localhost unless --host says otherwise.
+It binds to localhost unless --host says otherwise. With a judge (the recipe's evaluation.judge, or --judge: the
+miniature's), each training-length segment is scored as it is decoded and the page draws adherence over time.
 """
 from __future__ import annotations
 
@@ -37,6 +38,9 @@ def parse_args(argv: list[str] | None):
                         help="a host name the server answers to besides IP addresses and localhost (repeatable)")
     parser.add_argument("--allow_origin", action="append", default=[],
                         help="a web origin besides the server's own page that may use it, e.g. https://my.site (repeatable)")
+    parser.add_argument("--judge", default=None,
+                        help="score each training-length segment live with this registered judge (the miniature's: "
+                             "miniature, miniature_wrap); default: the recipe's evaluation.judge; none: off")
     return parse_cli(parser, argv)
 
 
@@ -64,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     from utils.config import load_config
     from utils.geometry import max_pixel_frames, pixel_frames_for, resolve_recipe
     from utils.io import check_output_folder
+    from utils.registry import JUDGES
     from wan.loading import recipe_for_checkpoint, resolve_generator_weights
 
     if args.max_active < 1:
@@ -83,6 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     device = check_device(args.device)
     resolve_generator_weights(args.checkpoint, args.use_ema, resolved.generator.arch)
     check_port(args.host, args.port)
+    judge_name = config.evaluation.judge if args.judge is None else (None if args.judge == "none" else args.judge)
+    if judge_name is not None and judge_name not in JUDGES:
+        raise UserError(f"--judge {judge_name}: expected none or a registered judge ({', '.join(JUDGES.kinds())})")
 
     # 2. Load once, then serve.
     import uvicorn
@@ -96,11 +104,13 @@ def main(argv: list[str] | None = None) -> int:
                   "use_ema": args.use_ema, "device": str(device), "dtype": str(dtype).removeprefix("torch."),
                   "served": True, "fps": config.video.fps}
     manager = JobManager(pipe, Path(args.output_folder), max_active=args.max_active, max_queue=args.max_queue,
-                         max_frames=max_frames, parameters=parameters)
+                         max_frames=max_frames, parameters=parameters,
+                         judge=None if judge_name is None else JUDGES.get(judge_name)(),
+                         segment_frames=geometry.num_pixel_frames)
     info = {"model": args.checkpoint or "recipe generator (random weights)", "device": str(device),
             "width": geometry.width, "height": geometry.height, "num_frames": geometry.num_pixel_frames,
             "fps": config.video.fps, "task": config.video.task, "decoder": pipe.decoder_name,
-            "takes_image": pipe.takes_image}
+            "takes_image": pipe.takes_image, "judge": judge_name, "segment_frames": geometry.num_pixel_frames}
     app = create_app(manager, info, AccessRules(allow_hosts=tuple(h.lower() for h in args.allow_host),
                                                 allow_origins=tuple(args.allow_origin)))
     print(f"serving on http://{args.host}:{args.port} (load {pipe.load_s:.1f} s)", flush=True)

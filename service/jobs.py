@@ -110,8 +110,9 @@ class JobManager:
     """Admits, queues, runs and remembers jobs. `max_active` streams at once, `max_queue` waiting behind them."""
 
     def __init__(self, pipe, output_folder: Path, *, max_active: int, max_queue: int, max_frames: int,
-                 parameters: dict) -> None:
+                 parameters: dict, judge=None, segment_frames: Optional[int] = None) -> None:
         self.pipe, self.output_folder = pipe, Path(output_folder)
+        self.judge, self.segment_frames = judge, segment_frames  # live per-segment adherence (service.segments)
         self.max_active, self.max_queue, self.max_frames = max_active, max_queue, max_frames
         self.parameters = parameters
         self.jobs: dict[str, Job] = {}
@@ -209,6 +210,7 @@ class JobManager:
 
     def _run(self, job: Job) -> None:
         from pipeline.inference_outputs import RECORD_FILE, save_result
+        from service.segments import SegmentJudge
         from utils.video_io import to_uint8_frames
 
         request = job.request
@@ -220,6 +222,9 @@ class JobManager:
             job.publish({"type": "started", "job_id": job.id, "num_blocks": job.num_blocks,
                          "num_frames": kept, "width": geometry.width, "height": geometry.height,
                          "fps": self.pipe.config.video.fps})
+            segments = None if self.judge is None else SegmentJudge(self.judge, self.segment_frames)
+            judged: list[dict] = []
+            prompt_now = [request.prompt]  # the prompt in effect (a switch replaces it)
 
             def on_block(index: int, pixels) -> None:
                 frames = to_uint8_frames(pixels[0])  # [f, H, W, 3]
@@ -230,6 +235,10 @@ class JobManager:
                 job.publish({"type": "block", "index": index, "frames": len(frames), "server_time": time.time(),
                              "elapsed_s": now - job.started_at, "first_block_s": job.first_block_s})
                 job.publish(frames.tobytes())
+                if segments is not None:
+                    for event in segments.add(pixels[0], prompt_now[0]):
+                        judged.append(event)
+                        job.publish(event)
                 if job.stop.is_set():
                     raise GenerationStopped
 
@@ -240,6 +249,7 @@ class JobManager:
                 while job.switches:  # the latest request wins
                     asked = job.switches.popleft()
                 if asked is not None:
+                    prompt_now[0] = asked[0]
                     job.publish({"type": "prompt_switched", "block": index, "prompt": asked[0], "recache": asked[1]})
                 return asked
 
@@ -252,7 +262,8 @@ class JobManager:
             job.status = "done"
             job.publish({"type": "done", "job_id": job.id, "video_url": f"/jobs/{job.id}/video.mp4",
                          "record_url": f"/jobs/{job.id}/record", "timings": result.timings,
-                         "temporal": result.temporal, "prompt_switches": result.prompt_switches})
+                         "temporal": result.temporal, "prompt_switches": result.prompt_switches,
+                         "segments": judged if segments is not None else None})
         except GenerationStopped:
             job.status = "stopped"
             job.publish({"type": "stopped", "job_id": job.id})

@@ -25,8 +25,9 @@ from tests.helpers import REPO_ROOT, assert_one_line_error, run_script
 
 RECIPE = "configs/miniature/dmd.yaml"
 TEACHER = "checkpoints/miniature/teacher"
-PROMPT = "a red circle moving left on a blue background"
-OTHER = "a green square moving up on a white background"
+# captions of the miniature world, so its judge (the recipe's evaluation.judge) scores the served segments
+PROMPT = "a red circle moving left slowly on a black background"
+OTHER = "a green square moving up quickly on a white background"
 # the recipe's generator.checkpoint is its training init (outputs/quickstart/...), absent on a fresh clone: named
 # missing here on purpose, since --checkpoint replaces it
 ABSENT_INIT = "generator.checkpoint=outputs/absent/ode_init/latest/generator.safetensors"
@@ -152,6 +153,12 @@ def test_frames_stream_before_the_video_is_done_and_equal_offline_inference(serv
     assert result["last"]["type"] == "done", result["last"]
     blocks = result["blocks"]
     assert len(blocks) == 12 and sum(b["frames"] for b in blocks) == LONG
+    # the recipe's judge scored each whole 33-frame segment as it completed, before the video was done
+    segments = [m for m in result["messages"] if m["type"] == "segment"]
+    assert [s["start_frame"] for s in segments] == [0, 33, 66, 99] and result["last"]["segments"] == segments
+    assert all(0.0 <= s["adherence"] <= 1.0 and s["prompt"] == PROMPT for s in segments)
+    assert result["messages"].index(segments[0]) < result["messages"].index(result["last"]) - 10
+    assert server.get("/config")["judge"] == "miniature" and server.get("/config")["segment_frames"] == 33
     # the first block reached the client before the server had generated the last one
     assert blocks[0]["received_at"] < blocks[-1]["server_time"]
 
@@ -193,6 +200,9 @@ def test_a_prompt_switch_changes_the_blocks_from_where_it_took_effect(server):
     for index in range(12):
         same = np.array_equal(switched["blocks"][index]["pixels"], plain["blocks"][index]["pixels"])
         assert same == (index < block), index
+    # a segment is judged against the prompt its last block was made under (segments end in blocks 2, 5, 8, 11)
+    judged = [m["prompt"] for m in switched["messages"] if m["type"] == "segment"]
+    assert judged == [OTHER if last >= block else PROMPT for last in (2, 5, 8, 11)]
 
 
 def test_two_sessions_run_side_by_side(server):
@@ -504,7 +514,7 @@ def test_the_page_plays_the_stream_in_a_real_browser(server, tmp_path):
         browser.wait_for("document.getElementById('frames').value !== ''")  # /config loaded
         assert browser.evaluate("document.getElementById('model').textContent").endswith("· full decoder")
         # a text-to-video student: the page offers no first-frame field
-        assert browser.evaluate("document.getElementById('image-field').hidden") is True
+        assert browser.evaluate("getComputedStyle(document.getElementById('image-field')).display") == "none"
         blank = browser.evaluate("document.getElementById('canvas').toDataURL()")
         browser.type_into("#prompt", PROMPT)
         browser.evaluate(f"document.getElementById('frames').value = {LONG}")
@@ -515,6 +525,11 @@ def test_the_page_plays_the_stream_in_a_real_browser(server, tmp_path):
         browser.screenshot(tmp_path / "streaming.png")
         browser.wait_for("window.sfState.status === 'done'", timeout=120)
         state = json.loads(browser.evaluate("JSON.stringify(window.sfState)"))
+        # the live figure: one point per judged segment, drawn as the segments arrived
+        assert browser.evaluate("getComputedStyle(document.getElementById('segments-panel')).display") != "none"
+        points = browser.evaluate("document.querySelectorAll('#segments .segment-point').length")
+        line = browser.evaluate("document.querySelector('#segments polyline').getAttribute('points')")
+        browser.evaluate("document.getElementById('segments-panel').scrollIntoView()")
         browser.screenshot(tmp_path / "done.png")
         if os.environ.get("SF_SCREENSHOT_DIR"):  # keep a copy for people (docs), when asked
             browser.screenshot(Path(os.environ["SF_SCREENSHOT_DIR"]) / "serve_page.png")
@@ -524,6 +539,7 @@ def test_the_page_plays_the_stream_in_a_real_browser(server, tmp_path):
     # the first frame was drawn before the server had finished the video
     assert state["firstFrameDrawnAt"] < state["generationDoneAt"], mid
     assert state["blocksReceived"] == state["numBlocks"] == 12 and state["framesReceived"] == LONG
+    assert len(state["segments"]) == points == 4 and len(line.split()) == 4
     assert (tmp_path / "streaming.png").stat().st_size > 1000 and (tmp_path / "done.png").stat().st_size > 1000
 
 
@@ -562,6 +578,8 @@ def test_serve_command_line_errors_are_one_line(tmp_path):
     assert_one_line_error(run_script(["serve.py", "--config_path", RECIPE, "--checkpoint", str(tmp_path / "none")]),
                           "none")
     assert_one_line_error(run_script(["serve.py", "--config_path", RECIPE, "--max_active", "0"]), "--max_active 0")
+    assert_one_line_error(run_script(["serve.py", "--config_path", RECIPE, "--checkpoint", TEACHER, ABSENT_INIT,
+                                      "--judge", "vbench"]), "--judge vbench", "miniature_wrap")
     assert_one_line_error(run_script(["serve.py", "--config_path", RECIPE, "--checkpoint", TEACHER, ABSENT_INIT,
                                       "--max_frames", "5000"]), "--max_frames 5000", "RoPE")
     from tests.fixtures.light_decoder import write_checkpoint

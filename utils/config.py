@@ -242,8 +242,6 @@ class ParallelConfig:
     cfg_parallel: bool = False  # teacher sampling: the conditional and unconditional passes on two rank groups
 
 
-# evaluation.judge values -> the miniature world (miniature.world.WORLDS) whose judge scores the clips
-
 
 @dataclass
 class EvaluationConfig:

@@ -7,6 +7,7 @@ const $ = (id) => document.getElementById(id);
 const state = window.sfState = {
   status: "idle", blocksReceived: 0, framesReceived: 0, framesDrawn: 0, numBlocks: null,
   firstFrameDrawnAt: null, generationDoneAt: null, startedAt: null, jobId: null, error: null, switches: [],
+  segments: [],
 };
 let socket = null, info = null, pendingBlock = null, queue = [], timer = null;
 
@@ -17,6 +18,9 @@ async function loadInfo() {
   info = await (await fetch("config")).json();
   $("model").textContent = `${info.model} · ${info.width}x${info.height} · ${info.fps} fps · ${info.device} · ${info.decoder} decoder`;
   $("image-field").hidden = !info.takes_image;  // only a student that learnt image-to-video starts from an image
+  $("segments-panel").hidden = !info.judge;  // adherence over time needs a judge (the miniature's)
+  if (info.judge) $("segments-note").textContent =
+    `judge ${info.judge}: each ${info.segment_frames}-frame segment against the prompt it was made under`;
   $("frames").value = info.num_frames;
   $("frames").max = info.max_frames;
   $("canvas").width = info.width;
@@ -62,6 +66,42 @@ function onBlock(header, bytes) {
   $("blocks").textContent = `${state.blocksReceived} / ${state.numBlocks ?? "?"}`;
 }
 
+// Adherence of each judged segment against its start in seconds; the first segment's level dashed; a segment whose
+// prompt the judge cannot read is marked at the bottom as not judged.
+function drawSegments() {
+  const svg = $("segments"), ns = "http://www.w3.org/2000/svg";
+  const left = 34, right = 310, top = 10, bottom = 112, fps = info ? info.fps : 1;
+  const add = (name, attributes, text) => {
+    const node = document.createElementNS(ns, name);
+    for (const [key, value] of Object.entries(attributes)) node.setAttribute(key, value);
+    if (text !== undefined) node.textContent = text;
+    svg.appendChild(node);
+    return node;
+  };
+  svg.replaceChildren();
+  const last = state.segments.length ? state.segments[state.segments.length - 1] : null;
+  const span = Math.max(last ? (last.start_frame + last.frames) / fps : 1, 1e-6);
+  const x = (seconds) => left + (right - left) * seconds / span;
+  const y = (value) => bottom - (bottom - top) * value;
+  add("line", { x1: left, y1: bottom, x2: right, y2: bottom, stroke: "#78716c" });
+  add("line", { x1: left, y1: top, x2: left, y2: bottom, stroke: "#78716c" });
+  for (const value of [0, 0.5, 1]) add("text", { x: left - 4, y: y(value) + 3, "text-anchor": "end", "font-size": 9 }, value);
+  add("text", { x: (left + right) / 2, y: 134, "text-anchor": "middle", "font-size": 9 }, "segment start (s)");
+  const judged = state.segments.filter((segment) => segment.adherence !== null);
+  if (judged.length) {
+    add("line", { x1: left, x2: right, y1: y(judged[0].adherence), y2: y(judged[0].adherence), stroke: "#a8a29e",
+                  "stroke-dasharray": "4 3" });
+    const points = judged.map((s) => `${x(s.start_frame / fps).toFixed(1)},${y(s.adherence).toFixed(1)}`);
+    add("polyline", { points: points.join(" "), fill: "none", stroke: "#2563eb", "stroke-width": 1.5 });
+  }
+  for (const segment of state.segments) {
+    const seconds = segment.start_frame / fps, judgedOne = segment.adherence !== null;
+    add("circle", { cx: x(seconds), cy: y(judgedOne ? segment.adherence : 0), r: 3, class: "segment-point",
+                    fill: judgedOne ? "#2563eb" : "white", stroke: "#2563eb" });
+    add("text", { x: x(seconds), y: bottom + 11, "text-anchor": "middle", "font-size": 9 }, seconds.toFixed(1));
+  }
+}
+
 function finish(status) {
   setStatus(status);
   $("start").disabled = false; $("stop").disabled = true; $("switch").disabled = true;
@@ -80,6 +120,9 @@ function handle(message) {
     timer = setInterval(drawNext, 1000 / message.fps);
   } else if (message.type === "block") {
     pendingBlock = message;
+  } else if (message.type === "segment") {
+    state.segments.push(message);
+    drawSegments();
   } else if (message.type === "prompt_switched") {
     state.switches.push(message);
     say(`prompt changed from block ${message.block}`);
@@ -104,7 +147,9 @@ async function start() {
   let image = null;
   try { image = await readImage(); } catch (err) { say(`The image cannot be read: ${err}`); return; }
   Object.assign(state, { blocksReceived: 0, framesReceived: 0, framesDrawn: 0, numBlocks: null, firstFrameDrawnAt: null,
-                         generationDoneAt: null, startedAt: performance.now(), error: null, switches: [] });
+                         generationDoneAt: null, startedAt: performance.now(), error: null, switches: [],
+                         segments: [] });
+  drawSegments();
   queue = [];
   $("save").hidden = true;
   $("ttfb").textContent = "-"; $("fps").textContent = "-"; $("blocks").textContent = "-";
