@@ -221,6 +221,8 @@ def test_entry_points_run_on_the_downloaded_folder(replicas, tmp_path, family, l
                        "--output_folder", str(out)])
     assert proc.returncode == 0, proc.stderr
     assert len(list(out.glob("*/video.mp4"))) == 1
+    if layout == "official":
+        return  # ODE pairs and training from official folders: README's chain on them (tests/test_real_chain.py)
     # generate_ode_pairs.py: one pair
     pairs = tmp_path / "pairs"
     proc = run_script(["scripts/generate_ode_pairs.py", "--config_path", str(recipe), "--caption_path",

@@ -69,10 +69,22 @@ def assert_same_training(single, split, prefixes, rtol=1e-4):
     assert moved > 20  # the weights and optimizer states really changed between steps 2 and 4
 
 
+@pytest.fixture(scope="module")
+def single_dmd(tmp_path_factory):
+    """4 DMD steps in one process, saved at steps 2 and 4: the reference the sequence-parallel runs are held to."""
+    single = tmp_path_factory.mktemp("single_dmd")
+    assert_ok(torchrun_train(DMD, single, *STEPS, nproc=1))
+    return single
+
+
 @pytest.mark.parametrize("recipe", [DMD, SID], ids=["dmd", "sid"])
-def test_score_distillation_with_sp2_equals_one_process(tmp_path, recipe):
-    single, split = tmp_path / "single", tmp_path / "sp2"
-    assert_ok(torchrun_train(recipe, single, *STEPS, nproc=1))
+def test_score_distillation_with_sp2_equals_one_process(tmp_path, recipe, request):
+    split = tmp_path / "sp2"
+    if recipe == DMD:
+        single = request.getfixturevalue("single_dmd")
+    else:
+        single = tmp_path / "single"
+        assert_ok(torchrun_train(recipe, single, *STEPS, nproc=1))
     proc = torchrun_train(recipe, split, *STEPS, "parallel.sp_size=2")
     assert_ok(proc)
     assert_same_training(single, split, ("generator.model.", "critic.model.", "ema.shadow.", "generator.optim."))
@@ -91,10 +103,9 @@ def test_ode_regression_with_sp2_equals_one_process(tmp_path):
     assert_same_training(single, split, ("generator.model.", "generator.optim."))
 
 
-def test_resume_on_another_mesh_continues_exactly(tmp_path):
+def test_resume_on_another_mesh_continues_exactly(tmp_path, single_dmd):
     """2 steps on 2 ranks with sp_size 2 (sharded checkpoint), then steps 3-4 in one process: equals 4 steps in one."""
-    single, moved = tmp_path / "single", tmp_path / "moved"
-    assert_ok(torchrun_train(DMD, single, *STEPS, nproc=1))
+    single, moved = single_dmd, tmp_path / "moved"
     first = STEPS[:1] + ("train.max_steps=2",) + STEPS[2:]
     assert_ok(torchrun_train(DMD, moved, *first, "parallel.sp_size=2"))
     assert {p.name for p in (moved / "checkpoints" / "step_000002").glob("rng_*")} == {"rng_dp0.pt"}
