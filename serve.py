@@ -110,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     info = {"model": args.checkpoint or "recipe generator (random weights)", "device": str(device),
             "width": geometry.width, "height": geometry.height, "num_frames": geometry.num_pixel_frames,
             "fps": config.video.fps, "task": config.video.task, "decoder": pipe.decoder_name,
-            "takes_image": pipe.takes_image, "judge": judge_name, "segment_frames": geometry.num_pixel_frames}
+            "takes_image": pipe.takes_image, "needs_image": pipe.needs_image, "judge": judge_name,
+            "segment_frames": geometry.num_pixel_frames}
     app = create_app(manager, info, AccessRules(allow_hosts=tuple(h.lower() for h in args.allow_host),
                                                 allow_origins=tuple(args.allow_origin)))
     print(f"serving on http://{args.host}:{args.port} (load {pipe.load_s:.1f} s)", flush=True)

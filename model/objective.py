@@ -36,6 +36,7 @@ class Batch:
     ode_latents: Optional[Tensor] = None  # [B, P, F, C, H, W] kept teacher trajectory points, the last one clean
     ode_timesteps: Optional[Tensor] = None  # [P] timestep of each kept point (the last is 0)
     first_frame: Optional[Tensor] = None  # [B, 1, C, H, W] TI2V: the given clean first latent frame
+    first_frame_rows: Optional[Tensor] = None  # [B] bool: the rows that hold first_frame (both tasks); None: every row
     switch_context: Optional[Tensor] = None  # [B, L, D] another prompt per sample (long tuning's prompt switches)
 
     @property

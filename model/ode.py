@@ -152,9 +152,13 @@ class OdeRegression(Objective):
         x_t = latents[samples, frame_points, frames[None]]  # [B, F, C, H, W]
         per_frame = timesteps[frame_points].clone()
         clean = latents[:, -1]
-        if batch.first_frame is not None:  # TI2V: the given frame is clean and seen at t = 0
-            x_t = torch.cat([batch.first_frame.to(x_t.dtype), x_t[:, 1:]], dim=1)
-            per_frame[:, 0] = 0.0
+        if batch.first_frame is not None:  # TI2V: the given frame is clean and seen at t = 0 (in the rows holding it)
+            head = batch.first_frame.to(x_t.dtype)
+            rows = batch.first_frame_rows
+            if rows is not None:  # a batch of both tasks: the other rows regress frame 0 like any frame
+                head = torch.where(rows[:, None, None, None, None], head, x_t[:, :1])
+            x_t = torch.cat([head, x_t[:, 1:]], dim=1)
+            per_frame[:, 0] = 0.0 if rows is None else torch.where(rows, 0.0, per_frame[:, 0])
         # 2. One block-causal forward; x0 from the flow.
         g = self.geometry
         rolling = g.cache_frames < g.num_latent_frames  # the same window + sink the rollout's KV cache gives
@@ -167,8 +171,9 @@ class OdeRegression(Objective):
             values = timesteps.tolist()
         noisy_list = [[values[point] != 0 for point in sample] for sample in frame_points_list]
         if batch.first_frame is not None:
-            for sample in noisy_list:
-                sample[0] = False
+            holds = [True] * len(noisy_list) if batch.first_frame_rows is None else batch.first_frame_rows.tolist()
+            for sample, held in zip(noisy_list, holds):
+                sample[0] = sample[0] and not held
         if not any(map(any, noisy_list)):
             raise UserError("every frame of the ODE batch is at t = 0: nothing to regress")
         noisy = torch.tensor(noisy_list, device=x0.device, dtype=torch.float32)  # [B, F]

@@ -70,12 +70,21 @@ def check_long_rollout(geometry, factor: int) -> None:
                         "cache window that long tuning rolls through")
 
 
-def frame_timesteps(timestep: Tensor, num_frames: int, held_first_frame: bool) -> Tensor:
-    """[B] -> [B, F]: every frame at the sample's timestep, a held (given) first frame at 0."""
+def frame_timesteps(timestep: Tensor, num_frames: int, held_first_frame: bool, rows: Optional[Tensor] = None) -> Tensor:
+    """[B] -> [B, F]: every frame at the sample's timestep, a held (given) first frame at 0 (in `rows` [B] bool only,
+    a batch of both tasks; None: every row)."""
     per_frame = timestep[:, None].expand(-1, num_frames).clone()
     if held_first_frame:
-        per_frame[:, 0] = 0.0
+        per_frame[:, 0] = 0.0 if rows is None else torch.where(rows, 0.0, per_frame[:, 0])
     return per_frame
+
+
+def combine_rows(parts: list[tuple[int, Tensor, Logs]]) -> tuple[Tensor, Logs]:
+    """Losses and logs of row groups (rows, loss, logs) -> their mean weighted by rows (a batch of both tasks)."""
+    total = sum(rows for rows, _, _ in parts)
+    loss = sum(rows * part for rows, part, _ in parts) / total
+    logs = {key: sum(rows * part_logs[key] for rows, _, part_logs in parts) / total for key in parts[0][2]}
+    return loss, logs
 
 
 def real_score_x0(real_score: nn.Module, x_t: Tensor, timestep: Tensor, batch: Batch, scale: float, form: str,
@@ -145,7 +154,7 @@ class ScoreDistillation(Objective):
         noise = self.rollout.noise(batch.batch_size, batch.context.device, num_frames=frames)
         switch_context = batch.switch_context if switch else None
         sample = self.rollout.generate(models.generator, noise, batch.context, first_frame=batch.first_frame,
-                                       switch_context=switch_context)
+                                       first_frame_rows=batch.first_frame_rows, switch_context=switch_context)
         return sample, (dataclasses.replace(batch, context=switch_context) if switch else batch)
 
     def _draw_rollout(self) -> tuple[int, bool]:
@@ -180,10 +189,11 @@ class ScoreDistillation(Objective):
         """Whether the scored window starts with the given (TI2V) first frame: only a rollout of the training length."""
         return batch.first_frame is not None and sample.start_frame == 0
 
-    def _noisy(self, x: Tensor, held_first_frame: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def _noisy(self, x: Tensor, held_first_frame: bool, rows: Optional[Tensor] = None
+               ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """x_t at a fresh score timestep: (x_t, per-frame timesteps [B, F], noise, timestep [B])."""
         timestep = self.score_timesteps.sample(x.shape[0], x.device)
-        per_frame = frame_timesteps(timestep, x.shape[1], held_first_frame)
+        per_frame = frame_timesteps(timestep, x.shape[1], held_first_frame, rows)
         noise = torch.randn_like(x)
         return add_noise(x, noise, per_frame, self.score_timesteps.num_train_timesteps), per_frame, noise, timestep
 
@@ -196,15 +206,25 @@ class ScoreDistillation(Objective):
         num_train_timesteps = self.score_timesteps.num_train_timesteps
         carry = self.scores_carry_gradient
         held = self._holds_first_frame(batch, sample)
+        rows = batch.first_frame_rows if held else None  # a batch of both tasks: the rows that hold it
         with (contextlib.nullcontext() if carry else torch.no_grad()), frozen(models.critic):
-            x_t, per_frame, _, timestep = self._noisy(x if carry else x.detach(), held)
+            x_t, per_frame, _, timestep = self._noisy(x if carry else x.detach(), held, rows)
             real_x0 = real_score_x0(models.real_score, x_t, per_frame, batch, self.guidance_scale, self.guidance_form,
                                     num_train_timesteps)
             fake_flow = models.critic.predict_flow(x_t, per_frame, batch.context)
             fake_x0 = predict_x0(x_t, fake_flow, per_frame, num_train_timesteps)
-        # 3. The objective's loss on the generated frames.
-        frames = slice(1, None) if held else slice(None)
-        loss, logs = self.distribution_loss(x[:, frames], real_x0[:, frames], fake_x0[:, frames])
+        # 3. The objective's loss on the generated frames (each task's rows on their own, weighted by rows).
+        if rows is None:
+            frames = slice(1, None) if held else slice(None)
+            loss, logs = self.distribution_loss(x[:, frames], real_x0[:, frames], fake_x0[:, frames])
+        else:
+            parts = []
+            for group, frames in ((rows, slice(1, None)), (~rows, slice(None))):
+                if bool(group.any()):
+                    parts.append((int(group.sum()), *self.distribution_loss(x[group, frames], real_x0[group, frames],
+                                                                            fake_x0[group, frames])))
+            loss, logs = combine_rows(parts)
+            logs["image_rows"] = float(rows.float().mean())
         logs.update(score_timestep=timestep.mean(), exit_step=sum(sample.exit_steps) / len(sample.exit_steps))
         if self.long_rollout_factor > 1:
             logs["rollout_frames"] = float(sample.start_frame + x.shape[1])
@@ -217,10 +237,17 @@ class ScoreDistillation(Objective):
         with torch.no_grad():
             sample, batch = self._sample(models, batch)
             x, held = sample.latents, self._holds_first_frame(batch, sample)
-            x_t, per_frame, noise, timestep = self._noisy(x, held)
-        # 2. Flow matching: the fake score regresses v = noise - x at the fresh timestep.
+            rows = batch.first_frame_rows if held else None
+            x_t, per_frame, noise, timestep = self._noisy(x, held, rows)
+        # 2. Flow matching: the fake score regresses v = noise - x at the fresh timestep, on the generated frames.
         flow = models.critic.predict_flow(x_t, per_frame, batch.context)
-        frames = slice(1, None) if held else slice(None)
-        target = noise[:, frames] - x[:, frames]
-        loss = (flow[:, frames].float() - target.float()).pow(2).mean()
+        if rows is None:
+            frames = slice(1, None) if held else slice(None)
+            target = noise[:, frames] - x[:, frames]
+            loss = (flow[:, frames].float() - target.float()).pow(2).mean()
+        else:  # a batch of both tasks: the held frames weigh nothing
+            weights = torch.ones(x.shape[:2], device=x.device)
+            weights[:, 0] = (~rows).float()
+            squared = (flow.float() - (noise - x).float()).pow(2).mean(dim=(2, 3, 4))  # [B, F]
+            loss = (squared * weights).sum() / weights.sum()
         return loss, {"critic_loss": loss.detach(), "critic_timestep": timestep.mean()}

@@ -48,8 +48,8 @@ class TeacherForcing(Objective):
         block_of_frame = torch.tensor([b for b, size in enumerate(g.block_sizes) for _ in range(size)], device=device)
         target = torch.randint(0, g.num_blocks, (num_samples,), device=device)
         is_target = block_of_frame[None] == target[:, None]  # [B, F]
-        if batch.first_frame is not None:  # TI2V: the given frame stays clean and is never a target
-            is_target[:, 0] = False
+        if batch.first_frame is not None:  # TI2V: the given frame stays clean and is never a target (rows holding it)
+            is_target[:, 0] = False if batch.first_frame_rows is None else is_target[:, 0] & ~batch.first_frame_rows
         timesteps = self.draw_timesteps(num_samples, device)
         per_frame = torch.where(is_target, timesteps[:, None], torch.zeros_like(timesteps[:, None]))
         noise = torch.randn_like(clean)

@@ -66,24 +66,32 @@ def check_request(config: Config, resolved: ResolvedRecipe, image: str | Path | 
                   num_output_frames: Optional[int] = None) -> CheckedRequest:
     """Everything about a request that can be wrong (frame count, image), checked without any model loaded."""
     geometry = inference_geometry(config, resolved, num_output_frames)
-    pixels = check_image(image, config.video.task, geometry)
+    pixels = check_image(image, learnt_tasks(config), geometry)
     return CheckedRequest(geometry, num_output_frames or config.video.num_frames,
                           None if image is None else str(image), pixels)
 
 
-def check_image(image: str | Path | None, task: str, geometry: Geometry) -> Optional[Tensor]:
-    """A student does what it learnt: a TI2V student needs a readable first-frame image, and a text-to-video one
-    (video.task t2v) takes none: started from an image it would run a conditioning it never trained on.
-    Returns the image's pixels [3, H, W] in [-1, 1] at the output size (None without an image)."""
+def learnt_tasks(config: Config) -> tuple[str, ...]:
+    """What the recipe's student learnt: text-to-video ("t2v"), image-to-video ("ti2v"), or both (video.task ti2v
+    with train.image_share < 1: a share of its samples had no image)."""
+    if config.video.task != "ti2v":
+        return ("t2v",)
+    return ("t2v", "ti2v") if config.train.image_share < 1 else ("ti2v",)
+
+
+def check_image(image: str | Path | None, tasks: tuple[str, ...], geometry: Geometry) -> Optional[Tensor]:
+    """A student does what it learnt: an image-to-video student needs a readable first-frame image, a text-to-video
+    one takes none (started from an image it would run a conditioning it never trained on), one of both tasks
+    either. Returns the image's pixels [3, H, W] in [-1, 1] at the output size (None without an image)."""
     from utils.datasets import load_image
 
     if image is None:
-        if task == "ti2v":
+        if "t2v" not in tasks:
             raise UserError("video.task is ti2v: give the first frame with --image")
         return None
     pixels = load_image(image, geometry.height, geometry.width)  # a bad file fails here, before work
-    if task != "ti2v":
-        raise UserError(f"this student learnt text-to-video only (its recipe's video.task is {task}), so it does not "
+    if "ti2v" not in tasks:
+        raise UserError("this student learnt text-to-video only (its recipe's video.task is t2v), so it does not "
                         "start from an image: leave --image out, or distil an image-to-video student (video.task: "
                         "ti2v)")
     return pixels
@@ -194,8 +202,13 @@ class CausalInferencePipeline:
     # ----------------------------------------------------------------------------------------- per request
     @property
     def takes_image(self) -> bool:
-        """Whether requests may (and must) give a first frame: the student learnt image-to-video."""
-        return self.config.video.task == "ti2v"
+        """Whether requests may give a first frame: the student learnt image-to-video."""
+        return "ti2v" in learnt_tasks(self.config)
+
+    @property
+    def needs_image(self) -> bool:
+        """Whether requests must give a first frame: the student learnt image-to-video only."""
+        return "t2v" not in learnt_tasks(self.config)
 
     def check_request(self, image: str | Path | None = None, num_output_frames: Optional[int] = None) -> CheckedRequest:
         """Everything about a request that can be wrong, checked before any work (see `check_request`)."""
@@ -232,7 +245,7 @@ class CausalInferencePipeline:
         if request is None:
             request = self.check_request(image, num_output_frames)
         geometry, kept = request.geometry, request.kept  # the frames made are whole blocks; `kept` of them are kept
-        task = self.config.video.task  # check_request: an image exactly when the student learnt ti2v
+        task = "t2v" if request.first_frame is None else "ti2v"  # check_request: as the student learnt
         profiler = self.profiler
         if self.device.type == "cuda" and not profiler.enabled:
             torch.cuda.reset_peak_memory_stats(self.device)

@@ -10,7 +10,8 @@ Inference is the same routine with every block exiting at the last step and no g
 
 TI2V: the given first latent frame is held clean at timestep 0. With an independent first frame
 (a one-frame first block) the block is just a context pass on that frame; otherwise frame 0 rides
-along inside the first block at t = 0 and is re-imposed after every step, as the teacher does.
+along inside the first block at t = 0 and is re-imposed after every step, as the teacher does. A batch of
+both tasks holds it in the rows given by `first_frame_rows` only; the other rows make frame 0 from noise.
 Video extension: given clean latents for the leading whole blocks are context passes at t = 0 only, and the
 rollout continues after them.
 """
@@ -165,6 +166,7 @@ class BlockRollout:
         exit_steps: Optional[list[int]] = None,
         grad_last_frames: Optional[int] = None,
         first_frame: Optional[Tensor] = None,
+        first_frame_rows: Optional[Tensor] = None,
         given_blocks: Optional[Tensor] = None,
         kv_cache: Optional[KVCache] = None,
         on_block: Optional[BlockCallback] = None,
@@ -178,6 +180,7 @@ class BlockRollout:
         exit_steps: one step index per block (training); None is inference (every step, no gradient).
         grad_last_frames: only blocks starting in the last N frames keep gradient (long rollouts).
         first_frame [B, 1, C, H, W]: TI2V's clean first latent, written into the cache at t = 0.
+        first_frame_rows [B] bool: the rows that hold it (a batch of both tasks); None: every row.
         given_blocks [B, n, C, H, W]: clean latents of the first whole blocks (video extension), written into the
             cache at t = 0 and returned as they are; the rollout makes the frames after them.
         kv_cache: storage to reuse (reset here); a new one sized by the geometry otherwise.
@@ -199,6 +202,7 @@ class BlockRollout:
         if exit_steps is None:
             exit_steps = [self.num_steps - 1] * len(blocks)
         self._check(noise, context, blocks, exit_steps, first_frame, given_blocks)
+        held_rows = self._held_rows(noise, blocks, first_frame, first_frame_rows, given_blocks)
         grad_from_frame = 0 if grad_last_frames is None else max(num_frames - grad_last_frames, 0)
         if kv_cache is None:
             kv_cache = KVCache.from_geometry(self.geometry, noise.shape[0], dtype=self.cache_dtype or noise.dtype,
@@ -208,7 +212,24 @@ class BlockRollout:
         keep_from = 0 if keep_last_frames is None else max(num_frames - keep_last_frames, 0)
         with torch.no_grad() if inference else contextlib.nullcontext():
             return self._roll(shared, noise, blocks, exit_steps, grad_from_frame, first_frame, on_block, prompt_switch,
-                              given_blocks, keep_from)
+                              given_blocks, keep_from, held_rows)
+
+    @staticmethod
+    def _held_rows(noise: Tensor, blocks: Sequence[int], first_frame: Optional[Tensor], rows: Optional[Tensor],
+                   given_blocks: Optional[Tensor]) -> Optional[Tensor]:
+        """A batch of both tasks: [B] float, 1 in the rows that hold the TI2V first frame, 0 in the others. None when
+        every row holds the frames given to it (TI2V frame, given blocks): the plain path, also on fake tensors."""
+        batch = noise.shape[0]
+        if rows is None:
+            return None
+        if first_frame is None:
+            raise UserError("first_frame_rows names the rows that hold a first frame: give first_frame too")
+        if rows.shape != (batch,) or rows.dtype != torch.bool:
+            raise UserError(f"first_frame_rows must be a [B={batch}] bool tensor, got {rows.dtype} {list(rows.shape)}")
+        if blocks[0] == 1 and not bool(rows.all()):
+            raise UserError("rollout.independent_first_frame makes the first frame a block of its own: every row of "
+                            "the batch must hold it (a batch of both tasks needs independent_first_frame false)")
+        return None if bool(rows.all()) else rows.to(device=noise.device, dtype=torch.float32)
 
     def _roll(
         self,
@@ -222,6 +243,7 @@ class BlockRollout:
         prompt_switch: Optional[PromptSwitchHook] = None,
         given_blocks: Optional[Tensor] = None,
         keep_from: int = 0,
+        held_rows: Optional[Tensor] = None,
     ) -> RolloutOutput:
         batch, num_frames = noise.shape[:2]
         given_frames = 0 if given_blocks is None else given_blocks.shape[1]
@@ -242,12 +264,12 @@ class BlockRollout:
             if switch is not None:
                 shared.context = switch.context
                 if switch.recache:
-                    nfe += self._recache(shared, cached, blocks[:index], clean_frames, index)
+                    nfe += self._recache(shared, cached, blocks[:index], clean_frames, held_rows, index)
             # 3. Frames held clean at t = 0 (the TI2V first frame): mask 0 there, 1 elsewhere.
             holds_first_frame = first_frame is not None and start == 0
             mask = torch.ones(batch, size, dtype=torch.float32, device=noise.device)
             if holds_first_frame:
-                mask[:, 0] = 0.0
+                mask[:, 0] = 0.0 if held_rows is None else 1.0 - held_rows  # 0 in the rows that hold it
             if start + size <= given_frames:
                 mask.zero_()
                 block = given_blocks[:, frames].to(noise.dtype)  # a given block (video extension): nothing to denoise
@@ -257,7 +279,7 @@ class BlockRollout:
                 keep_grad = grad_allowed and start >= grad_from_frame
                 held = first_frame if holds_first_frame else None
                 block = self._denoise_block(shared, noise[:, frames], start, mask, exit_steps[index], keep_grad, held,
-                                            index)
+                                            index, held_rows)
                 nfe += exit_steps[index] + 1
                 exit_timesteps[:, frames] = timesteps[exit_steps[index]] * mask
             if start >= keep_from:  # blocks before it are history: their keys are in the cache, their latents go
@@ -283,7 +305,7 @@ class BlockRollout:
             shared.flow(block_in, context_t, start, commit=True, which=which)
 
     def _recache(self, shared: "_Forward", held: dict[int, Tensor], blocks: Sequence[int], clean_frames: int,
-                 before_block: int) -> int:
+                 held_rows: Optional[Tensor], before_block: int) -> int:
         """Re-run the context passes of the frames the cache holds (`held`: frame -> latent) under shared.context;
         returns the forwards. The frames kept (sink and recent window) are recommitted at their own positions, per
         original block.
@@ -296,7 +318,8 @@ class BlockRollout:
                 first, count = frames[0], len(frames)
                 latents = torch.cat([held[f] for f in frames], dim=1)
                 mask = torch.ones(latents.shape[0], count, dtype=torch.float32, device=latents.device)
-                mask[:, : max(0, clean_frames - first)] = 0.0  # given frames (TI2V frame, given blocks) stay clean
+                # given frames (TI2V frame, given blocks) stay clean in the rows that hold them
+                mask[:, : max(0, clean_frames - first)] = 0.0 if held_rows is None else 1.0 - held_rows[:, None]
                 self._context_pass(shared, latents, first, mask, ForwardPass("recache", before_block))
                 passes += 1
             start += size
@@ -312,16 +335,26 @@ class BlockRollout:
         keep_grad: bool,
         clean_head: Optional[Tensor],
         block_index: int,
+        held_rows: Optional[Tensor] = None,
     ) -> Tensor:
-        """Steps 0..exit_step of one block; only the exit step may keep gradient. Returns the block's x0."""
-        x = block_noise if clean_head is None else torch.cat([clean_head.to(block_noise.dtype), block_noise[:, 1:]], dim=1)
+        """Steps 0..exit_step of one block; only the exit step may keep gradient. Returns the block's x0.
+
+        clean_head [B, 1, ...]: frame 0, held clean in every row, or in the rows `held_rows` [B] (1: held) marks."""
+
+        def hold(frames: Tensor) -> Tensor:  # frame 0 replaced by the clean head in the rows that hold it
+            head = clean_head.to(frames.dtype)
+            if held_rows is not None:
+                head = torch.where(held_rows.bool()[:, None, None, None, None], head, frames[:, :1])
+            return torch.cat([head, frames[:, 1:]], dim=1)
+
+        x = block_noise if clean_head is None else hold(block_noise)
         for step in range(exit_step + 1):
             step_t = self.timestep_values[step] * mask
             with torch.set_grad_enabled(keep_grad and step == exit_step):
                 flow = shared.flow(x, step_t, start, commit=False, which=ForwardPass("step", block_index, step))
                 x0 = predict_x0(x, flow, step_t, self.num_train_timesteps)
                 if clean_head is not None:
-                    x0 = torch.cat([clean_head.to(x0.dtype), x0[:, 1:]], dim=1)
+                    x0 = hold(x0)
             if step == exit_step:
                 return x0
             # Re-noise to the next step's timestep with fresh noise (the held frame stays clean: mask 0).

@@ -63,6 +63,7 @@ class SelfForcingRollout:
         context: Tensor,
         *,
         first_frame: Optional[Tensor] = None,
+        first_frame_rows: Optional[Tensor] = None,
         kv_cache: Optional[KVCache] = None,
         switch_context: Optional[Tensor] = None,
     ) -> SelfForcingSample:
@@ -97,6 +98,7 @@ class SelfForcingRollout:
             exit_steps=exit_steps,
             grad_last_frames=training_frames if longer else None,
             first_frame=first_frame,
+            first_frame_rows=first_frame_rows,
             kv_cache=kv_cache,
             keep_last_frames=training_frames if longer else None,
             prompt_switch=switch_hook,

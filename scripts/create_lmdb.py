@@ -1,6 +1,9 @@
 """Pack a folder of ODE pairs (from generate_ode_pairs.py) into one LMDB for ODE regression.
 
-    python scripts/create_lmdb.py --data_path DIR --lmdb_path data/ode_pairs.lmdb
+    python scripts/create_lmdb.py --data_path DIR [DIR ...] --lmdb_path data/ode_pairs.lmdb
+
+Several folders of one geometry pack into one LMDB: e.g. text-to-video and image-conditioned pairs of the 5B, for
+one student of both tasks (the trainer tells the rows apart: an image-conditioned row holds its first frame clean).
 
 Pairs are ordered by prompt text (then index), not by file order. A prompt that occurs more than once in the
 caption file was sampled from another noise seed each time (generate_ode_pairs.py seeds by index), and each of
@@ -24,12 +27,13 @@ from utils.errors import OneLineArgumentParser, UserError, run_main
 from utils.lmdb_store import PairInfo
 
 
-def select_pairs(pairs: list[PairInfo]) -> list[PairInfo]:
-    """One row per (prompt, noise seed), the lowest index of copies, ordered by prompt text then index: the
-    same list whatever the file order."""
-    chosen: dict[tuple[str, int], PairInfo] = {}
-    for pair in sorted(pairs, key=lambda p: (p.prompt, p.index)):
-        chosen.setdefault((pair.prompt, pair.seed), pair)
+def select_pairs(pairs: list[PairInfo], folders: list[int] | None = None) -> list[PairInfo]:
+    """One row per (prompt, noise seed, folder), the lowest index of copies, ordered by prompt text, folder, then
+    index: the same list whatever the file order. `folders`: each pair's folder (its position in --data_path)."""
+    folders = folders or [0] * len(pairs)
+    chosen: dict[tuple[str, int, int], PairInfo] = {}
+    for folder, pair in sorted(zip(folders, pairs), key=lambda fp: (fp[1].prompt, fp[0], fp[1].index)):
+        chosen.setdefault((pair.prompt, pair.seed, folder), pair)
     return list(chosen.values())
 
 
@@ -89,20 +93,24 @@ def check_lmdb_target(path: Path) -> bool:
 @run_main
 def main(argv: list[str] | None = None) -> int:
     parser = OneLineArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data_path", required=True, help="folder of <index>.safetensors pairs")
+    parser.add_argument("--data_path", required=True, nargs="+",
+                        help="folder(s) of <index>.safetensors pairs, of one geometry")
     parser.add_argument("--lmdb_path", required=True, help="the LMDB file to write")
     args = parser.parse_args(argv)
 
     # 1. Where it goes (never over a file of another kind), then every pair's metadata and the rows.
     replacing = check_lmdb_target(Path(args.lmdb_path))
-    data = Path(args.data_path)
-    if not data.is_dir():
-        raise UserError(f"--data_path {data} is not a folder: expected the output folder of generate_ode_pairs.py")
-    pairs = lmdb_store.scan_pair_folder(data)
-    if not pairs:
-        raise UserError(f"--data_path {data} holds no .safetensors pairs: run scripts/generate_ode_pairs.py first")
+    pairs, folders = [], []
+    for position, data in enumerate(map(Path, args.data_path)):
+        if not data.is_dir():
+            raise UserError(f"--data_path {data} is not a folder: expected the output folder of generate_ode_pairs.py")
+        found = lmdb_store.scan_pair_folder(data)
+        if not found:
+            raise UserError(f"--data_path {data} holds no .safetensors pairs: run scripts/generate_ode_pairs.py first")
+        pairs += found
+        folders += [position] * len(found)
     check_one_geometry(pairs)
-    selected = select_pairs(pairs)
+    selected = select_pairs(pairs, folders)
 
     # 2. Write the database (temp file, then rename).
     header = build_header(selected)

@@ -201,6 +201,16 @@ def test_ti2v_keeps_the_encoded_first_frame(pipe, image_path, recipe):
     # the same generator as a text-to-video student: an image is refused in one line, before any work
     with pytest.raises(UserError, match="learnt text-to-video only .*video.task: ti2v"):
         pipe.generate(PROMPT, image=image_path, seed=2)
+    # an image-to-video student needs one; a student of both tasks (train.image_share < 1) takes one or none
+    with pytest.raises(UserError, match="give the first frame with --image"):
+        student.generate(PROMPT, seed=2)
+    both = dataclasses.replace(ti2v, train=dataclasses.replace(ti2v.train, image_share=0.5))
+    either = CausalInferencePipeline(both, resolved, "cpu", torch.float32, components=InferenceComponents(
+        text_encoder=pipe.text_encoder, vae=pipe.vae, generator=pipe.generator))
+    assert either.takes_image and not either.needs_image and student.needs_image and not pipe.takes_image
+    from_image, from_text = either.generate(PROMPT, image=image_path, seed=2), either.generate(PROMPT, seed=2)
+    assert from_image.task == "ti2v" and torch.equal(from_image.latents, result.latents)
+    assert from_text.task == "t2v" and torch.equal(from_text.latents, pipe.generate(PROMPT, seed=2).latents)
 
 
 def test_longer_than_cache_rolls_and_starts_like_the_short_video(pipe, recipe):

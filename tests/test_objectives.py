@@ -124,10 +124,12 @@ def ode_batch(geometry, first_frame=False):
                   ode_timesteps=torch.tensor([1000.0, 900.0, 700.0, 400.0, 0.0]))  # fmt: skip
     if first_frame:
         batch.first_frame = latents[:, -1, :1]
+    if first_frame == "row 0":  # a batch of both tasks: only the first row holds its frame
+        batch.first_frame_rows = torch.tensor([True, False])
     return batch
 
 
-@pytest.mark.parametrize("first_frame", [False, True])
+@pytest.mark.parametrize("first_frame", [False, True, "row 0"])
 def test_ode_loss_is_zero_for_the_exact_clean_prediction_and_positive_otherwise(first_frame):
     config, resolved = recipe(path="configs/tiny/ode.yaml")
     # noisy points only, so every block's timestep can be checked below (clean context: the next test)
@@ -138,14 +140,21 @@ def test_ode_loss_is_zero_for_the_exact_clean_prediction_and_positive_otherwise(
     exact = KnowsTheAnswer(clean)
     loss, logs = objective.generator_loss(Models(generator=exact), batch)
     assert float(loss.detach()) < 1e-10 and logs["ode_loss"] < 1e-10
-    # Each block sits at one stored noisy timestep; a given first frame is at t = 0.
+    # Each block sits at one stored noisy timestep; a given first frame is at t = 0 (in the rows holding it).
     timesteps = exact.timesteps[0]
-    for block in range(resolved.geometry.num_blocks):
-        frames = timesteps[:, 3 * block : 3 * block + 3]
-        frames = frames[:, 1:] if (first_frame and block == 0) else frames
-        assert len(set(frames.flatten().tolist())) == 1 and float(frames[0, 0]) in (1000.0, 900.0, 700.0, 400.0)
-    if first_frame:
-        assert bool((timesteps[:, 0] == 0).all())
+    held = {False: [False, False], True: [True, True], "row 0": [True, False]}[first_frame]
+    for row in range(2):
+        for block in range(resolved.geometry.num_blocks):
+            frames = timesteps[row, 3 * block : 3 * block + 3]
+            frames = frames[1:] if (held[row] and block == 0) else frames
+            assert len(set(frames.tolist())) == 1 and float(frames[0]) in (1000.0, 900.0, 700.0, 400.0)
+        assert (float(timesteps[row, 0]) == 0.0) == held[row]
+    if first_frame == "row 0":  # the other row's frame 0 is made and regressed; the held one is not counted
+        off = clean.clone()
+        off[1, 0] += 1.0
+        loss, _ = objective.generator_loss(Models(generator=KnowsTheAnswer(off)), batch)
+        frames = resolved.geometry.num_latent_frames
+        assert float(loss.detach()) == pytest.approx(1.0 / (2 * frames - 1), rel=1e-4)  # one unit error, 2F - 1 frames
     wrong, _ = objective.generator_loss(Models(generator=KnowsTheAnswer(clean, error=0.1)), batch)
     assert float(wrong.detach()) > 1e-6
     with pytest.raises(UserError, match="ODE pairs"):
@@ -235,6 +244,36 @@ def test_ti2v_frame_zero_is_excluded_from_the_distribution_loss():
     loss_ti2v, _ = objective.generator_loss(models, score_batch(resolved.geometry, first_frame=first))
     loss_t2v, _ = objective.generator_loss(models, score_batch(resolved.geometry))
     assert float(loss_ti2v.detach()) == 0.0 and float(loss_t2v.detach()) > 0.0
+
+
+def test_a_batch_of_both_tasks_scores_each_row_as_its_own_task():
+    """Rows holding a first frame lose only on their made frames, the others on every frame, each group by its own
+    distribution loss, weighted by rows; the held frame's score difference never enters the loss."""
+    config, resolved = recipe("distill.guidance_scale=0.0")
+    g = resolved.geometry
+    models = tiny_models(resolved, real=FixedFlow(0.0), fake=FixedFlow(1.0))
+    objective = build_objective(config, g)
+    seen = []
+    original = objective.distribution_loss
+    objective.distribution_loss = lambda x, real, fake: seen.append(tuple(x.shape[:2])) or original(x, real, fake)
+
+    def mixed(rows):
+        batch = score_batch(g, first_frame=torch.randn(2, 1, *g.latent_shape[2:]))
+        batch.context, batch.negative_context = batch.context.expand(2, -1, -1), batch.negative_context.expand(2, -1, -1)
+        batch.first_frame_rows = torch.tensor(rows)
+        return batch
+
+    def both(rows):
+        seen.clear()
+        return objective.generator_loss(models, mixed(rows))
+
+    loss, _ = both([True, True])
+    assert float(loss.detach()) == 0.0 and seen == [(2, g.num_latent_frames - 1)]  # every row holds it: the plain TI2V path
+    loss, logs = both([True, False])
+    assert seen == [(1, g.num_latent_frames - 1), (1, g.num_latent_frames)] and logs["image_rows"] == 0.5
+    assert float(loss.detach()) > 0.0  # the text-to-video row's frame 0 is made, and its scores differ there
+    critic, _ = objective.critic_loss(models, mixed([True, False]))
+    assert torch.isfinite(critic)
 
 
 def test_objective_without_critic_refuses_a_critic_step():

@@ -3,11 +3,13 @@
 From a fresh working folder holding only wan_models/<the downloaded folders> and a prompt file, the commands
 run as README writes them (the shipped recipes, their paths) with size overrides only (video size, the tiny
 replica's presets, step counts): ODE pairs -> LMDB -> ode_init -> DMD -> inference; each step's output is the
-next step's default input, and `verify.py plan` names what is missing and how to make it.
+next step's default input, and `verify.py plan` names what is missing and how to make it. The causal and
+image-to-video chains continue from the bidirectional pairs of README step 1-2 (made once per model in this module).
 """
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -73,6 +75,33 @@ def _fresh_folder(tmp_path: Path, chain: dict) -> Path:
     return work
 
 
+class MadePairs:
+    """README steps 1-2 (bidirectional pairs and their LMDB) made once per chain in this module: the first test that
+    needs them makes them in its own folder; later ones copy them into theirs."""
+
+    def __init__(self) -> None:
+        self.folders: dict[str, Path] = {}
+
+    def make(self, work: Path, name: str, sizes: list[str], lmdb: bool = True) -> None:
+        chain = CHAINS[name]
+        if name in self.folders:
+            source = self.folders[name] / chain["pairs"]
+            shutil.copytree(source, work / chain["pairs"])
+            if lmdb:  # one file (and its lock file) beside the pairs folder
+                for made in source.parent.glob(f"{source.name}.lmdb*"):
+                    shutil.copy2(made, work / chain["pairs"].rsplit("/", 1)[0] / made.name)
+            return
+        _run(work, "scripts/generate_ode_pairs.py", "--config_path", str(Path(REPO_ROOT) / chain["ode"]), "--caption_path",
+             "prompts/my_prompts.txt", "--output_folder", chain["pairs"], *sizes)
+        _run(work, "scripts/create_lmdb.py", "--data_path", chain["pairs"], "--lmdb_path", f"{chain['pairs']}.lmdb")
+        self.folders[name] = work
+
+
+@pytest.fixture(scope="module")
+def made_pairs() -> MadePairs:
+    return MadePairs()
+
+
 def _plan(work: Path, recipe: str) -> dict:
     proc = run_script([str(Path(REPO_ROOT) / "scripts/verify.py"), "plan", "--config_path", recipe, "--json"], cwd=str(work))
     return {item["check"]: item for item in json.loads(proc.stdout)}
@@ -80,7 +109,7 @@ def _plan(work: Path, recipe: str) -> dict:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(CHAINS))
-def test_readme_chain_runs_on_the_downloaded_folders(tmp_path, name):
+def test_readme_chain_runs_on_the_downloaded_folders(tmp_path, name, made_pairs):
     chain = CHAINS[name]
     work = _fresh_folder(tmp_path, chain)
     recipe = lambda key: str(Path(REPO_ROOT) / chain[key])  # noqa: E731
@@ -95,9 +124,8 @@ def test_readme_chain_runs_on_the_downloaded_folders(tmp_path, name):
     assert "generate_ode_pairs.py" in plan["train.data_path (ODE LMDB)"]["detail"]
 
     # 1-3. ODE pairs -> LMDB -> ode_init, at README's paths.
-    _run(work, "scripts/generate_ode_pairs.py", "--config_path", recipe("ode"), "--caption_path", "prompts/my_prompts.txt",
-         "--output_folder", chain["pairs"], *sizes)
-    _run(work, "scripts/create_lmdb.py", "--data_path", chain["pairs"], "--lmdb_path", f"{chain['pairs']}.lmdb")
+    made_pairs.folders.pop(name, None)  # this chain makes its own pairs, from its fresh folder
+    made_pairs.make(work, name, sizes)
     logdir = f"checkpoints/ode_init_{name}"
     _run(work, "train.py", "--config_path", recipe("ode"), "--logdir", logdir, "--disable-wandb", *sizes)
     assert (work / logdir / "latest" / "generator.safetensors").is_file()
@@ -121,7 +149,7 @@ def test_readme_chain_runs_on_the_downloaded_folders(tmp_path, name):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", CAUSAL_CHAINS)
-def test_causal_chain_runs_on_the_downloaded_folders(tmp_path, name):
+def test_causal_chain_runs_on_the_downloaded_folders(tmp_path, name, made_pairs):
     """README's causal chain: bidirectional pairs -> causal teacher -> causal pairs -> causal ode_init -> DMD, and the
     LongLive form (DMD from the causal teacher), every recipe reading where the stage before it wrote."""
     chain = CHAINS[name]
@@ -133,9 +161,7 @@ def test_causal_chain_runs_on_the_downloaded_folders(tmp_path, name):
     # 1. The bidirectional pairs the causal teacher trains on; plan names the recipe that makes them.
     item = _plan(work, recipe("causal_teacher"))["train.data_path (ODE LMDB)"]
     assert item["result"] == "FAIL" and f"--config_path {chain['ode']}" in item["detail"]
-    _run(work, "scripts/generate_ode_pairs.py", "--config_path", recipe("ode"), "--caption_path", "prompts/my_prompts.txt",
-         "--output_folder", chain["pairs"], *sizes)
-    _run(work, "scripts/create_lmdb.py", "--data_path", chain["pairs"], "--lmdb_path", f"{chain['pairs']}.lmdb")
+    made_pairs.make(work, name, sizes)
     # 2. The causal teacher by teacher forcing; plan for the next stage points at it until it exists.
     item = _plan(work, recipe("ode_causal"))["real_score.checkpoint"]
     assert item["result"] == "FAIL" and f"--config_path {chain['causal_teacher']}" in item["detail"]
@@ -158,17 +184,17 @@ def test_causal_chain_runs_on_the_downloaded_folders(tmp_path, name):
 
 
 @pytest.mark.slow
-def test_image_to_video_chain_runs_on_the_downloaded_folders(tmp_path):
+def test_image_to_video_chain_runs_on_the_downloaded_folders(tmp_path, made_pairs):
     """README's image-to-video chain for the 5B: text-to-video pairs -> their first frames (the teacher's own images)
-    -> image-conditioned pairs -> ode_init -> DMD -> a video from an image; plan names each missing input."""
+    -> image-conditioned pairs -> ode_init -> DMD -> a video from an image; plan names each missing input. Then the
+    student of both tasks from both kinds of pairs, packed."""
     chain = CHAINS["5B"]
     work = _fresh_folder(tmp_path, chain)
     ode, dmd = str(Path(REPO_ROOT) / "configs/ode_ti2v_5B.yaml"), str(Path(REPO_ROOT) / "configs/self_forcing_dmd_ti2v_5B.yaml")
     sizes = _sizes(chain)
 
     # 1. The text-to-video pairs (README step 1), then their first frames.
-    _run(work, "scripts/generate_ode_pairs.py", "--config_path", str(Path(REPO_ROOT) / chain["ode"]), "--caption_path",
-         "prompts/my_prompts.txt", "--output_folder", chain["pairs"], *sizes)
+    made_pairs.make(work, "5B", sizes, lmdb=False)
     item = _plan(work, ode)["train.image_root (first frames)"]
     assert item["result"] == "FAIL" and "scripts/first_frames.py" in item["detail"] and chain["pairs"] in item["detail"]
     _run(work, "scripts/first_frames.py", "--config_path", ode, "--data_path", chain["pairs"], "--output_folder",
@@ -192,3 +218,18 @@ def test_image_to_video_chain_runs_on_the_downloaded_folders(tmp_path):
     proc = run_script([str(Path(REPO_ROOT) / "inference.py"), "--config_path", dmd, "--checkpoint", "logs/dmd_ti2v_5B/latest",
                        "--prompt", "a red cat moving left", *sizes], cwd=str(work))
     assert proc.returncode == 2 and "--image" in proc.stderr
+    # One student for both tasks: both kinds of pairs packed into one LMDB, ODE init, DMD with half the rollouts
+    # given their image; its videos start from an image or from text alone.
+    both_ode, both_dmd = (str(Path(REPO_ROOT) / f"configs/{name}_both_5B.yaml") for name in ("ode", "self_forcing_dmd"))
+    item = _plan(work, both_ode)["train.data_path (ODE LMDB)"]
+    assert item["result"] == "FAIL" and "--data_path data/ode_pairs_5B data/ode_pairs_ti2v_5B" in item["detail"]
+    _run(work, "scripts/create_lmdb.py", "--data_path", "data/ode_pairs_5B", "data/ode_pairs_ti2v_5B", "--lmdb_path",
+         "data/ode_pairs_both_5B.lmdb")
+    _run(work, "train.py", "--config_path", both_ode, "--logdir", "checkpoints/ode_init_both_5B", "--disable-wandb", *sizes)
+    assert all(item["result"] != "FAIL" for item in _plan(work, both_dmd).values())
+    _run(work, "train.py", "--config_path", both_dmd, "--logdir", "logs/dmd_both_5B", "--disable-wandb", *sizes)
+    for image in (["--image", "data/first_frames_5B/000000.png"], []):
+        _run(work, "inference.py", "--config_path", both_dmd, "--checkpoint", "logs/dmd_both_5B/latest", "--use_ema",
+             *image, "--prompt", "a red cat moving left", "--output_folder", "videos_both", *sizes)
+    records = [json.loads(p.read_text()) for p in (work / "videos_both").glob("*/inference_record.json")]
+    assert sorted(r["task"] for r in records) == ["t2v", "ti2v"]

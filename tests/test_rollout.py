@@ -175,6 +175,29 @@ def test_ti2v_keeps_the_given_first_frame(independent_first_frame):
     assert (other.latents[:, -1] - output.latents[:, -1]).abs().max() > 1e-4
 
 
+def test_a_batch_of_both_tasks_rolls_out_each_row_as_its_own_task():
+    """Rows that hold a first frame (image-to-video) beside rows that make it (text-to-video): each row equals its own
+    single-task rollout, and the held frame is the given latent at t = 0 in every pass of the first block."""
+    config, geometry, model = setup("rollout.denoising_step_list=[1000]")  # one step: no fresh re-noising draws
+    rollout = BlockRollout.from_config(config, geometry)
+    noise, context = inputs(geometry, batch=2)
+    first = torch.randn(2, 1, *noise.shape[2:])
+    rows = torch.tensor([True, False])
+    spy = Spy(model)
+    mixed = rollout.run(spy, noise, context, first_frame=first, first_frame_rows=rows)
+    image = rollout.run(model, noise[:1], context[:1], first_frame=first[:1])
+    text = rollout.run(model, noise[1:], context[1:])
+    assert torch.allclose(mixed.latents[:1], image.latents, atol=1e-5) and torch.equal(mixed.latents[:1, :1], first[:1])
+    assert torch.allclose(mixed.latents[1:], text.latents, atol=1e-5) and not torch.allclose(mixed.latents[1:, :1], first[1:])
+    assert torch.equal(mixed.exit_timesteps[:, 0], torch.tensor([0.0, 1000.0]))
+    first_block = [c for c in spy.calls if c["start"] == 0]
+    assert first_block and all(c["timestep"][0, 0] == 0 and c["timestep"][1, 0] > 0 for c in first_block if not c["commit"])
+    with pytest.raises(UserError, match="every row of the batch must hold it"):
+        _, g25, m25 = setup("video.num_frames=25", "rollout.independent_first_frame=true")
+        BlockRollout.from_config(config, g25).run(m25, inputs(g25, batch=2)[0], context, first_frame=first,
+                                                  first_frame_rows=rows)
+
+
 def test_given_blocks_extend_a_video_as_if_the_rollout_had_made_them():
     # One denoising step: no fresh re-noising, so a rollout given its own first block must repeat the rest exactly.
     config, geometry, model = setup("rollout.denoising_step_list=[1000]")

@@ -552,7 +552,7 @@ def test_uploads_are_removed_at_shutdown(student, tmp_path, monkeypatch):
     served = Server(tmp_path, student, "--max_active", "1", "--max_queue", "2", ABSENT_INIT, "video.task=ti2v")
     try:
         longest = served.get("/config")["max_frames"]
-        assert served.get("/config")["takes_image"] is True
+        assert served.get("/config")["takes_image"] is True and served.get("/config")["needs_image"] is True
         for seed in range(3):  # one running, two waiting
             status, answer = served.request("POST", "/jobs", {"prompt": PROMPT, "seed": seed, "num_frames": longest,
                                                               "image": _png()})

@@ -54,6 +54,15 @@ class ShardedSampler:
             partners.append(other + 1 if self.num_items > 1 and other >= index else other)
         return partners
 
+    def draw_below(self, indices: list[int], share: float) -> list[bool]:
+        """For each index, whether a uniform draw from the seed, the epoch and the index falls below `share` (which
+        rows of a batch of both tasks get their image), the same on a resumed run."""
+        draws = []
+        for index in indices:
+            generator = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 1_000_037 + index)
+            draws.append(bool(torch.rand((), generator=generator) < share))
+        return draws
+
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "cursor": self.cursor}
 

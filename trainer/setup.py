@@ -183,7 +183,8 @@ def build_training(
     sampler = ShardedSampler(len(dataset), config.train.batch_size, data_parallel.rank, data_parallel.size, seed)
     batches = BatchSource(dataset, sampler, text_encoder, config.text_encoder.negative_prompt, device,
                           ti2v=config.video.task == "ti2v", vae=vae,
-                          switch_prompts=objective_class(config).switches_prompts(config))
+                          switch_prompts=objective_class(config).switches_prompts(config),
+                          image_share=config.train.image_share)
 
     return TrainingSetup(
         **vars(models),

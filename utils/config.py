@@ -225,6 +225,11 @@ class TrainConfig:
     ode_point_timesteps: str = "stored"
     data_path: Optional[str] = None  # ODE LMDB (trainer=ode, teacher_forcing) or a prompt file (score distillation)
     image_root: Optional[str] = None  # TI2V: folder of first-frame images named in the prompt file
+    # TI2V from a prompt file: the share of samples given their first frame; the others are text-to-video, so one
+    # student learns both tasks, as the base model does. 1: an image-to-video student only (LongLive's 5B trains the
+    # two tasks as two students; that is the default). ODE pairs: the LMDB's rows decide instead (image-conditioned
+    # and text-to-video pairs packed into one LMDB by create_lmdb.py).
+    image_share: float = 1.0
 
 
 
@@ -474,6 +479,9 @@ def validate_choices(config: Config) -> None:
         ("distill.long_rollout_factor", config.distill.long_rollout_factor >= 1,
          "1 (the training length, as published) or more (long tuning)"),
         ("distill.prompt_switch_share", 0 <= config.distill.prompt_switch_share <= 1, "a share in [0, 1]"),
+        ("train.image_share", 0 < config.train.image_share <= 1, "a share in (0, 1]"),
+        ("train.image_share", config.train.image_share == 1 or config.video.task == "ti2v",
+         "1 unless video.task is ti2v (the share of samples given their first frame)"),
         ("distill.prompt_switch_share", config.distill.prompt_switch_share == 0 or config.distill.long_rollout_factor > 1,
          "0 unless distill.long_rollout_factor > 1 (a switch happens inside a long rollout)"),
         ("rollout.denoising_step_list", len(config.rollout.denoising_step_list) >= 1, "at least one timestep"),

@@ -18,6 +18,7 @@ async function loadInfo() {
   info = await (await fetch("config")).json();
   $("model").textContent = `${info.model} · ${info.width}x${info.height} · ${info.fps} fps · ${info.device} · ${info.decoder} decoder`;
   $("image-field").hidden = !info.takes_image;  // only a student that learnt image-to-video starts from an image
+  $("image-label").textContent = info.needs_image ? "First frame" : "First frame (optional)";  // a student of both tasks
   $("segments-panel").hidden = !info.judge;  // adherence over time needs a judge (the miniature's)
   if (info.judge) $("segments-note").textContent =
     `judge ${info.judge}: each ${info.segment_frames}-frame segment against the prompt it was made under`;

@@ -31,9 +31,18 @@ STAGE_LOGDIRS = {
     "configs/ode_causal.yaml": "checkpoints/ode_init_causal_1.3B",
     "configs/ode_causal_5B.yaml": "checkpoints/ode_init_causal_5B",
     "configs/ode_ti2v_5B.yaml": "checkpoints/ode_init_ti2v_5B",
+    "configs/ode_both_5B.yaml": "checkpoints/ode_init_both_5B",
     "configs/self_forcing_dmd.yaml": "logs/dmd_1.3B",
     "configs/self_forcing_dmd_5B.yaml": "logs/dmd_5B",
 }
+
+
+# Stage recipes whose LMDB packs the pairs other recipes make (one student for both tasks).
+PACKED_PAIRS = {"configs/ode_both_5B.yaml": ("configs/ode_5B.yaml", "configs/ode_ti2v_5B.yaml")}
+
+
+def _packed_recipe(config_path: str) -> str | None:
+    return next((recipe for recipe in PACKED_PAIRS if str(config_path).endswith(recipe)), None)
 
 
 def _stage_recipe_for(checkpoint: str) -> tuple[str, str] | None:
@@ -121,6 +130,11 @@ def check_plan(config: Config, config_path: str) -> list[Check]:
         make = (f"make the pairs, then pack them: torchrun --nproc_per_node=8 scripts/generate_ode_pairs.py --config_path "
                 f"{sampler} --caption_path {captions} --output_folder {pairs} && python scripts/create_lmdb.py "
                 f"--data_path {pairs} --lmdb_path {data}")
+        packed = _packed_recipe(config_path)
+        if packed:
+            folders = " ".join(str(Path(_shipped(r).train.data_path).with_suffix("")) for r in PACKED_PAIRS[packed])
+            make = (f"pack the two tasks' pairs (each made as `verify.py plan` on {' and '.join(PACKED_PAIRS[packed])} "
+                    f"says): python scripts/create_lmdb.py --data_path {folders} --lmdb_path {data}")
         checks.append(_exists("train.data_path (ODE LMDB)", data, "an ODE LMDB", make))
     elif image_to_video:
         checks.append(_exists("train.data_path (prompts)", data, "an image<TAB>prompt list",
