@@ -79,6 +79,17 @@ def test_short_quickstart_runs_the_chain_and_reuses_stages(tmp_path, random_teac
     second = run_script(args, timeout=900)
     assert second.returncode == 0, second.stderr[-3000:]
     assert all(f"{stage}: done earlier with the same inputs, reused" in second.stdout for stage in STAGES)
+    # long tuning from the DMD student, judged at 2x its length and after a prompt switch (scripts/long_tuning_report.py)
+    tuned = run_script(["scripts/long_tuning_report.py", "--quickstart", str(out), "--seeds", "0", "--factors", "2",
+                        "--eval_clips", "1", "--steps", "2"], timeout=900)
+    assert tuned.returncode == 0, tuned.stdout[-3000:] + tuned.stderr[-3000:]
+    long_tuning = json.loads((out / "long_tuning.json").read_text())
+    assert set(long_tuning["students"]) == {"dmd", "long_tuned_s0"}
+    for rows in long_tuning["students"].values():
+        assert len(rows["lengths"]["2x"]["segments"]) == 2 and rows["lengths"]["2x"]["num_frames"] == 69
+        assert rows["switch"]["num_clips"] == 1 and 0 <= rows["switch"]["adherence_after_switch"] <= 1
+    assert (out / "long_tuning_segments.png").stat().st_size > 0 and "| long_tuned_s0 | 2x |" in tuned.stdout
+    assert "generator/prompt_switched" in (out / "long_tuning_s0" / "metrics.jsonl").read_text()
     # another evaluation set: 3 clips instead of 2, so the students' clips are made again, the training reused
     third = run_script([*args, "--eval_clips", "3"], timeout=900)
     assert third.returncode == 0, third.stderr[-3000:]
