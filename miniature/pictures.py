@@ -16,6 +16,16 @@ def _matplotlib():
     return plt
 
 
+def _save(plt, fig, path: Path, title: str = "") -> Path:
+    """The figure, titled, laid out and written to `path` (PNG), then closed."""
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def read_metrics(logdir: Path) -> list[dict]:
     path = Path(logdir) / "metrics.jsonl"
     if not path.is_file():
@@ -78,12 +88,7 @@ def frame_strips(path: Path, videos: dict[str, torch.Tensor], num_frames: int = 
             axis.set_yticks([])
             if col == 0:
                 axis.set_ylabel(name, fontsize=8)
-    if title:
-        fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path, title)
 
 
 def segment_adherence(path: Path, summaries: dict[str, dict], fps: float, title: str = "") -> Path:
@@ -101,9 +106,4 @@ def segment_adherence(path: Path, summaries: dict[str, dict], fps: float, title:
         axis.set_xlabel("segment start (s)")
         axis.set_ylim(0, 1.05)
         axis.legend(fontsize=7)
-    if title:
-        fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path, title)

@@ -113,7 +113,8 @@ class ScoreDistillation(Objective):
         distill = config.distill
         return cls(SelfForcingRollout.from_config(config, geometry), ScoreTimesteps.from_config(config),
                    distill.guidance_scale, distill.guidance_form, long_rollout_factor=distill.long_rollout_factor,
-                   prompt_switch_share=distill.prompt_switch_share, **cls.loss_settings(config))
+                   prompt_switch_share=distill.prompt_switch_share,
+                   both_tasks=config.video.task == "ti2v" and config.train.image_share < 1, **cls.loss_settings(config))
 
     @classmethod
     def switches_prompts(cls, config: Config) -> bool:
@@ -125,8 +126,10 @@ class ScoreDistillation(Objective):
         return {}
 
     def __init__(self, rollout: SelfForcingRollout, score_timesteps: ScoreTimesteps, guidance_scale: float,
-                 guidance_form: str, long_rollout_factor: int = 1, prompt_switch_share: float = 0.0):
+                 guidance_form: str, long_rollout_factor: int = 1, prompt_switch_share: float = 0.0,
+                 both_tasks: bool = False):
         self.rollout = rollout
+        self.both_tasks = both_tasks  # batches mix image-to-video and text-to-video rows: their share is logged
         self.long_rollout_factor = long_rollout_factor
         self.prompt_switch_share = prompt_switch_share
         # set: every rollout this long, switching prompt whenever switches are on (memory estimates: the longest)
@@ -224,12 +227,13 @@ class ScoreDistillation(Objective):
                     parts.append((int(group.sum()), *self.distribution_loss(x[group, frames], real_x0[group, frames],
                                                                             fake_x0[group, frames])))
             loss, logs = combine_rows(parts)
-            logs["image_rows"] = float(rows.float().mean())
         logs.update(score_timestep=timestep.mean(), exit_step=sum(sample.exit_steps) / len(sample.exit_steps))
         if self.long_rollout_factor > 1:
             logs["rollout_frames"] = float(sample.start_frame + x.shape[1])
         if self.prompt_switch_share > 0:
             logs["prompt_switched"] = float(sample.switched)
+        if self.both_tasks:  # every step, so a window's mean is the share of rows given their image
+            logs["image_rows"] = float(held) if rows is None else float(rows.float().mean())
         return loss, logs
 
     def critic_loss(self, models: Models, batch: Batch) -> tuple[Tensor, Logs]:

@@ -249,7 +249,7 @@ def test_ti2v_frame_zero_is_excluded_from_the_distribution_loss():
 def test_a_batch_of_both_tasks_scores_each_row_as_its_own_task():
     """Rows holding a first frame lose only on their made frames, the others on every frame, each group by its own
     distribution loss, weighted by rows; the held frame's score difference never enters the loss."""
-    config, resolved = recipe("distill.guidance_scale=0.0")
+    config, resolved = recipe("distill.guidance_scale=0.0", "video.task=ti2v", "train.image_share=0.5")
     g = resolved.geometry
     models = tiny_models(resolved, real=FixedFlow(0.0), fake=FixedFlow(1.0))
     objective = build_objective(config, g)
@@ -267,8 +267,9 @@ def test_a_batch_of_both_tasks_scores_each_row_as_its_own_task():
         seen.clear()
         return objective.generator_loss(models, mixed(rows))
 
-    loss, _ = both([True, True])
-    assert float(loss.detach()) == 0.0 and seen == [(2, g.num_latent_frames - 1)]  # every row holds it: the plain TI2V path
+    loss, logs = both([True, True])
+    assert float(loss.detach()) == 0.0 and seen == [(2, g.num_latent_frames - 1)]  # every row holds it: one group
+    assert logs["image_rows"] == 1.0
     loss, logs = both([True, False])
     assert seen == [(1, g.num_latent_frames - 1), (1, g.num_latent_frames)] and logs["image_rows"] == 0.5
     assert float(loss.detach()) > 0.0  # the text-to-video row's frame 0 is made, and its scores differ there
