@@ -1,7 +1,7 @@
 """What long tuning buys in the miniature: long-tune a quickstart's DMD student and judge long videos with and without.
 
     python scripts/long_tuning_report.py --quickstart outputs/quickstart_wrap [--seeds 0 1 2] [--factors 4 8 16]
-        [--eval_clips 12] [--steps N]
+        [--eval_clips 12] [--steps N] [--tune_only]
 
 From a finished quickstart folder (python scripts/quickstart.py --world wrap: the world whose canvas wraps, so every
 segment of a long video has a true motion to judge), it long-tunes the DMD student's EMA export with
@@ -70,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--factors", type=int, nargs="+", default=[4, 8, 16], help="video lengths, x the training length")
     parser.add_argument("--eval_clips", type=int, default=12, help="evaluation clips (the judge's set)")
     parser.add_argument("--steps", type=int, default=None, help="long-tuning iterations (default: the recipe's)")
+    parser.add_argument("--tune_only", action="store_true",
+                        help="only the long-tuning runs (several seeds in parallel processes); judge in a later call")
     args = parser.parse_args(argv)
     out = args.quickstart.resolve()
     dmd = out / "dmd" / "latest"
@@ -107,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
         stages.run(f"long_tuning_s{seed}", ["train.py", "--config_path", RECIPE, "--logdir", str(out / f"long_tuning_s{seed}"),
                                              "--disable-wandb", f"generator.checkpoint={dmd / 'generator_ema.safetensors'}",
                                              f"train.seed={seed}", *common], outputs=[out / f"long_tuning_s{seed}"])
+    if args.tune_only:
+        return 0
     # 2. Every student at every length, and after a switch; the teacher on the switched-to captions.
     results = {"dmd": judge_long_student(student("configs/miniature/dmd.yaml", dmd, teacher_over), prompts,
                                          args.factors, world)}
