@@ -75,13 +75,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     out = args.quickstart.resolve()
     dmd = out / "dmd" / "latest"
-    if not (dmd / "generator_ema.safetensors").is_file() or not (out / "report.json").is_file():
+    if not (dmd / "generator_ema.safetensors").is_file() or not (out / "dmd" / "config.yaml").is_file():
         raise UserError(f"--quickstart {out} has no finished DMD student (dmd/latest/generator_ema.safetensors): run "
                         "python scripts/quickstart.py --world wrap first")
     if any(f < 1 for f in args.factors) or args.eval_clips < 1:
         raise UserError("--factors and --eval_clips: expected positive numbers")
-    report = json.loads((out / "report.json").read_text())
-    world_name = report["settings"]["world"]
+    from miniature.components import JUDGE_WORLDS
+    from utils.config import load_config
+
+    world_name = JUDGE_WORLDS[load_config(out / "dmd" / "config.yaml").evaluation.judge]  # the world DMD was judged in
 
     import torch
 
@@ -91,7 +93,6 @@ def main(argv: list[str] | None = None) -> int:
     from miniature.report import TeacherSampler
     from miniature.stages import Stages
     from miniature.world import TEACHER_FOLDERS, world_named
-    from utils.config import load_config
 
     torch.set_num_threads(1)
     start = time.perf_counter()
@@ -111,6 +112,9 @@ def main(argv: list[str] | None = None) -> int:
                                              f"train.seed={seed}", *common], outputs=[out / f"long_tuning_s{seed}"])
     if args.tune_only:
         return 0
+    if not (out / "report.json").is_file():
+        raise UserError(f"--quickstart {out} has no report.json yet (the teacher's seam ratio): let the quickstart finish")
+    report = json.loads((out / "report.json").read_text())
     # 2. Every student at every length, and after a switch; the teacher on the switched-to captions.
     results = {"dmd": judge_long_student(student("configs/miniature/dmd.yaml", dmd, teacher_over), prompts,
                                          args.factors, world)}
