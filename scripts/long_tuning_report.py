@@ -103,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     fps = float(load_config(REPO_ROOT / "configs/miniature/ode.yaml").video.fps)
     stages = Stages(out, REPO_ROOT)
     prompts = eval_prompts(num_clips=args.eval_clips)
-    common = [*teacher_over, f"train.data_path={out / 'train_prompts.txt'}",
+    # the real score (and the critic's start) is the world's teacher; the generator starts from the DMD export
+    common = [f"real_score.checkpoint={folder}", f"train.data_path={out / 'train_prompts.txt'}",
               *([f"train.max_steps={args.steps}"] if args.steps else [])]
     # 1. Long tuning from the DMD student's EMA weights, one run per seed.
     for seed in args.seeds:
@@ -116,10 +117,10 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"--quickstart {out} has no report.json yet (the teacher's seam ratio): let the quickstart finish")
     report = json.loads((out / "report.json").read_text())
     # 2. Every student at every length, and after a switch; the teacher on the switched-to captions.
-    results = {"dmd": judge_long_student(student("configs/miniature/dmd.yaml", dmd, teacher_over), prompts,
+    results = {"dmd": judge_long_student(student("configs/miniature/dmd.yaml", dmd, teacher_over[:1]), prompts,
                                          args.factors, world)}
     for seed in args.seeds:
-        tuned = student(RECIPE, out / f"long_tuning_s{seed}" / "latest", teacher_over)
+        tuned = student(RECIPE, out / f"long_tuning_s{seed}" / "latest", teacher_over[:1])
         results[f"long_tuned_s{seed}"] = judge_long_student(tuned, prompts, args.factors, world)
     sampler = TeacherSampler(load_config(REPO_ROOT / "configs/miniature/ode.yaml", teacher_over), torch.device("cpu"))
     switched = teacher_adherence(sampler, prompts, world)
