@@ -49,19 +49,18 @@ class ShardedSampler:
         a resumed run draws the same partners."""
         partners = []
         for index in indices:
-            generator = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 1_000_033 + index)
-            other = int(torch.randint(0, max(self.num_items - 1, 1), (1,), generator=generator))
+            other = int(torch.randint(0, max(self.num_items - 1, 1), (1,), generator=self._item_generator(index, 1_000_033)))
             partners.append(other + 1 if self.num_items > 1 and other >= index else other)
         return partners
 
     def draw_below(self, indices: list[int], share: float) -> list[bool]:
         """For each index, whether a uniform draw from the seed, the epoch and the index falls below `share` (which
         rows of a batch of both tasks get their image), the same on a resumed run."""
-        draws = []
-        for index in indices:
-            generator = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 1_000_037 + index)
-            draws.append(bool(torch.rand((), generator=generator) < share))
-        return draws
+        return [bool(torch.rand((), generator=self._item_generator(index, 1_000_037)) < share) for index in indices]
+
+    def _item_generator(self, index: int, salt: int) -> torch.Generator:
+        """A generator seeded by the run's seed, this epoch and the item (salt: one stream per kind of draw)."""
+        return torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * salt + index)
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "cursor": self.cursor}
