@@ -32,6 +32,13 @@ class WorldJudge:
 
         parse_caption(prompt)
 
+    def judges_segment(self, index: int) -> bool:
+        """Whether the world has a true trajectory for training-length segment `index` of a long video: in the
+        bounded world the shape leaves the canvas after the first segment, so only that one is judged."""
+        from miniature.world import world_named
+
+        return world_named(self.world_name).wrap or index == 0
+
     def score(self, video: torch.Tensor, prompt: str) -> float:
         """Adherence in [0, 1] of a clip [T, 3, H, W] in [-1, 1] to its caption."""
         from miniature.judge import score_clip

@@ -34,7 +34,7 @@ def length_rows(pipe, prompts: Sequence[tuple[str, int]], factors: Sequence[int]
         per_clip_last = [long_video_summary("", [v], [p], segment, world)["segments"][-1]["adherence"]
                          for v, (p, _) in zip(videos, prompts)]
         rows[f"{factor}x"] = {
-            "num_frames": frames, "segment_frames": segment, "segments": summary["segments"],
+            "num_frames": frames, "segment_frames": segment, "segments": summary["segments"], "judged": summary["judged"],
             "first_adherence": summary["segments"][0]["adherence"], "last_adherence": summary["segments"][-1]["adherence"],
             "last_adherence_se": standard_error(per_clip_last), "adherence_ratio": summary["adherence_ratio"],
             "seam_ratio": seams["seam_ratio"], "seam_ratio_se": seams["seam_ratio_se"], "flicker": seams["flicker"],

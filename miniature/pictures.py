@@ -92,11 +92,12 @@ def frame_strips(path: Path, videos: dict[str, torch.Tensor], num_frames: int = 
 
 
 def segment_adherence(path: Path, summaries: dict[str, dict], fps: float, title: str = "") -> Path:
-    """Long videos over time: each model's per-segment adherence and appearance (miniature.report.long_video_summary)
-    against the segment's start in seconds, the first segment's level dashed."""
+    """Long videos over time: each model's per-segment adherence and appearance (miniature.report.long_video_summary),
+    those its world judges, against the segment's start in seconds, the first segment's level dashed."""
     plt = _matplotlib()
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5), squeeze=False)
-    for axis, key in zip(axes[0], ("adherence", "appearance")):
+    judged = [key for key in ("adherence", "appearance") if all(key in s["judged"] for s in summaries.values())]
+    fig, axes = plt.subplots(1, len(judged), figsize=(5 * len(judged), 3.5), squeeze=False)
+    for axis, key in zip(axes[0], judged):
         for name, summary in summaries.items():
             segments = summary["segments"]
             seconds = [segment["start"] / fps for segment in segments]

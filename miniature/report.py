@@ -33,6 +33,8 @@ CRITERIA = {
 # in the bounded world, where the true shape has left the canvas after the first segment.
 TEMPORAL_GOALS = {"seam_ratio_vs_teacher_max": 1.2, "long_video_ratio_min": 0.9}
 LONG_VIDEO_FACTOR = 4
+# What each world can judge in the segments of a long video (the first is what its goal holds to the first segment).
+JUDGED_IN_LONG_VIDEOS = {"wrap": ("adherence", "appearance"), "bounded": ("appearance",)}
 WORLD_NOTES = {
     "wrap": "The canvas wraps, so the caption's motion goes on in every segment (goal: adherence).",
     "bounded": "In this world the true shape leaves the canvas after the first segment, so motion past it is not "
@@ -90,30 +92,29 @@ def long_video_summary(name: str, videos: Sequence[torch.Tensor], captions: Sequ
                        world: WorldSpec = DEFAULT_WORLD) -> dict:
     """Clips of LONG_VIDEO_FACTOR x the training length, judged per training-length segment.
 
-    Each segment is judged like a clip of its own: adherence (every judge item), appearance (background x shape
-    colour alone, to tell a fading look from lost motion) and drift of colour, contrast and sharpness against the
-    first. In the wrapping world the caption's motion goes on in every segment; in the bounded world the true
-    shape leaves the canvas after the first, so there only appearance can be held to the first segment's.
+    Each segment is judged like a clip of its own, on what the world can judge there (`judged`): in the wrapping
+    world the caption's motion goes on in every segment, so adherence (every judge item) and appearance (background x
+    shape colour alone, to tell a fading look from lost motion); in the bounded world the true shape leaves the canvas
+    after the first segment, so only appearance, held to the first segment's. Drift of colour, contrast and sharpness
+    against the first segment in both.
     """
     parsed = [parse_caption(c) for c in captions]
+    judged = JUDGED_IN_LONG_VIDEOS["wrap" if world.wrap else "bounded"]
+    parts = {"appearance": lambda s: s["background"] * s["shape_colour"], "adherence": lambda s: s["total"]}
     per_segment: list[dict[str, float]] = []
     for start in range(0, len(videos[0]) - segment_frames + 1, segment_frames):
         scores = [score_clip(v[start:start + segment_frames], c, world) for v, c in zip(videos, parsed)]
-        per_segment.append({
-            "start": start,
-            "appearance": sum(s["background"] * s["shape_colour"] for s in scores) / len(scores),
-            "adherence": sum(s["total"] for s in scores) / len(scores),
-        })
+        per_segment.append({"start": start, **{key: sum(map(parts[key], scores)) / len(scores) for key in judged}})
     drifts = [temporal_report(v, [1], 1, segment_frames)["drift"] for v in videos]
     first, last = per_segment[0], per_segment[-1]
     return {
         "model": name,
         "world": "wrap" if world.wrap else "bounded",
+        "judged": list(judged),
         "num_frames": len(videos[0]),
         "segment_frames": segment_frames,
         "segments": per_segment,
-        "adherence_ratio": last["adherence"] / first["adherence"] if first["adherence"] else 0.0,
-        "appearance_ratio": last["appearance"] / first["appearance"] if first["appearance"] else 0.0,
+        **{f"{key}_ratio": last[key] / first[key] if first[key] else 0.0 for key in judged},
         "drift_per_segment": [sum(d["segments"][i]["drift"] for d in drifts) / len(drifts)
                               for i in range(len(per_segment))],
     }
@@ -219,7 +220,7 @@ def write_report(out_dir: Path, results: dict, settings: dict, name: str = "repo
                                                                 teacher["seam_ratio"], teacher["seam_ratio_se"])
         goals[f"{student}_seams"] = results[student]["seam_ratio_vs_teacher"] <= TEMPORAL_GOALS["seam_ratio_vs_teacher_max"]
     if long_video is not None:
-        judged = "adherence" if long_video["world"] == "wrap" else "appearance"
+        judged = long_video["judged"][0]
         goals[f"long_video_{judged}"] = long_video[f"{judged}_ratio"] >= TEMPORAL_GOALS["long_video_ratio_min"]
     report = {**results, "criteria": CRITERIA, "checks": checks, "settings": settings, "speed": speed,
               "long_video": long_video, "temporal_goals": TEMPORAL_GOALS, "goals": goals}
@@ -259,6 +260,7 @@ def write_report(out_dir: Path, results: dict, settings: dict, name: str = "repo
         "Temporal goals (reported, not part of the verdict): " + json.dumps(goals),
         "",
         "Pictures: training_curves.png, frames.png, long_video.png, long_video_segments.png; videos under videos/.",
+        *(_time_lines(settings) if "seconds_total" in settings else []),
     ]
     atomic_write_text(out_dir / f"{name}.md", "\n".join(lines) + "\n")
     return report
@@ -275,17 +277,29 @@ def _speed_lines(speed: dict) -> list[str]:
 
 
 def _long_video_lines(long_video: dict) -> list[str]:
-    segments = long_video["segments"]
-    rows = [(f"{s['start']}-{s['start'] + long_video['segment_frames'] - 1}", f"{s['appearance']:.3f}",
-             f"{s['adherence']:.3f}", f"{d:.4f}") for s, d in zip(segments, long_video["drift_per_segment"])]
+    segments, judged = long_video["segments"], long_video["judged"]
+    rows = [(f"{s['start']}-{s['start'] + long_video['segment_frames'] - 1}", *(f"{s[key]:.3f}" for key in judged),
+             f"{d:.4f}") for s, d in zip(segments, long_video["drift_per_segment"])]
+    explained = {"adherence": "adherence", "appearance": "appearance (background x shape colour alone)"}
     return [
         f"## Long video: {long_video['model']} rolled out to {long_video['num_frames']} frames "
         f"({LONG_VIDEO_FACTOR}x training, rolling cache)",
         "",
-        format_table(rows, header=("frames", "appearance", "adherence", "drift")),
+        format_table(rows, header=("frames", *judged, "drift")),
         "",
-        f"last segment / the first: adherence {long_video['adherence_ratio']:.3f}, appearance (background x shape",
-        f"colour alone) {long_video['appearance_ratio']:.3f}. {WORLD_NOTES[long_video['world']]} Drift: change of colour,",
-        "contrast and sharpness against the first segment.",
+        "last segment / the first: " + ", ".join(f"{explained[key]} {long_video[key + '_ratio']:.3f}" for key in judged)
+        + f". {WORLD_NOTES[long_video['world']]} Drift: change of colour, contrast and sharpness against the first "
+        "segment.",
         "",
     ]
+
+
+def _time_lines(settings: dict) -> list[str]:
+    """How long the run took, and each stage (a reused stage: its time when it ran, not part of this run's)."""
+    stages = settings.get("stages") or {}
+    ran = [f"{name} {t['seconds']:.0f} s" for name, t in stages.items() if not t["reused"]]
+    reused = [name for name, t in stages.items() if t["reused"]]
+    cores = f" on {settings['cpu_count']} CPU cores" if settings.get("cpu_count") else ""
+    return ["", f"Time: {settings['seconds_total'] / 60:.1f} min{cores}"
+            + (f" ({', '.join(ran)}; the rest judging)" if ran else "")
+            + (f"; reused from an earlier run: {', '.join(reused)}" if reused else "") + "."]

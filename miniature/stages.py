@@ -29,6 +29,8 @@ class Stages:
     def __init__(self, out: Path, repo_root: Path, fresh: bool = False):
         self.out, self.repo_root = out, repo_root
         self.rerun_rest = fresh  # set once a stage runs: every later stage runs too
+        # seconds of each stage of this invocation, a reused one's as its marker recorded it
+        self.timings: dict[str, dict] = {}
 
     def inputs(self, command: Sequence[str]) -> dict:
         """What a stage reads: its portable command line, the recipes it names (settings, bases included) and the
@@ -68,16 +70,19 @@ class Stages:
                 return f"{what} ({', '.join(Path(k).name for k in changed)})"
         return None
 
-    def run(self, name: str, command: list[str], outputs: Sequence[Path] = ()) -> bool:
+    def run(self, name: str, command: list[str], outputs: Sequence[Path] = (), processes: int = 1) -> bool:
         """Run `python <command>` unless finished with the same inputs; returns whether it ran.
 
         outputs: what the stage writes, removed before it runs again. A failure stops the chain with its status.
+        processes: above 1, the command runs under torchrun with that many ranks of one thread each (for a command
+        whose result does not depend on the rank count, so it is not one of the stage's inputs).
         """
         inputs = self.inputs(command)
         reason = self.stale_reason(name, inputs)
         marker = self.out / f"{name}.done"
         if reason is None:
             print(f"[quickstart] {name}: done earlier with the same inputs, reused ({marker})", flush=True)
+            self.timings[name] = {"seconds": json.loads(marker.read_text()).get("seconds"), "reused": True}
             return False
         if marker.exists():
             print(f"[quickstart] {name}: running it again: {reason}", flush=True)
@@ -91,8 +96,14 @@ class Stages:
         print(f"[quickstart] {name}: {' '.join(command)}", flush=True)
         start = time.perf_counter()
         env = {**os.environ, "PYTHONPATH": str(self.repo_root)}
-        status = subprocess.call([sys.executable, *command], cwd=self.repo_root, env=env)
+        launcher = [sys.executable]
+        if processes > 1:
+            launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
+            env["OMP_NUM_THREADS"] = "1"
+        status = subprocess.call([*launcher, *command], cwd=self.repo_root, env=env)
         if status != 0:
             raise SystemExit(f"[quickstart] {name} failed with exit status {status}")
-        atomic_write_json(marker, {"seconds": time.perf_counter() - start, "command": command, "inputs": inputs})
+        seconds = time.perf_counter() - start
+        atomic_write_json(marker, {"seconds": seconds, "command": command, "inputs": inputs})
+        self.timings[name] = {"seconds": seconds, "reused": False}
         return True

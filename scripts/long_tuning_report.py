@@ -84,6 +84,10 @@ def main(argv: list[str] | None = None) -> int:
     from utils.config import load_config
 
     world_name = JUDGE_WORLDS[load_config(out / "dmd" / "config.yaml").evaluation.judge]  # the world DMD was judged in
+    if world_name != "wrap":
+        raise UserError(f"--quickstart {out} is a run of the {world_name} world, where the shape leaves the canvas after "
+                        "the training length, so longer videos cannot be judged in full: run python scripts/quickstart.py "
+                        "--world wrap and pass its folder")
 
     import torch
 

@@ -4,7 +4,8 @@ miniature's) as soon as its last frame is decoded, so the page can draw adherenc
 Segments are the report's (miniature.report.long_video_summary): consecutive windows of the training length's pixel
 frames from frame 0; frames after the last whole window are not judged. A segment is judged against the prompt in
 effect when its last block was made (after a prompt switch: the new prompt), and not judged (adherence None) when
-the judge cannot read that prompt.
+the judge cannot read that prompt, or when its world has no true trajectory there (a judge's optional
+`judges_segment(index)`: the bounded miniature world's shape leaves the canvas after the first segment).
 """
 from __future__ import annotations
 
@@ -37,9 +38,14 @@ class SegmentJudge:
             segment, rest = clip[: self.segment_frames], clip[self.segment_frames:]
             self._pending, self._pending_frames = ([rest] if len(rest) else []), len(rest)
             events.append({"type": "segment", "index": self._segments, "start_frame": self._segments * self.segment_frames,
-                           "frames": self.segment_frames, "prompt": prompt, "adherence": self._score(segment, prompt)})
+                           "frames": self.segment_frames, "prompt": prompt,
+                           "adherence": self._score(segment, prompt) if self._judges(self._segments) else None})
             self._segments += 1
         return events
+
+    def _judges(self, index: int) -> bool:
+        judges_segment = getattr(self.judge, "judges_segment", None)
+        return judges_segment is None or judges_segment(index)
 
     def _score(self, segment: torch.Tensor, prompt: str) -> Optional[float]:
         try:

@@ -7,7 +7,7 @@ import pytest
 import torch
 import yaml
 
-from tests.helpers import run_script
+from tests.helpers import assert_one_line_error, run_script
 from utils.io import atomic_save_safetensors, atomic_write_json
 from utils.lmdb_store import OdeLmdbReader
 from utils.presets import ARCH_FIELDS, arch_to_config_json, load_model_preset
@@ -31,7 +31,8 @@ def random_teacher(tmp_path_factory):
 @pytest.mark.slow
 def test_short_quickstart_runs_the_chain_and_reuses_stages(tmp_path, random_teacher):
     out = tmp_path / "qs"
-    args = ["scripts/quickstart.py", "--short", "--out", str(out), "--teacher", str(random_teacher), "--pairs_per_caption", "2"]
+    args = ["scripts/quickstart.py", "--short", "--out", str(out), "--teacher", str(random_teacher), "--pairs_per_caption", "2",
+            "--processes", "2"]
     first = run_script(args, timeout=900)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
@@ -42,6 +43,10 @@ def test_short_quickstart_runs_the_chain_and_reuses_stages(tmp_path, random_teac
     assert len(rows) == 16 and set(Counter(r.prompt for r in rows).values()) == {2}
     assert not np.array_equal(rows[0].latents, rows[1].latents) and rows[0].prompt == rows[1].prompt
     assert report["settings"]["ode_pairs_per_caption"] == 2
+    # how long it took, stage by stage, in the report (the pairs sampled by --processes 2 ranks under torchrun)
+    assert set(report["settings"]["stages"]) == set(STAGES)
+    assert not any(t["reused"] for t in report["settings"]["stages"].values())
+    assert "Time: " in (out / "report.md").read_text() and "ode_pairs " in (out / "report.md").read_text()
     assert set(report) >= {"teacher", "ode_init", "dmd", "checks", "criteria", "settings"}
     assert set(report["checks"]["dmd"]) == {"student_adherence_ratio", "nfe_ratio", "speedup"}
     # the speed check: teacher and EMA student timed back to back on each evaluation prompt
@@ -79,17 +84,14 @@ def test_short_quickstart_runs_the_chain_and_reuses_stages(tmp_path, random_teac
     second = run_script(args, timeout=900)
     assert second.returncode == 0, second.stderr[-3000:]
     assert all(f"{stage}: done earlier with the same inputs, reused" in second.stdout for stage in STAGES)
-    # long tuning from the DMD student, judged at 2x its length and after a prompt switch (scripts/long_tuning_report.py)
-    tuned = run_script(["scripts/long_tuning_report.py", "--quickstart", str(out), "--seeds", "0", "--factors", "2",
-                        "--eval_clips", "1", "--steps", "2"], timeout=900)
-    assert tuned.returncode == 0, tuned.stdout[-3000:] + tuned.stderr[-3000:]
-    long_tuning = json.loads((out / "long_tuning.json").read_text())
-    assert set(long_tuning["students"]) == {"dmd", "long_tuned_s0"}
-    for rows in long_tuning["students"].values():
-        assert len(rows["lengths"]["2x"]["segments"]) == 2 and rows["lengths"]["2x"]["num_frames"] == 69
-        assert rows["switch"]["num_clips"] == 1 and 0 <= rows["switch"]["adherence_after_switch"] <= 1
-    assert (out / "long_tuning_segments.png").stat().st_size > 0 and "| long_tuned_s0 | 2x |" in tuned.stdout
-    assert "generator/prompt_switched" in (out / "long_tuning_s0" / "metrics.jsonl").read_text()
+    assert "reused from an earlier run: " + ", ".join(STAGES) in (out / "report.md").read_text()
+    # the bounded world's report shows what that world can judge of a long video: appearance, not adherence
+    assert report["long_video"]["judged"] == ["appearance"] and "adherence" not in report["long_video"]["segments"][-1]
+    long_table = (out / "report.md").read_text().split("## Long video")[1].split("##")[0]
+    assert "appearance" in long_table and "adherence" not in long_table
+    # long tuning's report judges long videos in full: the bounded world's run is refused in one line
+    refused = run_script(["scripts/long_tuning_report.py", "--quickstart", str(out), "--seeds", "0"], timeout=300)
+    assert_one_line_error(refused, "bounded world", "--world wrap")
     # another evaluation set: 3 clips instead of 2, so the students' clips are made again, the training reused
     third = run_script([*args, "--eval_clips", "3"], timeout=900)
     assert third.returncode == 0, third.stderr[-3000:]
@@ -110,8 +112,8 @@ def test_short_causal_chain_reports_the_causal_teacher(tmp_path, random_teacher)
     """--ode_teacher causal: teacher forcing, the causal teacher's pairs, and its own row in the report; with
     --student_shift 1 the student's list and the pairs it regresses on are unwarped, the causal teacher's are not."""
     out = tmp_path / "qs"
-    result = run_script(["scripts/quickstart.py", "--short", "--ode_teacher", "causal", "--out", str(out),
-                         "--teacher", str(random_teacher), "--student_shift", "1"], timeout=900)
+    result = run_script(["scripts/quickstart.py", "--short", "--ode_teacher", "causal", "--out", str(out), "--world", "wrap",
+                         "--pairs_per_caption", "1", "--teacher", str(random_teacher), "--student_shift", "1"], timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert all((out / f"{stage}.done").exists() for stage in ("causal_teacher", "ode_pairs_causal", "lmdb_causal"))
     report = json.loads((out / "report.json").read_text())
@@ -146,6 +148,19 @@ def test_short_causal_chain_reports_the_causal_teacher(tmp_path, random_teacher)
     assert "causal_teacher" in (out / "report.md").read_text()
     assert len(list((out / "videos" / "causal_teacher").glob("*.mp4"))) == 2
     assert "causal_teacher_seams" not in report["goals"]  # the goals are the students'
+    # the wrapping world judges long videos in full
+    assert report["long_video"]["judged"] == ["adherence", "appearance"] and "long_video_adherence" in report["goals"]
+    # long tuning from the DMD student, judged at 2x its length and after a prompt switch (scripts/long_tuning_report.py)
+    tuned = run_script(["scripts/long_tuning_report.py", "--quickstart", str(out), "--seeds", "0", "--factors", "2",
+                        "--eval_clips", "1", "--steps", "2"], timeout=900)
+    assert tuned.returncode == 0, tuned.stdout[-3000:] + tuned.stderr[-3000:]
+    long_tuning = json.loads((out / "long_tuning.json").read_text())
+    assert set(long_tuning["students"]) == {"dmd", "long_tuned_s0"}
+    for rows in long_tuning["students"].values():
+        assert len(rows["lengths"]["2x"]["segments"]) == 2 and rows["lengths"]["2x"]["num_frames"] == 69
+        assert rows["switch"]["num_clips"] == 1 and 0 <= rows["switch"]["adherence_after_switch"] <= 1
+    assert (out / "long_tuning_segments.png").stat().st_size > 0 and "| long_tuned_s0 | 2x |" in tuned.stdout
+    assert "generator/prompt_switched" in (out / "long_tuning_s0" / "metrics.jsonl").read_text()
 
 
 def _long_clips(world, frozen_after=None):
@@ -176,11 +191,18 @@ def test_long_video_goal_is_adherence_in_the_wrapping_world_and_appearance_in_th
     assert stopped["adherence_ratio"] < 0.1 and stopped["appearance_ratio"] > 0.95  # the look kept, the motion lost
     # in the bounded world the same long clips are judged by appearance only
     bounded = long_video_summary("dmd", stopped_clips, captions, wrap.num_frames, WORLDS["bounded"])
-    assert bounded["world"] == "bounded"
+    assert bounded["world"] == "bounded" and bounded["judged"] == ["appearance"]
+    assert all(set(segment) == {"start", "appearance"} for segment in bounded["segments"])
+    assert "adherence_ratio" not in bounded and bounded["appearance_ratio"] > 0.95
     from miniature.pictures import segment_adherence
 
     picture = segment_adherence(tmp_path / "segments.png", {"moving": moving, "stopped": stopped}, fps=16)
     assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and picture.stat().st_size > 10_000
+    # the bounded world's picture draws appearance alone: one panel, half the width
+    from PIL import Image
+
+    alone = segment_adherence(tmp_path / "bounded.png", {"stopped": bounded}, fps=16)
+    assert Image.open(alone).size[0] < 0.7 * Image.open(picture).size[0]
 
     def report(long_video):
         line = summarise("teacher", [c[:33] for c in clips], captions, [64] * 4, [1.0] * 4, [64] * 4, [3, 3, 3], 4, wrap)

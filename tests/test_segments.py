@@ -48,3 +48,13 @@ def test_a_segment_is_judged_against_the_prompt_it_was_made_under():
     assert events[0]["adherence"] > 0.9 and events[1]["adherence"] < 0.5  # the clip goes on with the old caption
     unreadable = SegmentJudge(WorldJudge("wrap"), WRAP.num_frames).add(clip[:33], "a cat playing piano")
     assert unreadable[0]["adherence"] is None
+
+
+def test_the_bounded_world_judges_only_the_first_segment_as_the_report_does():
+    """Past the training length the bounded world's shape has left the canvas: no true trajectory, no score."""
+    bounded = WORLDS["bounded"]
+    clip = render(parse_caption(CAPTION), 3, bounded, num_frames=2 * bounded.num_frames)
+    live = SegmentJudge(WorldJudge("bounded"), bounded.num_frames)
+    events = [event for block in blocks_of(clip) for event in live.add(block, CAPTION)]
+    assert len(events) == 2 and events[0]["adherence"] > 0.9 and events[1]["adherence"] is None
+    assert long_video_summary("clip", [clip], [CAPTION], bounded.num_frames, bounded)["judged"] == ["appearance"]

@@ -153,10 +153,12 @@ def test_frames_stream_before_the_video_is_done_and_equal_offline_inference(serv
     assert result["last"]["type"] == "done", result["last"]
     blocks = result["blocks"]
     assert len(blocks) == 12 and sum(b["frames"] for b in blocks) == LONG
-    # the recipe's judge scored each whole 33-frame segment as it completed, before the video was done
+    # the recipe's judge scored each whole 33-frame segment as it completed, before the video was done; its world
+    # (bounded: the shape leaves the canvas after the training length) judges the first one only
     segments = [m for m in result["messages"] if m["type"] == "segment"]
     assert [s["start_frame"] for s in segments] == [0, 33, 66, 99] and result["last"]["segments"] == segments
-    assert all(0.0 <= s["adherence"] <= 1.0 and s["prompt"] == PROMPT for s in segments)
+    assert 0.0 <= segments[0]["adherence"] <= 1.0 and [s["adherence"] for s in segments[1:]] == [None] * 3
+    assert all(s["prompt"] == PROMPT for s in segments)
     assert result["messages"].index(segments[0]) < result["messages"].index(result["last"]) - 10
     assert server.get("/config")["judge"] == "miniature" and server.get("/config")["segment_frames"] == 33
     # the first block reached the client before the server had generated the last one
@@ -525,9 +527,10 @@ def test_the_page_plays_the_stream_in_a_real_browser(server, tmp_path):
         browser.screenshot(tmp_path / "streaming.png")
         browser.wait_for("window.sfState.status === 'done'", timeout=120)
         state = json.loads(browser.evaluate("JSON.stringify(window.sfState)"))
-        # the live figure: one point per judged segment, drawn as the segments arrived
+        # the live figure: one point per segment, drawn as the segments arrived, filled where the world judges it
         assert browser.evaluate("getComputedStyle(document.getElementById('segments-panel')).display") != "none"
         points = browser.evaluate("document.querySelectorAll('#segments .segment-point').length")
+        hollow = browser.evaluate("document.querySelectorAll('#segments .segment-point[fill=\"white\"]').length")
         line = browser.evaluate("document.querySelector('#segments polyline').getAttribute('points')")
         browser.evaluate("document.getElementById('segments-panel').scrollIntoView()")
         browser.screenshot(tmp_path / "done.png")
@@ -539,7 +542,7 @@ def test_the_page_plays_the_stream_in_a_real_browser(server, tmp_path):
     # the first frame was drawn before the server had finished the video
     assert state["firstFrameDrawnAt"] < state["generationDoneAt"], mid
     assert state["blocksReceived"] == state["numBlocks"] == 12 and state["framesReceived"] == LONG
-    assert len(state["segments"]) == points == 4 and len(line.split()) == 4
+    assert len(state["segments"]) == points == 4 and len(line.split()) == 1 and hollow == 3  # only the first judged
     assert (tmp_path / "streaming.png").stat().st_size > 1000 and (tmp_path / "done.png").stat().st_size > 1000
 
 
