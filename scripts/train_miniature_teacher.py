@@ -250,8 +250,12 @@ class RecipeJudge:
 
 
 def summarise(reports: dict[str, dict]) -> dict[str, dict]:
-    """Mean judge scores per setting, rounded for the log."""
-    return {name: {k: round(v, 4) for k, v in report["mean_scores"].items()} for name, report in reports.items()}
+    """Mean judge scores per setting, and the total's standard error over the clips, rounded for the log."""
+    from miniature.report import standard_error
+
+    return {name: {**{k: round(v, 4) for k, v in report["mean_scores"].items()},
+                   "total_se": round(standard_error([clip["total"] for clip in report["per_clip"]]), 4)}
+            for name, report in reports.items()}
 
 
 @run_main
