@@ -207,7 +207,7 @@ class BlockRollout:
         if kv_cache is None:
             kv_cache = KVCache.from_geometry(self.geometry, noise.shape[0], dtype=self.cache_dtype or noise.dtype,
                                              device=noise.device, sp_size=sp_size_of(generator))
-        kv_cache.reset()
+        kv_cache.reset(num_frames=num_frames)
         shared = _Forward(generator, context, kv_cache, noise_generator, on_pass)
         keep_from = 0 if keep_last_frames is None else max(num_frames - keep_last_frames, 0)
         with torch.no_grad() if inference else contextlib.nullcontext():

@@ -106,6 +106,34 @@ def test_in_place_attention_reads_the_storage_without_a_copy():
     assert seen == [2, 4, 4]
 
 
+def test_the_gradient_path_copies_each_evicted_frame_once_and_shares_it():
+    """A cache that evicts: every gradient-path block attends to copies of the frames it saw, made once per frame and
+    shared by the later blocks that see it (a long rollout's window keeps one copy per frame, not one per block), and
+    a copy keeps what the forward saw after the slot is overwritten."""
+    model = tiny_model(CausalWanModel, seed=8)
+    cache = make_cache(model, 2, max_frames=4, sink_frames=1)
+    heads, dim = model.config["num_heads"], model.head_dim
+    views, inputs_seen = [], []
+    for start in (0, 1, 2, 3, 4, 5):  # one-frame blocks: frames 1, 2, ... roll out of a window of sink + 3
+        plan = cache.plan(start, 1)
+        view = cache.layer_view(0, plan, commit=True)
+        k = torch.randn(2, FRAME_TOKENS, heads, dim, requires_grad=True)
+        keys, _ = view(k, k * 2)
+        views.append(view)
+        inputs_seen.append(keys.detach().clone())
+        cache.commit(plan)
+    copies = cache._frame_copies[0]
+    assert sorted(copies) == [0, 1, 2, 3, 4]  # every frame a later block saw, once (frame 5 was seen by no later block)
+    for view in views[1:]:  # each block's pieces are the shared copies themselves (one object per frame)
+        assert all(any(mine is piece for piece in copies.values()) for mine in view._kept)
+    assert views[0]._kept is None and sum(len(view._kept) for view in views[1:]) == 12  # 12 frames seen, 5 copies
+    # frame 1 was evicted by frame 4 (its slot rewritten), yet a recompute of block 3 sees what its forward saw
+    again, _ = views[3](torch.zeros(2, FRAME_TOKENS, heads, dim, requires_grad=True), torch.zeros(2, FRAME_TOKENS, heads, dim))
+    assert torch.equal(again[:, :-FRAME_TOKENS], inputs_seen[3][:, :-FRAME_TOKENS])
+    cache.reset()
+    assert cache._frame_copies[0] == {}
+
+
 @pytest.mark.parametrize("max_frames,sink", [(6, 0), (4, 0), (4, 1), (3, 1)])
 def test_in_place_path_equals_the_gradient_path(max_frames, sink):
     """The no-grad in-place path and the gradient path (gather + append) attend to the same keys: full cache,

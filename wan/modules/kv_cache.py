@@ -15,9 +15,11 @@ plus the next free slots: a contiguous range. Two ways to attend, with the same 
     are scratch: slot_frames does not change, so the frames the cache holds are unchanged, and a
     later forward (commit or not) of a block at the same place rewrites them.
   - with gradient (the exit step of a training rollout): the kept slots are gathered and the
-    block's own (differentiable) k, v appended. When the cache can evict, the gathered part is a
-    snapshot taken on first use, so activation checkpointing recomputes the attention against the
-    frames the forward saw, not against slots that later blocks overwrote.
+    block's own (differentiable) k, v appended. When the cache can evict, the gathered part is made of
+    copies taken on first use, so activation checkpointing recomputes the attention against the
+    frames the forward saw, not against slots that later blocks overwrote. The copies are per frame and
+    shared: every gradient-path block that sees a frame uses the one copy of it (a long rollout's scored
+    window keeps the sink and the frames its blocks see once, not once per block).
 """
 from __future__ import annotations
 
@@ -91,13 +93,21 @@ class KVCache:
             may_evict=geometry.cache_frames < geometry.num_latent_frames,
         )
 
-    def reset(self) -> None:
-        """Forget every committed frame and the cross-attention cache (storage is reused, not zeroed)."""
+    def reset(self, num_frames: Optional[int] = None) -> None:
+        """Forget every committed frame and the cross-attention cache (storage is reused, not zeroed).
+
+        num_frames: the frames the coming rollout commits; more than the cache holds means it evicts, so the gradient
+        path copies what it attends to (a long rollout through a cache sized for the training length).
+        """
+        if num_frames is not None:
+            self.may_evict = num_frames > self.max_frames
         self.slot_frames: list[int] = []  # absolute frame index held by slot i; filled slots are a prefix
         self.next_frame = 0  # first frame index not yet committed
         self._scratch: set[int] = set()  # filled slots overwritten by an uncommitted in-place write
         self._cross: list[KeyValue] | None = None
         self._cross_context: tuple[torch.Tensor, int] | None = None
+        # per layer: frame -> a copy of its (k, v), for the gradient path of a cache that evicts (_snapshot)
+        self._frame_copies: list[dict[int, KeyValue]] = [{} for _ in range(self.num_layers)]
 
     @property
     def num_cached_frames(self) -> int:
@@ -162,23 +172,33 @@ class KVCache:
         end = (len(plan.kept_slots) + len(plan.slots)) * self.frame_seq_length
         return self.keys[layer][:, :end], self.values[layer][:, :end]
 
-    def _snapshot(self, layer: int, plan: CachePlan) -> Optional[KeyValue]:
-        """The kept frames' (k, v), safe from later writes (None when nothing is kept).
+    def _snapshot(self, layer: int, plan: CachePlan) -> Optional[list[KeyValue]]:
+        """The kept frames' (k, v) pieces, in slot order, safe from later writes (None when nothing is kept).
 
-        A copy only when the cache can evict; otherwise kept slots are never rewritten and a view will do.
+        When the cache cannot evict, kept slots are never rewritten and a view of the storage will do; otherwise
+        each frame's copy, made the first time a gradient-path block sees it and shared with every later one.
         """
         if len(plan.kept_slots) == 0:
             return None
-        keys, values = self._gather(self.keys[layer], plan.kept_slots), self._gather(self.values[layer], plan.kept_slots)
-        if self.may_evict and keys._base is not None:  # a view of the storage: copy it
-            keys, values = keys.clone(), values.clone()
-        return keys, values
+        if not self.may_evict:
+            return [(self._gather(self.keys[layer], plan.kept_slots), self._gather(self.values[layer], plan.kept_slots))]
+        copies = self._frame_copies[layer]
+        pieces = []
+        for slot in plan.kept_slots:
+            frame = self.slot_frames[slot]
+            if frame not in copies:
+                tokens = self._token_range(slot)
+                copies[frame] = (self.keys[layer][:, tokens].clone(), self.values[layer][:, tokens].clone())
+            pieces.append(copies[frame])
+        return pieces
 
     def commit(self, plan: CachePlan) -> None:
         """Record the block's frames as cached (call once, after every layer has written via `visible`)."""
         self._scratch.clear()
         for i, slot in enumerate(plan.slots):
             frame = plan.start_frame + i
+            for copies in self._frame_copies:  # a frame committed anew (after a reset) is not its old copy
+                copies.pop(frame, None)
             if slot < len(self.slot_frames):
                 self.slot_frames[slot] = frame
             else:
@@ -212,7 +232,7 @@ class LayerView:
 
     def __init__(self, cache: KVCache, layer: int, plan: CachePlan, commit: bool):
         self.cache, self.layer, self.plan, self.commit = cache, layer, plan, commit
-        self._kept: Optional[KeyValue] = None
+        self._kept: Optional[list[KeyValue]] = None
         self._taken = False
 
     def __call__(self, k: torch.Tensor, v: torch.Tensor) -> KeyValue:
@@ -226,5 +246,6 @@ class LayerView:
                 cache._write(self.layer, self.plan, k, v)
         if self._kept is None:
             return k, v
-        cached_k, cached_v = self._kept
-        return torch.cat([cached_k, k.to(cached_k.dtype)], dim=1), torch.cat([cached_v, v.to(cached_v.dtype)], dim=1)
+        dtype = self._kept[0][0].dtype
+        return (torch.cat([piece for piece, _ in self._kept] + [k.to(dtype)], dim=1),
+                torch.cat([piece for _, piece in self._kept] + [v.to(dtype)], dim=1))
