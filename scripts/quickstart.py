@@ -179,11 +179,11 @@ def main(argv: list[str] | None = None) -> int:
                              f"{ODE_PAIRS_PER_CAPTION})")
     parser.add_argument("--processes", type=int, default=None,
                         help="processes that sample the ODE pairs, one thread each (default: the CPU count, at most "
-                             f"{MAX_PAIR_PROCESSES}); the pairs are the same for any count (each prompt has its own seed)")
+                             f"{MAX_PAIR_PROCESSES}; 1 on a CUDA machine); the pairs are the same for any count (each "
+                             "prompt has its own seed)")
     args = parser.parse_args(argv)
-    processes = args.processes if args.processes is not None else max(1, min(os.cpu_count() or 1, MAX_PAIR_PROCESSES))
-    if processes < 1:
-        raise UserError(f"--processes {processes}: expected at least 1")
+    if args.processes is not None and args.processes < 1:
+        raise UserError(f"--processes {args.processes}: expected at least 1")
     pairs_per_caption = ODE_PAIRS_PER_CAPTION[args.world] if args.pairs_per_caption is None else args.pairs_per_caption
     eval_clips = args.eval_clips if args.eval_clips is not None else SHORT["num_eval"] if args.short else EVAL_CLIPS
     if not 1 <= eval_clips <= MAX_CLIPS:
@@ -195,6 +195,9 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"--pairs_per_caption {pairs_per_caption}: expected at least 1")
 
     import torch
+
+    # one-thread CPU processes by default; on a CUDA machine one process (a rank per process would need a GPU each)
+    processes = args.processes or (1 if torch.cuda.is_available() else max(1, min(os.cpu_count() or 1, MAX_PAIR_PROCESSES)))
 
     from miniature.components import JUDGE_WORLDS
     from miniature.judge import eval_prompts

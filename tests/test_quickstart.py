@@ -265,6 +265,9 @@ def test_quickstart_refuses_a_missing_teacher_and_no_pairs_before_work(tmp_path)
     result = run_script(["scripts/quickstart.py", "--student_shift", "0", "--out", str(tmp_path / "qs")], timeout=120)
     assert result.returncode == 2 and "--student_shift 0.0: expected a shift above 0" in result.stderr
     assert not (tmp_path / "qs").exists()
+    result = run_script(["scripts/quickstart.py", "--processes", "0", "--out", str(tmp_path / "qs")], timeout=120)
+    assert result.returncode == 2 and "--processes 0: expected at least 1" in result.stderr
+    assert not (tmp_path / "qs").exists()
 
 
 def test_report_gives_standard_errors_that_follow_the_clips_spread(tmp_path):
