@@ -106,7 +106,8 @@ class KVCache:
         self._scratch: set[int] = set()  # filled slots overwritten by an uncommitted in-place write
         self._cross: list[KeyValue] | None = None
         self._cross_context: tuple[torch.Tensor, int] | None = None
-        # per layer: frame -> a copy of its (k, v), for the gradient path of a cache that evicts (_snapshot)
+        # per layer: frame -> a copy of its (k, v), for the gradient path of a cache that evicts (_snapshot); a frame
+        # is committed once between resets (plan refuses an earlier start), so its copy stays its own
         self._frame_copies: list[dict[int, KeyValue]] = [{} for _ in range(self.num_layers)]
 
     @property
@@ -197,8 +198,6 @@ class KVCache:
         self._scratch.clear()
         for i, slot in enumerate(plan.slots):
             frame = plan.start_frame + i
-            for copies in self._frame_copies:  # a frame committed anew (after a reset) is not its old copy
-                copies.pop(frame, None)
             if slot < len(self.slot_frames):
                 self.slot_frames[slot] = frame
             else:
