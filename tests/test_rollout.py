@@ -267,64 +267,51 @@ def test_self_forcing_rollout_sample_and_timestep_range():
         assert torch.allclose(sample.next_timesteps[:, frames], torch.tensor(steps[exit_step + 1]))
 
 
-@pytest.mark.parametrize("window", [-1, 4, 7])
-def test_generator_gradients_equal_with_and_without_activation_checkpointing(window):
-    """Backward recomputes each block against the cache frames its forward saw, also when later blocks have
-    rolled them out of the window (full cache: -1; a window of sink + one block; sink + two blocks + one frame)."""
+def _assert_checkpointing_keeps_the_gradients(overrides, num_frames=None, seed=3, exit_steps=None, **run):
+    """The generator's gradients from one rollout, with and without activation checkpointing, agree to 1e-5."""
     from trainer.parallel import apply_activation_checkpointing, clean_name
 
-    overrides = ["video.num_frames=33"] + ([f"rollout.local_attn_size={window}", "rollout.sink_size=1"] if window > 0 else [])
     config, geometry, plain = setup(*overrides)
     _, _, wrapped = setup(*overrides)
     wrapped.load_state_dict(plain.state_dict())
     apply_activation_checkpointing(wrapped)
     rollout = BlockRollout.from_config(config, geometry)
-    noise, context = inputs(geometry, seed=3)
-    assert len(geometry.block_sizes) >= 3 and (window < 0 or geometry.cache_frames < geometry.num_latent_frames)
+    noise, context = inputs(geometry, num_frames=num_frames, seed=seed)
     grads = []
     for model in (plain, wrapped):
         model.train()
         model.zero_grad()
         renoise = torch.Generator().manual_seed(11)
-        exit_steps = [1, 2, 0] + [1] * (len(geometry.block_sizes) - 3)
-        out = rollout.run(model, noise, context, exit_steps=exit_steps, noise_generator=renoise)
+        out = rollout.run(model, noise, context, exit_steps=exit_steps, noise_generator=renoise, **run)
         (out.latents.square() * torch.linspace(0.5, 2, out.latents.shape[1])[None, :, None, None, None]).mean().backward()
         grads.append({clean_name(n): p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
     for name, grad in grads[0].items():
         error = ((grads[1][name] - grad).norm() / grad.norm().clamp_min(1e-12)).item()
         assert error < 1e-5, (name, error)
+
+
+@pytest.mark.parametrize("window", [-1, 4, 7])
+def test_generator_gradients_equal_with_and_without_activation_checkpointing(window):
+    """Backward recomputes each block against the cache frames its forward saw, also when later blocks have
+    rolled them out of the window (full cache: -1; a window of sink + one block; sink + two blocks + one frame)."""
+    overrides = ["video.num_frames=33"] + ([f"rollout.local_attn_size={window}", "rollout.sink_size=1"] if window > 0 else [])
+    _, geometry, _ = setup(*overrides)
+    assert len(geometry.block_sizes) >= 3 and (window < 0 or geometry.cache_frames < geometry.num_latent_frames)
+    _assert_checkpointing_keeps_the_gradients(overrides, exit_steps=[1, 2, 0] + [1] * (len(geometry.block_sizes) - 3))
 
 
 def test_a_long_rollouts_window_gets_the_same_gradients_with_and_without_activation_checkpointing():
     """Long tuning: a window of the training length (so the cache holds a whole training-length video) rolled past
     it; the scored blocks attend to frames that later blocks evict, so the recompute must see copies of them."""
-    from trainer.parallel import apply_activation_checkpointing, clean_name
-
     overrides = ["video.num_frames=33", "rollout.local_attn_size=9", "rollout.sink_size=1"]
-    config, geometry, plain = setup(*overrides)
-    _, _, wrapped = setup(*overrides)
-    wrapped.load_state_dict(plain.state_dict())
-    apply_activation_checkpointing(wrapped)
-    rollout = BlockRollout.from_config(config, geometry)
+    _, geometry, _ = setup(*overrides)
     assert geometry.cache_frames == geometry.num_latent_frames  # a training-length rollout never evicts here
     # 4x: the window's middle block (frames 30-32) attends to slots 0-5 exactly (a view of the storage, were it not
     # copied) and the last block (33-35) overwrites slots 0-2 before the backward
-    noise, context = inputs(geometry, num_frames=4 * geometry.num_latent_frames, seed=4)
-    grads = []
-    for model in (plain, wrapped):
-        model.train()
-        model.zero_grad()
-        renoise = torch.Generator().manual_seed(12)
-        exit_steps = [1, 2, 0, 3] * 3
-        out = rollout.run(model, noise, context, exit_steps=exit_steps, noise_generator=renoise,
-                          grad_last_frames=geometry.num_latent_frames, keep_last_frames=geometry.num_latent_frames)
-        (out.latents.square() * torch.linspace(0.5, 2, out.latents.shape[1])[None, :, None, None, None]).mean().backward()
-        grads.append({clean_name(n): p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
-    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
-    for name, grad in grads[0].items():
-        error = ((grads[1][name] - grad).norm() / grad.norm().clamp_min(1e-12)).item()
-        assert error < 1e-5, (name, error)
+    frames = geometry.num_latent_frames
+    _assert_checkpointing_keeps_the_gradients(overrides, num_frames=4 * frames, seed=4, exit_steps=[1, 2, 0, 3] * 3,
+                                              grad_last_frames=frames, keep_last_frames=frames)
 
 
 def test_a_bf16_cache_under_mixed_precision_changes_nothing_and_halves_the_cache():
