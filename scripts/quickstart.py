@@ -1,11 +1,13 @@
 """`make quickstart`: the whole Self-Forcing distillation on the miniature world, on a CPU, with a verdict.
 
     python scripts/quickstart.py [--out outputs/quickstart] [--fresh] [--loss dmd|sid] [--world bounded|wrap]
-        [--pairs_per_caption N] [--student_shift S] [--eval_clips N] [--short]
+        [--chain self_forcing|causal_forcing|longlive] [--seed N] [--pairs_per_caption N] [--student_shift S]
+        [--eval_clips N] [--short]
 
 The chain runs the real entry points: generate_ode_pairs.py (the shipped miniature teacher, many steps with
 CFG) -> create_lmdb.py -> train.py (ODE init) -> train.py (DMD or SiD on self-forcing rollouts) ->
-inference.py (4-step causal student, KV cache) -> the judge. It writes report.json / report.md with the
+inference.py (4-step causal student, KV cache) -> the judge. --chain picks how the student is initialised
+before DMD (miniature/inits.py; the published Self-Forcing chain by default). It writes report.json / report.md with the
 teacher's, the ODE-init student's and the distilled student's adherence, model evaluations and seconds per
 video, a training-curve PNG, a frame strip PNG and the mp4s. Finished stages are reused when the command
 runs again with the same inputs (each stage leaves a <stage>.done marker recording its command line and recipes;
@@ -21,6 +23,7 @@ import sys
 import time
 from pathlib import Path
 
+from miniature.inits import CHAIN_STAGES, CHAINS
 from miniature.judge import EVAL_FIRST_SEED, MAX_CLIPS
 from miniature.stages import Stages
 from miniature.world import ODE_PAIRS_PER_CAPTION, TEACHER_FOLDERS, WORLDS
@@ -39,6 +42,7 @@ EVAL_CLIPS = 48
 MAX_PAIR_PROCESSES = 8
 RECIPES = {"ode": "configs/miniature/ode.yaml", "dmd": "configs/miniature/dmd.yaml", "sid": "configs/miniature/sid.yaml",
            "causal_teacher": "configs/miniature/causal_teacher.yaml", "ode_causal": "configs/miniature/ode_causal.yaml"}
+CHAIN_OUT_SUFFIX = {"self_forcing": "", "causal_forcing": "_causal", "longlive": "_longlive"}
 # --short: a shortened run for the end-to-end test (same chain, fewer prompts and steps; no quality bar).
 SHORT = {
     "num_prompts": 8,
@@ -154,10 +158,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="where everything goes (default: outputs/quickstart)")
     parser.add_argument("--fresh", action="store_true", help="start over instead of reusing finished stages")
     parser.add_argument("--loss", choices=("dmd", "sid"), default="dmd", help="the score-distillation loss")
-    parser.add_argument("--ode_teacher", choices=("bidirectional", "causal"), default="bidirectional",
-                        help="causal: causal ODE init (issue 16, Causal Forcing): the teacher is tuned causal with "
-                             "teacher forcing and makes the ODE pairs block by block; the ODE student starts from it "
-                             "and regresses against clean context (default out: outputs/quickstart_causal)")
+    parser.add_argument("--chain", choices=CHAINS, default="self_forcing",
+                        help="how the student starts before DMD / SiD: self_forcing (published): ODE init on the "
+                             "bidirectional teacher's pairs; causal_forcing: the teacher is tuned causal with teacher "
+                             "forcing and makes the ODE pairs block by block, the ODE student starts from it and "
+                             "regresses against clean context (default out: outputs/quickstart_causal); longlive: no "
+                             "ODE stage, DMD starts from that causal teacher (default out: outputs/quickstart_longlive)")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="the score-distillation stage's train.seed instead of the recipe's (default out gets "
+                             "_seedN; the stages before it do not depend on it)")
     parser.add_argument("--short", action="store_true", help="a shortened run (tests): fewer prompts and steps")
     parser.add_argument("--strict", action="store_true", help="exit with status 1 when a check of the report fails")
     parser.add_argument("--world", choices=tuple(WORLDS), default="bounded",
@@ -206,9 +215,9 @@ def main(argv: list[str] | None = None) -> int:
     from utils.config import load_config
 
     world = world_named(args.world)
-    default_out = "outputs/quickstart" + ("_wrap" if args.world == "wrap" else "") + (
-        "_causal" if args.ode_teacher == "causal" else "") + (
-        f"_shift{args.student_shift:g}" if args.student_shift is not None else "")
+    default_out = "outputs/quickstart" + ("_wrap" if args.world == "wrap" else "") + CHAIN_OUT_SUFFIX[args.chain] + (
+        f"_shift{args.student_shift:g}" if args.student_shift is not None else "") + (
+        f"_seed{args.seed}" if args.seed is not None else "")
     out = (args.out or REPO_ROOT / default_out).resolve()
     # the bounded world's teacher is the recipes' own (checkpoints/miniature/teacher); another world names its folder
     teacher = args.teacher or (None if args.world == "bounded" else
@@ -244,13 +253,18 @@ def main(argv: list[str] | None = None) -> int:
                   if args.student_shift is not None else [])
     student_over = [*teacher_over, *shift_over]
     ode_over = [f"train.data_path={out / 'ode_pairs.lmdb'}", *teacher_over, *(short["ode"] if short else [])]
-    if args.ode_teacher == "bidirectional":
+    if args.chain == "self_forcing":
         ode_over += shift_over  # the pairs the student regresses on
     loss_recipe = RECIPES[args.loss]
+    recipe_seed = load_config(REPO_ROOT / loss_recipe).train.seed  # --seed at the recipe's own: the recipe's run
+    causal_teacher = out / "causal_teacher" / "latest"
     init_export = out / "ode_init" / "latest"
+    # the weights score distillation starts from: the ODE-init student, or in the LongLive form the causal teacher
+    start_weights = (causal_teacher if args.chain == "longlive" else init_export) / "generator.safetensors"
     distill_over = [*student_over, f"train.data_path={out / 'train_prompts.txt'}",
                     f"evaluation.prompts={out / 'eval_prompts.txt'}", f"evaluation.judge={judge_name}",
-                    f"generator.checkpoint={init_export / 'generator.safetensors'}", *(short["distill"] if short else [])]
+                    f"generator.checkpoint={start_weights}", *(short["distill"] if short else []),
+                    *([f"train.seed={args.seed}"] if args.seed not in (None, recipe_seed) else [])]
 
     # 2. ODE pairs from the teacher, packed into one LMDB.
     stages.run("ode_pairs", ["scripts/generate_ode_pairs.py", "--config_path", RECIPES["ode"], "--caption_path",
@@ -259,14 +273,16 @@ def main(argv: list[str] | None = None) -> int:
                processes=processes)
     stages.run("lmdb", ["scripts/create_lmdb.py", "--data_path", str(out / "ode_pairs"), "--lmdb_path",
                         str(out / "ode_pairs.lmdb")], outputs=[out / "ode_pairs.lmdb"])
-    if args.ode_teacher == "causal":
-        # 2b. Causal ODE init: the teacher turned causal (teacher forcing on the pairs' clean videos) makes the
-        #     pairs again, block by block; ODE regression then reads those.
-        causal_teacher = out / "causal_teacher" / "latest"
+    if args.chain != "self_forcing":
+        # 2b. The teacher turned causal (teacher forcing on the pairs' clean videos).
         stages.run("causal_teacher", ["train.py", "--config_path", RECIPES["causal_teacher"], "--logdir",
                                       str(out / "causal_teacher"), "--disable-wandb", *ode_over,
                                       *(short["causal_teacher"] if short else [])], outputs=[out / "causal_teacher"])
-        causal_over = [*student_over, f"real_score.checkpoint={causal_teacher}", *(short["ode"] if short else [])]
+    # the causal teacher as the recipe's teacher (and its generator, which the causal ODE stage starts from)
+    causal_over = [*student_over, f"real_score.checkpoint={causal_teacher}", f"generator.checkpoint={causal_teacher}",
+                   *(short["ode"] if short else [])]
+    if args.chain == "causal_forcing":
+        # 2c. Causal ODE init: the causal teacher makes the pairs again, block by block; ODE regression reads those.
         stages.run("ode_pairs_causal", ["scripts/generate_ode_pairs.py", "--config_path", RECIPES["ode_causal"],
                                         "--caption_path", str(out / "ode_prompts.txt"), "--output_folder",
                                         str(out / "ode_pairs_causal"), "--num_prompts", str(num_pairs),
@@ -276,15 +292,16 @@ def main(argv: list[str] | None = None) -> int:
         # the causal chain's ODE stage (Causal Forcing): the student starts from the causal teacher's weights
         ode_over = [*ode_over, *shift_over, f"train.data_path={out / 'ode_pairs_causal.lmdb'}",
                     f"generator.checkpoint={causal_teacher}"]
-    # 3. ODE regression -> ode_init; 4. score distillation on self-forcing rollouts.
-    ode_recipe = RECIPES["ode_causal" if args.ode_teacher == "causal" else "ode"]
-    stages.run("ode_init", ["train.py", "--config_path", ode_recipe, "--logdir", str(out / "ode_init"),
-                            "--disable-wandb", *ode_over], outputs=[out / "ode_init"])
+    # 3. ODE regression -> ode_init (not in the LongLive form); 4. score distillation on self-forcing rollouts.
+    if args.chain != "longlive":
+        ode_recipe = RECIPES["ode_causal" if args.chain == "causal_forcing" else "ode"]
+        stages.run("ode_init", ["train.py", "--config_path", ode_recipe, "--logdir", str(out / "ode_init"),
+                                "--disable-wandb", *ode_over], outputs=[out / "ode_init"])
     stages.run(args.loss, ["train.py", "--config_path", loss_recipe, "--logdir", str(out / args.loss),
                            "--disable-wandb", *distill_over], outputs=[out / args.loss])
 
     # 5. Judge: the teacher (many steps + CFG), the ODE-init student and the distilled student, in this run.
-    print("[quickstart] judging the teacher, the ODE-init student and the distilled student", flush=True)
+    print("[quickstart] judging the teacher, the student before distillation and the distilled student", flush=True)
     teacher_config = load_config(REPO_ROOT / RECIPES["ode"], teacher_over + (short["teacher"] if short else []))
     teacher_sampler = TeacherSampler(teacher_config, torch.device("cpu"))
     videos, nfe, seconds = sample_teacher_videos(teacher_sampler, prompts)
@@ -298,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     results = {"teacher": summarise("teacher", videos, [p for p, _ in prompts], nfe, seconds, forward_calls=nfe,
                                     blocks=student_geometry.block_sizes, stride=student_geometry.vae_stride[0],
                                     world=world)}
-    if args.ode_teacher == "causal":
+    if args.chain != "self_forcing":
         # the causal teacher on the same prompts and seeds, block by block as it made its ODE pairs: the seams its
         # pairs hand on to the ODE-init student
         causal_sampler = TeacherSampler(load_config(REPO_ROOT / RECIPES["ode_causal"], [
@@ -310,10 +327,13 @@ def main(argv: list[str] | None = None) -> int:
             forward_calls=[n * causal_sampler.calls_per_nfe for n in causal_nfe], blocks=student_geometry.block_sizes,
             stride=student_geometry.vae_stride[0], world=world)
     vae = build_vae(resolved.vae)
-    results["ode_init"], init_videos = judge_student(out, "ode_init", RECIPES["ode"], init_export, prompts, student_over,
-                                                     stages, vae, world)
+    start_videos = {}
+    if args.chain != "longlive":
+        results["ode_init"], init_videos = judge_student(out, "ode_init", RECIPES["ode"], init_export, prompts,
+                                                         student_over, stages, vae, world)
+        start_videos["ode_init"] = init_videos[0]
     # the distilled student as deployed: its EMA weights; the raw weights beside them, for comparison
-    distilled_over = [*student_over, f"generator.checkpoint={init_export / 'generator.safetensors'}"]
+    distilled_over = [*student_over, f"generator.checkpoint={start_weights}"]
     results[args.loss], distilled_videos = judge_student(
         out, args.loss, loss_recipe, out / args.loss / "latest", prompts, [*distilled_over, "--use_ema"], stages, vae,
         world)
@@ -332,14 +352,15 @@ def main(argv: list[str] | None = None) -> int:
     # 6. Pictures and the report.
     from miniature.pictures import frame_strips, segment_adherence, training_curves
 
-    training_curves(out / "training_curves.png", {"ode_init": out / "ode_init", args.loss: out / args.loss})
-    frame_strips(out / "frames.png", {"teacher": videos[0], "ode_init": init_videos[0], args.loss: distilled_videos[0]},
+    stage_logs = {name: out / name for name in ("causal_teacher", "ode_init") if name in CHAIN_STAGES[args.chain]}
+    training_curves(out / "training_curves.png", {**stage_logs, args.loss: out / args.loss})
+    frame_strips(out / "frames.png", {"teacher": videos[0], **start_videos, args.loss: distilled_videos[0]},
                  title=prompts[0][0])
     frame_strips(out / "long_video.png", {prompt[:24]: video for (prompt, _), video in zip(prompts[:4], long_videos)},
                  num_frames=15, title=f"{args.loss} student at {LONG_VIDEO_FACTOR}x its training length ({args.world} world)")
     segment_adherence(out / "long_video_segments.png", {args.loss: results["long_video"]}, teacher_config.video.fps,
                       title=f"{args.loss} student at {LONG_VIDEO_FACTOR}x its training length ({args.world} world)")
-    settings = {"loss": args.loss, "ode_teacher": args.ode_teacher, "world": args.world, "short": args.short,
+    settings = {"loss": args.loss, "chain": args.chain, "seed": args.seed, "world": args.world, "short": args.short,
                 "num_train_prompts": num_prompts, "ode_pairs_per_caption": pairs_per_caption, "num_eval": len(prompts),
                 "student_shift": args.student_shift, "cpu_count": os.cpu_count(), "stages": stages.timings,
                 "seconds_total": time.perf_counter() - start}

@@ -109,15 +109,15 @@ def test_short_quickstart_runs_the_chain_and_reuses_stages(tmp_path, random_teac
 
 @pytest.mark.slow
 def test_short_causal_chain_reports_the_causal_teacher(tmp_path, random_teacher):
-    """--ode_teacher causal: teacher forcing, the causal teacher's pairs, and its own row in the report; with
+    """--chain causal_forcing: teacher forcing, the causal teacher's pairs, and its own row in the report; with
     --student_shift 1 the student's list and the pairs it regresses on are unwarped, the causal teacher's are not."""
     out = tmp_path / "qs"
-    result = run_script(["scripts/quickstart.py", "--short", "--ode_teacher", "causal", "--out", str(out), "--world", "wrap",
+    result = run_script(["scripts/quickstart.py", "--short", "--chain", "causal_forcing", "--out", str(out), "--world", "wrap",
                          "--pairs_per_caption", "1", "--teacher", str(random_teacher), "--student_shift", "1"], timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert all((out / f"{stage}.done").exists() for stage in ("causal_teacher", "ode_pairs_causal", "lmdb_causal"))
     report = json.loads((out / "report.json").read_text())
-    assert report["settings"]["ode_teacher"] == "causal" and report["settings"]["student_shift"] == 1.0
+    assert report["settings"]["chain"] == "causal_forcing" and report["settings"]["student_shift"] == 1.0
     # the short run's 8-step ODE keeps points 0, 2, 4, 6 of 8: at shift 1 the plain [1000, 750, 500, 250], on
     # the student's list; the bidirectional pairs that train the causal teacher keep the recipe's shift 5
     def kept(lmdb):
