@@ -36,10 +36,11 @@ def run_row(report: dict, loss: str = "dmd") -> dict:
     judged = long_video["judged"][0]
     row = {
         "adherence": student["adherence"], "adherence_se": student["adherence_se"],
-        "adherence_ratio": student["adherence"] / teacher["adherence"],
+        "adherence_ratio": student["adherence_ratio"],  # the report's (0 against a teacher judged 0)
         "seam_ratio_vs_teacher": student["seam_ratio_vs_teacher"],
         "seam_ratio_vs_teacher_se": student["seam_ratio_vs_teacher_se"],
-        "flicker": student["flicker"], "flicker_vs_teacher": student["flicker"] / teacher["flicker"],
+        "flicker": student["flicker"],
+        "flicker_vs_teacher": student["flicker"] / teacher["flicker"] if teacher["flicker"] else 0.0,
         "long_video_judged": judged, "long_video_ratio": long_video[f"{judged}_ratio"],
         "start": {name: {"adherence": report[name]["adherence"],
                          "seam_ratio_vs_teacher": report[name]["seam_ratio"] / teacher["seam_ratio"]}

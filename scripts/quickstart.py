@@ -200,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
                         f"{EVAL_FIRST_SEED}; more clips would reach the teacher's validation seeds)")
     if args.student_shift is not None and not args.student_shift > 0:
         raise UserError(f"--student_shift {args.student_shift}: expected a shift above 0 (1 leaves the step list as it is)")
+    if args.seed is not None and args.seed < 0:
+        raise UserError(f"--seed {args.seed}: expected a seed of 0 or more")
     if pairs_per_caption < 1:
         raise UserError(f"--pairs_per_caption {pairs_per_caption}: expected at least 1")
 

@@ -163,6 +163,32 @@ def test_short_causal_chain_reports_the_causal_teacher(tmp_path, random_teacher)
     assert "generator/prompt_switched" in (out / "long_tuning_s0" / "metrics.jsonl").read_text()
 
 
+@pytest.mark.slow
+def test_compare_inits_runs_the_longlive_chain_over_seeds_sharing_its_stages(tmp_path, random_teacher):
+    """scripts/compare_inits.py on the LongLive form: no ODE stage, DMD starts from the causal teacher; the second
+    seed's run takes the pairs and the causal teacher from the first and trains only its own DMD stage."""
+    out = tmp_path / "inits"
+    result = run_script(["scripts/compare_inits.py", "--short", "--chains", "longlive", "--seeds", "0", "1", "--out", str(out),
+                         "--teacher", str(random_teacher), "--world", "wrap"], timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    first, second = out / "longlive_s0", out / "longlive_s1"
+    assert "(copied from earlier runs: ode_pairs, lmdb, causal_teacher)" in result.stdout
+    report = json.loads((second / "report.json").read_text())
+    assert set(report["settings"]["stages"]) >= {"ode_pairs", "lmdb", "causal_teacher", "dmd"}
+    assert "ode_init" not in report and not (second / "ode_init").exists() and "causal_teacher" in report
+    assert [name for name, t in report["settings"]["stages"].items() if not t["reused"]][0] == "dmd"
+    for run, seed in ((first, 0), (second, 1)):
+        dmd = yaml.safe_load((run / "dmd" / "config.yaml").read_text())
+        assert dmd["generator"]["checkpoint"] == str(run / "causal_teacher" / "latest" / "generator.safetensors")
+        assert dmd["train"]["seed"] == seed
+    summary = json.loads((out / "inits.json").read_text())
+    rows = summary["runs"]["longlive"]
+    assert set(rows) == {"0", "1"} and rows["0"]["seam_ratio_vs_teacher"] != rows["1"]["seam_ratio_vs_teacher"]
+    assert summary["chains"]["longlive"]["seeds"] == [0, 1]
+    assert "LongLive 2.0 (DMD from the causal teacher)" in (out / "inits.md").read_text()
+    assert (out / "inits.png").stat().st_size > 0
+
+
 def _long_clips(world, frozen_after=None):
     from miniature.judge import eval_prompts
     from miniature.world import parse_caption, render
@@ -267,6 +293,9 @@ def test_quickstart_refuses_a_missing_teacher_and_no_pairs_before_work(tmp_path)
     assert not (tmp_path / "qs").exists()
     result = run_script(["scripts/quickstart.py", "--processes", "0", "--out", str(tmp_path / "qs")], timeout=120)
     assert result.returncode == 2 and "--processes 0: expected at least 1" in result.stderr
+    assert not (tmp_path / "qs").exists()
+    result = run_script(["scripts/quickstart.py", "--seed", "-1", "--out", str(tmp_path / "qs")], timeout=120)
+    assert result.returncode == 2 and "--seed -1: expected a seed of 0 or more" in result.stderr
     assert not (tmp_path / "qs").exists()
 
 
