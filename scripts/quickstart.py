@@ -291,9 +291,10 @@ def main(argv: list[str] | None = None) -> int:
                                         *causal_over], outputs=[out / "ode_pairs_causal"], processes=processes)
         stages.run("lmdb_causal", ["scripts/create_lmdb.py", "--data_path", str(out / "ode_pairs_causal"),
                                    "--lmdb_path", str(out / "ode_pairs_causal.lmdb")], outputs=[out / "ode_pairs_causal.lmdb"])
-        # the causal chain's ODE stage (Causal Forcing): the student starts from the causal teacher's weights
+        # the causal chain's ODE stage (Causal Forcing): the student starts from the causal teacher's weights (the
+        # recipe's teacher, whatever folder the run is in)
         ode_over = [*ode_over, *shift_over, f"train.data_path={out / 'ode_pairs_causal.lmdb'}",
-                    f"generator.checkpoint={causal_teacher}"]
+                    f"generator.checkpoint={causal_teacher}", f"real_score.checkpoint={causal_teacher}"]
     # 3. ODE regression -> ode_init (not in the LongLive form); 4. score distillation on self-forcing rollouts.
     if args.chain != "longlive":
         ode_recipe = RECIPES["ode_causal" if args.chain == "causal_forcing" else "ode"]

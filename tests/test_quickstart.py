@@ -137,6 +137,7 @@ def test_short_causal_chain_reports_the_causal_teacher(tmp_path, random_teacher)
     # regresses against clean context only
     ode_init = yaml.safe_load((out / "ode_init" / "config.yaml").read_text())
     assert ode_init["generator"]["checkpoint"] == str((out / "causal_teacher" / "latest").resolve())
+    assert ode_init["real_score"]["checkpoint"] == ode_init["generator"]["checkpoint"]  # not the recipe's own folder
     assert ode_init["train"]["ode_teacher_forcing"] is True
     assert "timestep_shift: 1.0" in (out / "dmd" / "config.yaml").read_text()
     causal = report["causal_teacher"]
