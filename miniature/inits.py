@@ -125,4 +125,4 @@ def init_picture(path: Path, runs: dict[str, dict[int, dict]], world: str) -> Pa
     points = {CHAIN_NAMES[chain]: {seed: (row["seam_ratio_vs_teacher"], row["adherence_ratio"]) for seed, row in rows.items()}
               for chain, rows in runs.items()}
     return seams_against_adherence(path, points, GOALS["seam_ratio_vs_teacher_max"], GOALS["adherence_ratio_min"],
-                                   title=f"The three inits, {world} world (numbers: DMD seeds; shaded: the seam goal)")
+                                   title=f"The three inits, {world} world (numbers: DMD seeds; shaded: both goals met)")

@@ -113,12 +113,13 @@ def segment_adherence(path: Path, summaries: dict[str, dict], fps: float, title:
 def seams_against_adherence(path: Path, points: dict[str, dict[int, tuple[float, float]]], seam_max: float,
                             adherence_min: float, title: str = "") -> Path:
     """Runs as points (seam ratio, adherence), both over the teacher's: one colour per group, each point labelled
-    with its seed; the seam goal shaded and both goals as dashed lines."""
+    with its seed; the corner where both goals hold shaded, the goals as dashed lines."""
     plt = _matplotlib()
     fig, axis = plt.subplots(figsize=(6, 4.5))
     seams = [x for group in points.values() for x, _ in group.values()]
-    low = min(0.9, min(seams) - 0.05)
-    axis.axvspan(low, seam_max, color="#e8f5e9", zorder=0)
+    adherences = [y for group in points.values() for _, y in group.values()]
+    low, top = min(0.9, min(seams) - 0.05), max(1.05, max(adherences) + 0.05)
+    axis.fill_between([low, seam_max], adherence_min, top, color="#e8f5e9", zorder=0)  # where both goals hold
     for label, group in points.items():
         axis.scatter(*zip(*group.values()), label=label, s=40, zorder=2)
         for seed, (x, y) in group.items():
@@ -126,6 +127,7 @@ def seams_against_adherence(path: Path, points: dict[str, dict[int, tuple[float,
     axis.axhline(adherence_min, color="grey", linestyle="--", linewidth=0.8)
     axis.axvline(seam_max, color="grey", linestyle="--", linewidth=0.8)
     axis.set_xlim(low, max(seams) + 0.1)
+    axis.set_ylim(min(adherence_min, min(adherences)) - 0.05, top)
     axis.set_xlabel("seam ratio / the teacher's (lower is better)")
     axis.set_ylabel("adherence / the teacher's")
     axis.legend(fontsize=7)
