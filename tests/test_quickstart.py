@@ -275,28 +275,19 @@ def test_speed_check_pairs_cancel_the_machine_drifting(tmp_path):
     assert failing["checks"]["dmd"]["speedup"] is False
 
 
-def test_quickstart_refuses_a_missing_teacher_and_no_pairs_before_work(tmp_path):
-    result = run_script(["scripts/quickstart.py", "--world", "wrap", "--teacher", str(tmp_path / "missing"),
-                         "--out", str(tmp_path / "qs")], timeout=120)
-    assert result.returncode == 2 and "has no config.json" in result.stderr
-    assert not (tmp_path / "qs").exists()
-    result = run_script(["scripts/quickstart.py", "--pairs_per_caption", "0", "--out", str(tmp_path / "qs")], timeout=120)
-    assert result.returncode == 2 and "--pairs_per_caption 0: expected at least 1" in result.stderr
-    assert not (tmp_path / "qs").exists()
-    result = run_script(["scripts/quickstart.py", "--eval_clips", "0", "--out", str(tmp_path / "qs")], timeout=120)
-    assert result.returncode == 2 and "--eval_clips 0: expected 1 to 1000" in result.stderr
-    assert not (tmp_path / "qs").exists()
-    result = run_script(["scripts/quickstart.py", "--eval_clips", "1001", "--out", str(tmp_path / "qs")], timeout=120)
-    assert result.returncode == 2 and "would reach the teacher's validation seeds" in result.stderr
-    assert not (tmp_path / "qs").exists()
-    result = run_script(["scripts/quickstart.py", "--student_shift", "0", "--out", str(tmp_path / "qs")], timeout=120)
-    assert result.returncode == 2 and "--student_shift 0.0: expected a shift above 0" in result.stderr
-    assert not (tmp_path / "qs").exists()
-    result = run_script(["scripts/quickstart.py", "--processes", "0", "--out", str(tmp_path / "qs")], timeout=120)
-    assert result.returncode == 2 and "--processes 0: expected at least 1" in result.stderr
-    assert not (tmp_path / "qs").exists()
-    result = run_script(["scripts/quickstart.py", "--seed", "-1", "--out", str(tmp_path / "qs")], timeout=120)
-    assert result.returncode == 2 and "--seed -1: expected a seed of 0 or more" in result.stderr
+@pytest.mark.parametrize("args, message", [
+    (["--world", "wrap", "--teacher", "<tmp>/missing"], "has no config.json"),
+    (["--pairs_per_caption", "0"], "--pairs_per_caption 0: expected at least 1"),
+    (["--eval_clips", "0"], "--eval_clips 0: expected 1 to 1000"),
+    (["--eval_clips", "1001"], "would reach the teacher's validation seeds"),
+    (["--student_shift", "0"], "--student_shift 0.0: expected a shift above 0"),
+    (["--processes", "0"], "--processes 0: expected at least 1"),
+    (["--seed", "-1"], "--seed -1: expected a seed of 0 or more"),
+])
+def test_quickstart_refuses_bad_options_before_work(tmp_path, args, message):
+    args = [arg.replace("<tmp>", str(tmp_path)) for arg in args]
+    result = run_script(["scripts/quickstart.py", *args, "--out", str(tmp_path / "qs")], timeout=120)
+    assert result.returncode == 2 and message in result.stderr
     assert not (tmp_path / "qs").exists()
 
 
