@@ -6,7 +6,8 @@ every recipe the command names, with its `base:` recipes (as parsed: an edited c
 content of every prompt list (.txt) it names (another evaluation set makes the clips again). A stage runs again
 when those differ, or when an earlier stage ran in this invocation (it reads what that one made); before it runs,
 what it wrote is removed, so a training stage starts over instead of resuming from checkpoints made under other
-options.
+options. The marker also names what the stage wrote (`outputs`, as <out>/...), so another run can take a finished
+stage over by copying those paths and the marker (scripts/compare_inits.py).
 """
 from __future__ import annotations
 
@@ -104,6 +105,7 @@ class Stages:
         if status != 0:
             raise SystemExit(f"[quickstart] {name} failed with exit status {status}")
         seconds = time.perf_counter() - start
-        atomic_write_json(marker, {"seconds": seconds, "command": command, "inputs": inputs})
+        atomic_write_json(marker, {"seconds": seconds, "command": command, "inputs": inputs,
+                                   "outputs": [self._portable(str(path)) for path in outputs]})
         self.timings[name] = {"seconds": seconds, "reused": False}
         return True

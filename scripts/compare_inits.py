@@ -25,10 +25,12 @@ from utils.errors import OneLineArgumentParser, UserError, run_main
 from utils.io import atomic_write_json, atomic_write_text
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-# what each stage writes in a run folder, beside its .done marker
-STAGE_OUTPUTS = {"ode_pairs": ("ode_pairs",), "lmdb": ("ode_pairs.lmdb",), "causal_teacher": ("causal_teacher",),
-                 "ode_pairs_causal": ("ode_pairs_causal",), "lmdb_causal": ("ode_pairs_causal.lmdb",),
-                 "ode_init": ("ode_init",)}
+
+
+def _marker(folder: Path, stage: str) -> dict:
+    """A finished stage's marker in a run folder ({} when the stage has not finished there)."""
+    path = folder / f"{stage}.done"
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def seed_run(run: Path, chain: str, finished: list[tuple[str, Path]]) -> list[str]:
@@ -37,10 +39,12 @@ def seed_run(run: Path, chain: str, finished: list[tuple[str, Path]]) -> list[st
     copied = []
     for stage in CHAIN_STAGES[chain]:
         donors = [folder for donor_chain, folder in finished if stage != "ode_init" or donor_chain == chain]
-        donor = next((folder for folder in donors if (folder / f"{stage}.done").is_file()), None)
+        # a donor whose marker names what the stage wrote (an older quickstart's does not: the stage runs again)
+        donor = next((folder for folder in donors if "outputs" in _marker(folder, stage)), None)
         if donor is None or (run / f"{stage}.done").exists():
             continue
-        for name in STAGE_OUTPUTS[stage]:
+        for portable in _marker(donor, stage)["outputs"]:
+            name = portable.removeprefix("<out>/")
             source, target = donor / name, run / name
             if source.is_dir():
                 shutil.copytree(source, target, symlinks=True, dirs_exist_ok=True)

@@ -23,6 +23,7 @@ def test_a_finished_stage_is_reused_while_its_inputs_are_the_same(tmp_path, caps
     assert (out / "a" / "runs.txt").read_text() == "x\n"
     recorded = json.loads((out / "a.done").read_text())["inputs"]
     assert recorded["command"][2] == "<out>/a"  # portable: a copy of the stage into another run still matches
+    assert json.loads((out / "a.done").read_text())["outputs"] == ["<out>/a"]  # what a copy must take along
     copy = tmp_path / "copy"
     shutil.copytree(out, copy)
     assert stage(Stages(copy, REPO_ROOT), "a", copy / "a") is False
