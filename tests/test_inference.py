@@ -1,6 +1,7 @@
 """Causal inference on the tiny recipe: the CLI's outputs and errors, TI2V, long videos, determinism."""
 import datetime as dt
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -335,6 +336,49 @@ def test_prompt_file_gives_each_line_its_own_seed_and_saves_latents(tmp_path, ch
     own = (decoded - mp4("a cat walks in the park")).abs().mean()
     other = (decoded - mp4("a dog runs in the city")).abs().mean()
     assert decoded.shape == mp4("a cat walks in the park").shape and own < 0.5 * other, (own, other)
+
+
+def test_an_image_list_starts_each_video_from_its_own_image(tmp_path, checkpoint, recipe):
+    """`image<TAB>prompt` lines: each video's first latent is its own image's encoding; bad lists are refused."""
+    import imageio.v3 as iio
+    from safetensors.torch import load_file
+
+    from pipeline.components import build_vae
+    from utils.datasets import load_image
+
+    _, resolved = recipe
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(1)
+    for name in ("a.png", "b.png"):
+        iio.imwrite(images / name, rng.integers(0, 256, size=(32, 48, 3), dtype=np.uint8))
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"a.png\t{PROMPT}\nb.png\t{PROMPT}\n")
+    out = tmp_path / "out"
+    common = ["inference.py", "--config_path", RECIPE, "--checkpoint", str(checkpoint), "video.task=ti2v"]
+    proc = run_script([*common, "--data_path", str(listing), "--image_root", str(images), "--save_latents",
+                       "--output_folder", str(out)])
+    assert proc.returncode == 0, proc.stderr
+    vae = build_vae(resolved.vae)
+    geometry = resolved.geometry
+    for folder in out.iterdir():
+        record = json.loads((folder / "inference_record.json").read_text())
+        latents = load_file(str(folder / "latents.safetensors"))["latents"]
+        image = load_image(record["image"], geometry.height, geometry.width)
+        encoded = vae.encode_to_latent(image[None, :, None]).float()[0, 0]
+        assert record["task"] == "ti2v" and torch.allclose(latents[0], encoded, atol=1e-6)
+    assert sorted(Path(json.loads((f / "inference_record.json").read_text())["image"]).name for f in out.iterdir()) == [
+        "a.png", "b.png"]
+    # refused in one line, nothing written: an image named twice, a missing image, a root without a list
+    (listing.parent / "missing.txt").write_text(f"c.png\t{PROMPT}\n")
+    for extra, fragment in (
+            (["--data_path", str(listing), "--image_root", str(images), "--image", str(images / "a.png")],
+             "in one place"),
+            (["--data_path", str(listing.parent / "missing.txt"), "--image_root", str(images)], "c.png"),
+            (["--prompt", PROMPT, "--image_root", str(images)], "give --data_path too")):
+        bad = tmp_path / "bad"
+        assert_one_line_error(run_script([*common, *extra, "--output_folder", str(bad)]), fragment)
+        assert not bad.exists()
 
 
 @pytest.mark.distributed

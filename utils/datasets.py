@@ -140,13 +140,10 @@ class ImageTextDataset(Dataset):
             raise UserError(f"image root {self.image_root} is not a folder: expected the folder of first-frame images")
         self.entries: list[tuple[Path, str]] = []
         for number, line in enumerate(read_text_lines(path, "image-prompt"), start=1):
-            image_name, separator, prompt = line.partition(IMAGE_PROMPT_SEPARATOR)
-            if not separator or not prompt.strip():
+            image_path, prompt = _image_line(line, number, path, self.image_root)
+            if image_path is None:
                 raise UserError(f"{path} line {number} has no tab-separated prompt: expected `image<TAB>prompt`")
-            image_path = self.image_root / image_name.strip()
-            if not image_path.is_file():
-                raise UserError(f"{path} line {number} names image {image_path}, which does not exist")
-            self.entries.append((image_path, prompt.strip()))
+            self.entries.append((image_path, prompt))
 
     @property
     def prompts(self) -> list[str]:
@@ -162,6 +159,32 @@ class ImageTextDataset(Dataset):
     def prompt(self, index: int) -> str:
         """The line's prompt alone (a long rollout's switch prompt: no image read)."""
         return self.entries[index][1]
+
+
+def _image_line(line: str, number: int, path: str | os.PathLike, image_root: Path) -> tuple[Path | None, str]:
+    """(image path, prompt) of an `image<TAB>prompt` line, (None, line) of a line without a tab; the image must exist."""
+    image_name, separator, prompt = line.partition(IMAGE_PROMPT_SEPARATOR)
+    if not separator:
+        return None, line
+    if not prompt.strip() or not image_name.strip():
+        raise UserError(f"{path} line {number} has an empty image or prompt: expected `image<TAB>prompt`")
+    image_path = image_root / image_name.strip()
+    if not image_path.is_file():
+        raise UserError(f"{path} line {number} names image {image_path}, which does not exist")
+    return image_path, prompt.strip()
+
+
+def read_video_requests(path: str | os.PathLike, image_root: str | os.PathLike | None = None) -> list[tuple[str, Path | None]]:
+    """An inference list: (prompt, first-frame image or None) per line. A `prompt` line is text-to-video; an
+    `image<TAB>prompt` line starts from that image (relative to `image_root`, by default the list's folder)."""
+    root = Path(image_root) if image_root is not None else Path(path).parent
+    if image_root is not None and not root.is_dir():
+        raise UserError(f"image root {root} is not a folder: expected the folder of the list's first-frame images")
+    requests = []
+    for number, line in enumerate(read_text_lines(path, "prompt"), start=1):
+        image_path, prompt = _image_line(line, number, path, root)
+        requests.append((prompt, image_path))
+    return requests
 
 
 # --------------------------------------------------------------------------------------------- batching
@@ -181,4 +204,5 @@ def collate(items: list[dict]) -> dict:
     return batch
 
 
-__all__ = ["ImageTextDataset", "OdeLmdbDataset", "TextPromptDataset", "collate", "load_image", "read_text_lines"]
+__all__ = ["ImageTextDataset", "OdeLmdbDataset", "TextPromptDataset", "collate", "load_image", "read_text_lines",
+           "read_video_requests"]
