@@ -22,7 +22,9 @@ from miniature.world import (
     Caption,
     WorldSpec,
     all_captions,
+    parse_caption,
     periodic_offset,
+    render,
 )
 
 PALETTE = {**SHAPE_COLOURS, **BACKGROUND_COLOURS}
@@ -194,3 +196,9 @@ def eval_prompts(first_seed: int = EVAL_FIRST_SEED, num_clips: int = 12) -> list
         )
         prompts.append(caption.text)
     return [(prompts[i % len(prompts)], first_seed + i) for i in range(num_clips)]
+
+
+def given_image(prompt: str, seed: int, spec: WorldSpec = DEFAULT_WORLD) -> torch.Tensor:
+    """The first frame an image-to-video clip (prompt, seed) starts from [3, H, W]: the world's own clip's first
+    frame, so the judge knows the motion that follows from it."""
+    return render(parse_caption(prompt), seed, spec, num_frames=1)[0]

@@ -16,6 +16,7 @@ import torch
 
 from miniature.judge import adherence, score_clip
 from miniature.world import DEFAULT_WORLD, WorldSpec, parse_caption
+from utils.errors import UserError
 from utils.io import atomic_write_json, atomic_write_text
 from utils.tables import format_table
 from utils.temporal import temporal_report
@@ -33,6 +34,10 @@ CRITERIA = {
     "nfe_ratio_min": 10.0,
     "speedup_min": 5.0,
 }
+# An image-to-video model holds the given image's latent clean, so its first frame is the VAE's reconstruction of the
+# image: its error against the image may exceed the VAE's own by this much only (mean absolute error, [-1, 1] units;
+# the PNG's 8-bit rounding is ~0.002).
+FIRST_FRAME_TOLERANCE = 0.005
 # Goals of the temporal report (issue 16), shown beside the checks: seams no worse than 1.2x the teacher's
 # (the teacher makes the whole clip at once, so its "seams" at the student's block boundaries are the baseline),
 # and at 4x the training length the last training-length segment at least 0.9x the first: its judge adherence
@@ -73,16 +78,18 @@ def ratio_standard_error(numerator: float, numerator_se: float, denominator: flo
 
 def summarise(name: str, videos: Sequence[torch.Tensor], captions: Sequence[str], nfe: Sequence[float],
               seconds: Sequence[float], forward_calls: Sequence[int], blocks: Sequence[int], stride: int,
-              world: WorldSpec = DEFAULT_WORLD) -> dict:
+              world: WorldSpec = DEFAULT_WORLD, images: Sequence[torch.Tensor] | None = None) -> dict:
     """One model's line of the report; videos are [T, 3, H, W] in [-1, 1].
 
     nfe: denoiser evaluations each frame of the video goes through (the usual NFE: a forward over a
     3-frame block counts for those frames only); forward_calls: network calls per video. blocks, stride: the
-    student's latent frames per block and the VAE's temporal stride, where seams are measured.
+    student's latent frames per block and the VAE's temporal stride, where seams are measured. images: the first
+    frames [3, H, W] image-to-video clips started from; their line then has the first frame's error against them.
     """
     parsed = [parse_caption(c) for c in captions]
     scores = [score_clip(v, c, world) for v, c in zip(videos, parsed)]
     return {
+        **(first_frame_errors(videos, images) if images is not None else {}),
         "model": name,
         "adherence": adherence(list(videos), parsed, world),
         "adherence_se": standard_error([s["total"] for s in scores]),
@@ -93,6 +100,20 @@ def summarise(name: str, videos: Sequence[torch.Tensor], captions: Sequence[str]
         "per_item": {k: sum(s[k] for s in scores) / len(scores) for k in scores[0]},
         **temporal_means(videos, blocks, stride),
     }
+
+
+def first_frame_errors(videos: Sequence[torch.Tensor], images: Sequence[torch.Tensor]) -> dict:
+    """Mean absolute pixel error (in [-1, 1] units) of each clip's first frame against the image it started from."""
+    errors = [float((video[0].float() - image.float()).abs().mean()) for video, image in zip(videos, images, strict=True)]
+    return {"first_frame_error": sum(errors) / len(errors), "first_frame_error_se": standard_error(errors)}
+
+
+def vae_reconstruction_error(vae, images: Sequence[torch.Tensor]) -> dict:
+    """The VAE's own first-frame error: each image [3, H, W] encoded alone and decoded, against itself. An
+    image-to-video model holds the image's latent clean, so its first frame can be no closer than this."""
+    with torch.no_grad():
+        decoded = [vae.decode_to_pixel(vae.encode_to_latent(image[None, :, None].float()))[0] for image in images]
+    return first_frame_errors(decoded, images)
 
 
 def long_video_summary(name: str, videos: Sequence[torch.Tensor], captions: Sequence[str], segment_frames: int,
@@ -152,8 +173,9 @@ class TeacherSampler:
             self.negative = self.text_encoder.encode([config.text_encoder.negative_prompt])
 
     @torch.no_grad()
-    def latents(self, prompt: str, seed: int):
-        """The teacher's sample for (prompt, seed): latents [1, F, C, h, w] and nfe (pipeline.teacher_sampling)."""
+    def latents(self, prompt: str, seed: int, image: torch.Tensor | None = None):
+        """The teacher's sample for (prompt, seed): latents [1, F, C, h, w] and nfe (pipeline.teacher_sampling);
+        with `image` [3, H, W] in [-1, 1] (image-to-video) its latent is the clean first frame throughout."""
         from pipeline.causal_teacher_sampling import sample_causal_teacher
         from pipeline.teacher_sampling import sample_teacher
 
@@ -162,22 +184,30 @@ class TeacherSampler:
         cond = self.text_encoder.encode([prompt])
         common = {"num_train_timesteps": self.config.flow.num_train_timesteps, "boundary": self.resolved.real_score.moe_boundary}
         if self.causal:
+            if image is not None:
+                raise UserError("the causal teacher samples text-to-video only in the miniature's report")
             return sample_causal_teacher(self.teacher, noise, cond, self.negative, self.config.teacher,
                                          self.resolved.geometry, **common)
-        return sample_teacher(self.teacher, noise, cond, self.negative, self.config.teacher, **common)
+        first_frame = None if image is None else self.vae.encode_to_latent(image[None, :, None].to(self.device)).float()
+        return sample_teacher(self.teacher, noise, cond, self.negative, self.config.teacher, first_frame=first_frame,
+                              **common)
 
     @torch.no_grad()
-    def __call__(self, prompt: str, seed: int) -> tuple[torch.Tensor, float, float]:
+    def __call__(self, prompt: str, seed: int, image: torch.Tensor | None = None) -> tuple[torch.Tensor, float, float]:
         """One clip [T, 3, H, W] in [-1, 1], its nfe (denoiser evaluations each frame goes through) and its seconds."""
         start = time.perf_counter()
-        sample = self.latents(prompt, seed)
+        sample = self.latents(prompt, seed, image)
         video = self.vae.decode_to_pixel(sample.latent)[0].float().clamp(-1, 1)
         return video.cpu(), sample.nfe / self.calls_per_nfe, time.perf_counter() - start
 
 
-def sample_teacher_videos(sampler: TeacherSampler, prompts: Sequence[tuple[str, int]]) -> tuple[list, list, list]:
-    """The teacher on the evaluation prompts: (clips, nfes, seconds), one each per prompt."""
-    videos, nfes, seconds = zip(*(sampler(prompt, seed) for prompt, seed in prompts))
+def sample_teacher_videos(sampler: TeacherSampler, prompts: Sequence[tuple[str, int]],
+                          images: Sequence[torch.Tensor] | None = None) -> tuple[list, list, list]:
+    """The teacher on the evaluation prompts (from their first-frame images, if given): (clips, nfes, seconds), one
+    each per prompt."""
+    images = images if images is not None else [None] * len(prompts)
+    videos, nfes, seconds = zip(*(sampler(prompt, seed, image) for (prompt, seed), image in zip(prompts, images,
+                                                                                                strict=True)))
     return list(videos), list(nfes), list(seconds)
 
 
@@ -203,6 +233,7 @@ def write_report(out_dir: Path, results: dict, settings: dict, name: str = "repo
     teacher = results["teacher"]
     # speed: {"student": name, **time_alternately(...)}: that student's speedup from back-to-back pairs
     speed = results.pop("speed", None)
+    vae_first_frame = results.pop("vae_first_frame", None)  # image-to-video: the VAE's own first-frame error
     checks = {}
     for student in [k for k in ("dmd", "sid", "dmd_no_ema", "sid_no_ema") if k in results]:
         s = results[student]
@@ -216,8 +247,18 @@ def write_report(out_dir: Path, results: dict, settings: dict, name: str = "repo
             "student_adherence_ratio": s["adherence_ratio"] >= CRITERIA["student_adherence_ratio_min"],
             "nfe_ratio": s["nfe_ratio"] >= CRITERIA["nfe_ratio_min"],
             "speedup": s["speedup"] >= CRITERIA["speedup_min"],
+            **({"first_frame": s["first_frame_error"] <= vae_first_frame["first_frame_error"] + FIRST_FRAME_TOLERANCE}
+               if vae_first_frame else {}),
         }
     checks["teacher_adherence"] = teacher["adherence"] >= CRITERIA["teacher_adherence_min"]
+    # a student of both tasks, judged from text alone too (rows <model>_t2v), against the teacher from text alone
+    text_teacher = results.get("teacher_t2v")
+    for student in [k for k in results if k.endswith("_t2v") and k != "teacher_t2v"]:
+        line = results[student]
+        line["adherence_ratio"] = line["adherence"] / text_teacher["adherence"] if text_teacher["adherence"] else 0.0
+        line["seam_ratio_vs_teacher"] = line["seam_ratio"] / text_teacher["seam_ratio"]
+        line["seam_ratio_vs_teacher_se"] = ratio_standard_error(line["seam_ratio"], line["seam_ratio_se"],
+                                                                text_teacher["seam_ratio"], text_teacher["seam_ratio_se"])
     long_video = results.pop("long_video", None)
     goals = {}
     for student in [k for k in ("ode_init", "dmd", "sid") if k in results]:
@@ -230,6 +271,7 @@ def write_report(out_dir: Path, results: dict, settings: dict, name: str = "repo
         judged = long_video["judged"][0]
         goals[f"long_video_{judged}"] = long_video[f"{judged}_ratio"] >= TEMPORAL_GOALS["long_video_ratio_min"]
     report = {**results, "criteria": CRITERIA, "checks": checks, "settings": settings, "speed": speed,
+              **({"vae_first_frame": vae_first_frame} if vae_first_frame else {}),
               "long_video": long_video, "temporal_goals": TEMPORAL_GOALS, "goals": goals}
     atomic_write_json(out_dir / f"{name}.json", report)
     rows = [(k, f"{v['adherence']:.3f} ± {v['adherence_se']:.3f}", f"{v['nfe']:g}", f"{v['forward_calls']:.0f}",
@@ -256,6 +298,10 @@ def write_report(out_dir: Path, results: dict, settings: dict, name: str = "repo
             f"{k} {' / '.join(f'{x:.2f}' for x in v['seam_ratio_by_boundary'])}" for k, v in results.items()
             if v.get("seam_ratio_by_boundary")) + ".",
         *(_speed_lines(speed) if speed else []),
+        *(_first_frame_lines(results, vae_first_frame) if vae_first_frame else []),
+        *[f"{k} (the same student from text alone): adherence {v['adherence']:.3f} = {v['adherence_ratio']:.3f}x the "
+          f"teacher's from text alone, seams {v['seam_ratio_vs_teacher']:.3f}x its." for k, v in results.items()
+          if k.endswith("_t2v") and "adherence_ratio" in v],
         "",
         *(_long_video_lines(long_video) if long_video else []),
         "## Checks",
@@ -271,6 +317,16 @@ def write_report(out_dir: Path, results: dict, settings: dict, name: str = "repo
     ]
     atomic_write_text(out_dir / f"{name}.md", "\n".join(lines) + "\n")
     return report
+
+
+def _first_frame_lines(results: dict, vae: dict) -> list[str]:
+    return [
+        "Image-to-video: every clip starts from the first frame of the world's own clip for its caption and seed. First "
+        "frame against that image (mean absolute error, [-1, 1] units): the VAE's own reconstruction "
+        f"{vae['first_frame_error']:.4f}; " + "; ".join(
+            f"{k} {v['first_frame_error']:.4f}" for k, v in results.items() if "first_frame_error" in v)
+        + f" (check: within {FIRST_FRAME_TOLERANCE} of the VAE's).",
+    ]
 
 
 def _speed_lines(speed: dict) -> list[str]:

@@ -1,13 +1,16 @@
 """`make quickstart`: the whole Self-Forcing distillation on the miniature world, on a CPU, with a verdict.
 
     python scripts/quickstart.py [--out outputs/quickstart] [--fresh] [--loss dmd|sid] [--world bounded|wrap]
-        [--chain self_forcing|causal_forcing|longlive] [--seed N] [--pairs_per_caption N] [--student_shift S]
-        [--eval_clips N] [--short]
+        [--chain self_forcing|causal_forcing|longlive] [--task t2v|ti2v|both] [--seed N] [--pairs_per_caption N]
+        [--student_shift S] [--eval_clips N] [--short]
 
 The chain runs the real entry points: generate_ode_pairs.py (the shipped miniature teacher, many steps with
 CFG) -> create_lmdb.py -> train.py (ODE init) -> train.py (DMD or SiD on self-forcing rollouts) ->
 inference.py (4-step causal student, KV cache) -> the judge. --chain picks how the student is initialised
-before DMD (miniature/inits.py; the published Self-Forcing chain by default). It writes report.json / report.md with the
+before DMD (miniature/inits.py; the published Self-Forcing chain by default). --task ti2v distils an image-to-video
+student: first frames from the teacher's own text-to-video pairs (scripts/first_frames.py), ODE pairs from them,
+ODE init and DMD with video.task ti2v, every clip judged from a given first frame; --task both trains one student
+on both kinds of pairs and rollouts (half from an image) and judges it on each task. It writes report.json / report.md with the
 teacher's, the ODE-init student's and the distilled student's adherence, model evaluations and seconds per
 video, a training-curve PNG, a frame strip PNG and the mp4s. Finished stages are reused when the command
 runs again with the same inputs (each stage leaves a <stage>.done marker recording its command line and recipes;
@@ -41,7 +44,13 @@ EVAL_CLIPS = 48
 # 2.5x per DMD step here (0.70 s against 0.27 s), the model being too small to pay for its communication.
 MAX_PAIR_PROCESSES = 8
 RECIPES = {"ode": "configs/miniature/ode.yaml", "dmd": "configs/miniature/dmd.yaml", "sid": "configs/miniature/sid.yaml",
-           "causal_teacher": "configs/miniature/causal_teacher.yaml", "ode_causal": "configs/miniature/ode_causal.yaml"}
+           "causal_teacher": "configs/miniature/causal_teacher.yaml", "ode_causal": "configs/miniature/ode_causal.yaml",
+           "ode_ti2v": "configs/miniature/ode_ti2v.yaml", "dmd_ti2v": "configs/miniature/dmd_ti2v.yaml",
+           "dmd_both": "configs/miniature/dmd_both.yaml"}
+# --task: text-to-video, image-to-video (the student starts from a given first frame), or one student for both
+TASKS = ("t2v", "ti2v", "both")
+# the teacher of both tasks (the bounded world's, fine-tuned with half its clips image-to-video)
+TI2V_TEACHER = "teacher_ti2v"
 CHAIN_OUT_SUFFIX = {"self_forcing": "", "causal_forcing": "_causal", "longlive": "_longlive"}
 # --short: a shortened run for the end-to-end test (same chain, fewer prompts and steps; no quality bar).
 SHORT = {
@@ -79,13 +88,16 @@ def save_teacher_videos(folder: Path, videos: list, prompts: list[tuple[str, int
 
 
 def generate_clips(out: Path, name: str, recipe: str, checkpoint: Path, prompts: list[tuple[str, int]],
-                   overrides: list[str], stages: Stages, vae) -> tuple[list, list]:
-    """inference.py on the prompts (prompt i uses seed base + i); returns (records, decoded clips) in prompt order."""
+                   overrides: list[str], stages: Stages, vae, images: list[Path] | None = None) -> tuple[list, list]:
+    """inference.py on the prompts (prompt i uses seed base + i), each from its first-frame image if `images` are
+    given; returns (records, decoded clips) in prompt order."""
     folder = out / "videos" / name
     prompt_file = out / f"{name}_prompts.txt"
-    atomic_write_text(prompt_file, "\n".join(p for p, _ in prompts) + "\n")
+    lines = [f"{image.name}\t{p}" for image, (p, _) in zip(images, prompts, strict=True)] if images else [p for p, _ in prompts]
+    atomic_write_text(prompt_file, "\n".join(lines) + "\n")
+    image_root = ["--image_root", str(images[0].parent)] if images else []
     stages.run(f"infer_{name}", ["inference.py", "--config_path", recipe, "--checkpoint", str(checkpoint),
-                                 "--data_path", str(prompt_file), "--seed", str(prompts[0][1]),
+                                 "--data_path", str(prompt_file), *image_root, "--seed", str(prompts[0][1]),
                                  "--output_folder", str(folder), "--save_latents", *overrides], outputs=[folder])
     clips = _clips_in(folder)
     records = [clips[prompt][0] for prompt in prompts]
@@ -102,18 +114,19 @@ def _clips_in(folder: Path) -> dict[tuple[str, int], tuple[dict, Path]]:
 
 
 def judge_student(out: Path, name: str, recipe: str, checkpoint: Path, prompts: list[tuple[str, int]], overrides: list[str],
-                  stages: Stages, vae, world) -> tuple[dict, list]:
-    """Generate the evaluation clips with inference.py and judge them."""
+                  stages: Stages, vae, world, images: "EvalImages | None" = None) -> tuple[dict, list]:
+    """Generate the evaluation clips with inference.py (from their first frames, if given) and judge them."""
     from miniature.report import summarise
 
-    records, videos = generate_clips(out, name, recipe, checkpoint, prompts, overrides, stages, vae)
+    records, videos = generate_clips(out, name, recipe, checkpoint, prompts, overrides, stages, vae,
+                                     images.paths if images else None)
     geometry = records[0]["geometry"]
     # every block gets the same forwards, each covering that block only: per frame, nfe = calls / blocks
     nfe = [r["nfe"] / len(r["geometry"]["block_sizes"]) for r in records]
     calls = [r["nfe"] for r in records]
     seconds = [r["timings"]["denoise_s"] + r["timings"]["vae_decode_s"] for r in records]
     summary = summarise(name, videos, [p for p, _ in prompts], nfe, seconds, calls, geometry["block_sizes"],
-                        geometry["vae_stride"][0], world)
+                        geometry["vae_stride"][0], world, images.pixels if images else None)
     return summary, videos
 
 
@@ -134,21 +147,23 @@ def student_pipeline(recipe: str, checkpoint: Path, overrides: list[str], use_em
                                    use_ema=use_ema)
 
 
-def student_seconds(pipe, prompt: str, seed: int) -> float:
+def student_seconds(pipe, prompt: str, seed: int, image: Path | None = None) -> float:
     """Seconds of one clip as the report's s / video counts them: sampling + VAE decode."""
-    timings = pipe.generate(prompt, seed=seed).timings
+    timings = pipe.generate(prompt, seed=seed, image=image).timings
     return timings["denoise_s"] + timings["vae_decode_s"]
 
 
 def judge_long_video(out: Path, name: str, recipe: str, checkpoint: Path, prompts: list[tuple[str, int]],
-                     overrides: list[str], stages: Stages, vae, geometry, world) -> tuple[dict, list]:
+                     overrides: list[str], stages: Stages, vae, geometry, world,
+                     images: "EvalImages | None" = None) -> tuple[dict, list]:
     """The student rolled out to LONG_VIDEO_FACTOR x its training length (rolling cache), judged per segment."""
     from miniature.report import LONG_VIDEO_FACTOR, long_video_summary
     from utils.geometry import pixel_frames_for
 
     frames = pixel_frames_for(LONG_VIDEO_FACTOR * geometry.num_latent_frames, geometry.vae_stride[0])
     _, videos = generate_clips(out, f"{name}_long", recipe, checkpoint, prompts,
-                               [*overrides, "--num_output_frames", str(frames)], stages, vae)
+                               [*overrides, "--num_output_frames", str(frames)], stages, vae,
+                               images.paths if images else None)
     return long_video_summary(name, videos, [p for p, _ in prompts], geometry.num_pixel_frames, world), videos
 
 
@@ -164,6 +179,11 @@ def main(argv: list[str] | None = None) -> int:
                              "forcing and makes the ODE pairs block by block, the ODE student starts from it and "
                              "regresses against clean context (default out: outputs/quickstart_causal); longlive: no "
                              "ODE stage, DMD starts from that causal teacher (default out: outputs/quickstart_longlive)")
+    parser.add_argument("--task", choices=TASKS, default="t2v",
+                        help="ti2v: an image-to-video student from the teacher of both tasks "
+                             f"(checkpoints/miniature/{TI2V_TEACHER}), on first frames of its own text-to-video pairs, "
+                             "judged from given first frames (default out: outputs/quickstart_ti2v); both: one "
+                             "student for both tasks, judged on each (outputs/quickstart_both)")
     parser.add_argument("--seed", type=int, default=None,
                         help="the score-distillation stage's train.seed instead of the recipe's (default out gets "
                              "_seedN; the stages before it do not depend on it)")
@@ -204,6 +224,13 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"--seed {args.seed}: expected a seed of 0 or more")
     if pairs_per_caption < 1:
         raise UserError(f"--pairs_per_caption {pairs_per_caption}: expected at least 1")
+    images_task = args.task != "t2v"  # the student learns image-to-video (and with both, text-to-video too)
+    if images_task and (args.chain != "self_forcing" or args.loss != "dmd"):
+        raise UserError(f"--task {args.task} runs the published chain with DMD: leave out --chain {args.chain} and "
+                        f"--loss {args.loss} (the causal chains and SiD are text-to-video here)")
+    if images_task and args.world != "bounded" and args.teacher is None:
+        raise UserError(f"--task {args.task} --world {args.world}: the image-to-video teacher is the bounded world's; "
+                        "pass --teacher with a teacher of that world trained for both tasks")
 
     import torch
 
@@ -218,11 +245,13 @@ def main(argv: list[str] | None = None) -> int:
 
     world = world_named(args.world)
     default_out = "outputs/quickstart" + ("_wrap" if args.world == "wrap" else "") + CHAIN_OUT_SUFFIX[args.chain] + (
+        f"_{args.task}" if images_task else "") + (
         f"_shift{args.student_shift:g}" if args.student_shift is not None else "") + (
         f"_seed{args.seed}" if args.seed is not None else "")
     out = (args.out or REPO_ROOT / default_out).resolve()
     # the bounded world's teacher is the recipes' own (checkpoints/miniature/teacher); another world names its folder
-    teacher = args.teacher or (None if args.world == "bounded" else
+    teacher = args.teacher or (REPO_ROOT / "checkpoints" / "miniature" / TI2V_TEACHER if images_task else
+                               None if args.world == "bounded" else
                                REPO_ROOT / "checkpoints" / "miniature" / TEACHER_FOLDERS[args.world])
     if teacher is not None and not (teacher / "config.json").is_file():
         raise UserError(f"teacher folder {teacher} has no config.json: expected a miniature teacher "
@@ -257,16 +286,20 @@ def main(argv: list[str] | None = None) -> int:
     ode_over = [f"train.data_path={out / 'ode_pairs.lmdb'}", *teacher_over, *(short["ode"] if short else [])]
     if args.chain == "self_forcing":
         ode_over += shift_over  # the pairs the student regresses on
-    loss_recipe = RECIPES[args.loss]
+    loss_recipe = RECIPES[f"dmd_{args.task}" if images_task else args.loss]
     recipe_seed = load_config(REPO_ROOT / loss_recipe).train.seed  # --seed at the recipe's own: the recipe's run
     causal_teacher = out / "causal_teacher" / "latest"
     init_export = out / "ode_init" / "latest"
     # the weights score distillation starts from: the ODE-init student, or in the LongLive form the causal teacher
     start_weights = (causal_teacher if args.chain == "longlive" else init_export) / "generator.safetensors"
-    distill_over = [*student_over, f"train.data_path={out / 'train_prompts.txt'}",
+    frames = out / "first_frames"  # --task ti2v: the first frames of the teacher's text-to-video pairs
+    distill_data = ([f"train.data_path={frames / 'captions.tsv'}", f"train.image_root={frames}"] if images_task
+                    else [f"train.data_path={out / 'train_prompts.txt'}"])
+    distill_over = [*student_over, *distill_data,
                     f"evaluation.prompts={out / 'eval_prompts.txt'}", f"evaluation.judge={judge_name}",
                     f"generator.checkpoint={start_weights}", *(short["distill"] if short else []),
-                    *([f"train.seed={args.seed}"] if args.seed not in (None, recipe_seed) else [])]
+                    *([f"train.seed={args.seed}"] if args.seed not in (None, recipe_seed) else []),
+                    *(["evaluation.every=0"] if images_task else [])]  # (evaluation in training samples from text)
 
     # 2. ODE pairs from the teacher, packed into one LMDB.
     stages.run("ode_pairs", ["scripts/generate_ode_pairs.py", "--config_path", RECIPES["ode"], "--caption_path",
@@ -275,6 +308,21 @@ def main(argv: list[str] | None = None) -> int:
                processes=processes)
     stages.run("lmdb", ["scripts/create_lmdb.py", "--data_path", str(out / "ode_pairs"), "--lmdb_path",
                         str(out / "ode_pairs.lmdb")], outputs=[out / "ode_pairs.lmdb"])
+    if images_task:
+        # 2i. Image-to-video pairs: the teacher's first frames, then its pairs sampled from them, packed.
+        stages.run("first_frames", ["scripts/first_frames.py", "--config_path", RECIPES["ode_ti2v"], "--data_path",
+                                    str(out / "ode_pairs"), "--output_folder", str(frames), *teacher_over],
+                   outputs=[frames])
+        stages.run("ode_pairs_ti2v", ["scripts/generate_ode_pairs.py", "--config_path", RECIPES["ode_ti2v"],
+                                      "--caption_path", str(frames / "captions.tsv"), "--output_folder",
+                                      str(out / "ode_pairs_ti2v"), "--num_prompts", str(num_pairs), *ode_over,
+                                      f"train.image_root={frames}"], outputs=[out / "ode_pairs_ti2v"],
+                   processes=processes)
+        # both: the text-to-video pairs packed beside them (each row trains as its own task)
+        packed = [out / "ode_pairs_ti2v", *([out / "ode_pairs"] if args.task == "both" else [])]
+        stages.run("lmdb_ti2v", ["scripts/create_lmdb.py", "--data_path", *map(str, packed), "--lmdb_path",
+                                 str(out / "ode_pairs_ti2v.lmdb")], outputs=[out / "ode_pairs_ti2v.lmdb"])
+        ode_over = [*ode_over, f"train.data_path={out / 'ode_pairs_ti2v.lmdb'}", f"train.image_root={frames}"]
     if args.chain != "self_forcing":
         # 2b. The teacher turned causal (teacher forcing on the pairs' clean videos).
         stages.run("causal_teacher", ["train.py", "--config_path", RECIPES["causal_teacher"], "--logdir",
@@ -297,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"generator.checkpoint={causal_teacher}", f"real_score.checkpoint={causal_teacher}"]
     # 3. ODE regression -> ode_init (not in the LongLive form); 4. score distillation on self-forcing rollouts.
     if args.chain != "longlive":
-        ode_recipe = RECIPES["ode_causal" if args.chain == "causal_forcing" else "ode"]
+        ode_recipe = RECIPES["ode_causal" if args.chain == "causal_forcing" else "ode_ti2v" if images_task else "ode"]
         stages.run("ode_init", ["train.py", "--config_path", ode_recipe, "--logdir", str(out / "ode_init"),
                                 "--disable-wandb", *ode_over], outputs=[out / "ode_init"])
     stages.run(args.loss, ["train.py", "--config_path", loss_recipe, "--logdir", str(out / args.loss),
@@ -307,7 +355,9 @@ def main(argv: list[str] | None = None) -> int:
     print("[quickstart] judging the teacher, the student before distillation and the distilled student", flush=True)
     teacher_config = load_config(REPO_ROOT / RECIPES["ode"], teacher_over + (short["teacher"] if short else []))
     teacher_sampler = TeacherSampler(teacher_config, torch.device("cpu"))
-    videos, nfe, seconds = sample_teacher_videos(teacher_sampler, prompts)
+    # --task ti2v: every clip starts from the first frame of the world's own clip for its caption and seed
+    images = write_eval_images(out / "eval_images", prompts, world, teacher_config.video) if images_task else None
+    videos, nfe, seconds = sample_teacher_videos(teacher_sampler, prompts, images.pixels if images else None)
     save_teacher_videos(out / "videos" / "teacher", videos, prompts, teacher_config.video.fps)
     from miniature.report import summarise
     from pipeline.components import build_vae
@@ -317,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     student_geometry = resolved.geometry  # the teacher's clip is judged at the student's block boundaries
     results = {"teacher": summarise("teacher", videos, [p for p, _ in prompts], nfe, seconds, forward_calls=nfe,
                                     blocks=student_geometry.block_sizes, stride=student_geometry.vae_stride[0],
-                                    world=world)}
+                                    world=world, images=images.pixels if images else None)}
     if args.chain != "self_forcing":
         # the causal teacher on the same prompts and seeds, block by block as it made its ODE pairs: the seams its
         # pairs hand on to the ODE-init student
@@ -330,27 +380,42 @@ def main(argv: list[str] | None = None) -> int:
             forward_calls=[n * causal_sampler.calls_per_nfe for n in causal_nfe], blocks=student_geometry.block_sizes,
             stride=student_geometry.vae_stride[0], world=world)
     vae = build_vae(resolved.vae)
+    if images:
+        from miniature.report import vae_reconstruction_error
+
+        results["vae_first_frame"] = vae_reconstruction_error(vae, images.pixels)
     start_videos = {}
     if args.chain != "longlive":
-        results["ode_init"], init_videos = judge_student(out, "ode_init", RECIPES["ode"], init_export, prompts,
-                                                         student_over, stages, vae, world)
+        init_recipe = RECIPES["ode_ti2v" if images_task else "ode"]  # the student's (a causal chain's too)
+        results["ode_init"], init_videos = judge_student(out, "ode_init", init_recipe, init_export, prompts,
+                                                         student_over, stages, vae, world, images)
         start_videos["ode_init"] = init_videos[0]
     # the distilled student as deployed: its EMA weights; the raw weights beside them, for comparison
     distilled_over = [*student_over, f"generator.checkpoint={start_weights}"]
     results[args.loss], distilled_videos = judge_student(
         out, args.loss, loss_recipe, out / args.loss / "latest", prompts, [*distilled_over, "--use_ema"], stages, vae,
-        world)
+        world, images)
     results[f"{args.loss}_no_ema"], _ = judge_student(
         out, f"{args.loss}_no_ema", loss_recipe, out / args.loss / "latest", prompts, distilled_over, stages, vae,
-        world)
+        world, images)
+    if args.task == "both":
+        # the same student from text alone, beside the teacher from text alone (same prompts and seeds)
+        text_videos, text_nfe, text_seconds = sample_teacher_videos(teacher_sampler, prompts)
+        results["teacher_t2v"] = summarise("teacher_t2v", text_videos, [p for p, _ in prompts], text_nfe, text_seconds,
+                                           forward_calls=text_nfe, blocks=student_geometry.block_sizes,
+                                           stride=student_geometry.vae_stride[0], world=world)
+        results[f"{args.loss}_t2v"], _ = judge_student(out, f"{args.loss}_t2v", loss_recipe, out / args.loss / "latest",
+                                                       prompts, [*distilled_over, "--use_ema"], stages, vae, world)
     # the speed check: the teacher and the deployed student timed back to back on every evaluation prompt
     student = student_pipeline(loss_recipe, out / args.loss / "latest", distilled_over, use_ema=True)
+    first_frames = dict(zip(prompts, images.paths if images else [None] * len(prompts)))
+    pixels = dict(zip(prompts, images.pixels if images else [None] * len(prompts)))
     results["speed"] = {"student": args.loss, **time_alternately(
-        lambda prompt, seed: teacher_sampler(prompt, seed)[2], lambda prompt, seed: student_seconds(student, prompt, seed),
-        prompts)}
+        lambda prompt, seed: teacher_sampler(prompt, seed, pixels[prompt, seed])[2],
+        lambda prompt, seed: student_seconds(student, prompt, seed, first_frames[prompt, seed]), prompts)}
     # every evaluation prompt again at 4x the length: per-segment adherence over 12 clips moves in steps of 1/12
     results["long_video"], long_videos = judge_long_video(out, args.loss, loss_recipe, out / args.loss / "latest", prompts,
-                                             [*distilled_over, "--use_ema"], stages, vae, student_geometry, world)
+                                             [*distilled_over, "--use_ema"], stages, vae, student_geometry, world, images)
 
     # 6. Pictures and the report.
     from miniature.pictures import frame_strips, segment_adherence, training_curves
@@ -363,7 +428,8 @@ def main(argv: list[str] | None = None) -> int:
                  num_frames=15, title=f"{args.loss} student at {LONG_VIDEO_FACTOR}x its training length ({args.world} world)")
     segment_adherence(out / "long_video_segments.png", {args.loss: results["long_video"]}, teacher_config.video.fps,
                       title=f"{args.loss} student at {LONG_VIDEO_FACTOR}x its training length ({args.world} world)")
-    settings = {"loss": args.loss, "chain": args.chain, "seed": args.seed, "world": args.world, "short": args.short,
+    settings = {"loss": args.loss, "chain": args.chain, "task": args.task,
+                "seed": args.seed, "world": args.world, "short": args.short,
                 "num_train_prompts": num_prompts, "ode_pairs_per_caption": pairs_per_caption, "num_eval": len(prompts),
                 "student_shift": args.student_shift, "cpu_count": os.cpu_count(), "stages": stages.timings,
                 "seconds_total": time.perf_counter() - start}
@@ -374,6 +440,32 @@ def main(argv: list[str] | None = None) -> int:
     failed = [name for name, value in report["checks"].items() if not _all_true(value)]
     print(f"[quickstart] verdict: {'all checks pass' if not failed else 'checks not met: ' + ', '.join(failed)}", flush=True)
     return 1 if args.strict and failed else 0
+
+
+class EvalImages:
+    """The first frames image-to-video evaluation clips start from: PNG files (inference.py reads them) and their
+    pixels [3, H, W] in [-1, 1] as read back (what every model was given)."""
+
+    def __init__(self, paths: list[Path], pixels: list) -> None:
+        self.paths, self.pixels = paths, pixels
+
+
+def write_eval_images(folder: Path, prompts: list[tuple[str, int]], world, video) -> EvalImages:
+    """For each evaluation (prompt, seed): the world's own clip's first frame as <folder>/<index>.png."""
+    import imageio.v3 as iio
+
+    from miniature.judge import given_image
+    from utils.datasets import load_image
+    from utils.io import atomic_write
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for index, (prompt, seed) in enumerate(prompts):
+        pixels = ((given_image(prompt, seed, world) + 1) * 127.5).round().clamp(0, 255).byte().permute(1, 2, 0)
+        path = folder / f"{index:03d}.png"
+        atomic_write(path, lambda tmp, image=pixels.numpy(): iio.imwrite(tmp, image, extension=".png"))
+        paths.append(path)
+    return EvalImages(paths, [load_image(path, video.height, video.width) for path in paths])
 
 
 def _all_true(value) -> bool:

@@ -47,7 +47,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from miniature.judge import VALIDATION_FIRST_SEEDS, eval_prompts, score_clip
+from miniature.judge import VALIDATION_FIRST_SEEDS, eval_prompts, given_image, score_clip
 from miniature.vae import MiniatureVAE
 from miniature.world import (
     DEFAULT_WORLD,
@@ -89,6 +89,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--trend-weight", type=float, default=1.0,
                         help="loss weight of the VAE's trend channels (they carry the motion inside a 4-frame cell)")
     parser.add_argument("--caption-dropout", type=float, default=0.1, help="share of empty prompts (for CFG)")
+    parser.add_argument("--image-share", type=float, default=0.0,
+                        help="share of clips trained image-to-video, as Wan2.2-TI2V trains: latent frame 0 clean at "
+                             "timestep 0 and out of the loss; above 0 the validation also samples from first frames")
     parser.add_argument("--ema", type=float, default=0.999, help="EMA decay of the exported weights")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--stop-at", type=int, default=None, help="stop after this many steps (the schedule still spans --steps)")
@@ -109,6 +112,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         raise UserError("--steps, --batch-size, --eval-every, --threads, --stop-at and --val-clips must be at least 1")
     if not 0.0 <= args.caption_dropout < 1.0:
         raise UserError(f"--caption-dropout {args.caption_dropout}: expected a share in [0, 1)")
+    if not 0.0 <= args.image_share <= 1.0:
+        raise UserError(f"--image-share {args.image_share}: expected a share in [0, 1]")
     return args
 
 
@@ -143,6 +148,20 @@ def world_batch(vae: MiniatureVAE, batch_size: int, generator: torch.Generator,
     seeds = torch.randint(TRAIN_SEED_OFFSET, 2**31 - 1, (batch_size,), generator=generator)
     clips = torch.stack([render(captions[i], int(s), world) for i, s in zip(indices.tolist(), seeds.tolist())])
     return vae.encode_to_latent(clips.permute(0, 2, 1, 3, 4)), indices
+
+
+def noisy_clips(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor,
+                image_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Flow matching's inputs for clean latents x0 [B, F, C, h, w] at one sigma per clip [B]: x_t, the per-frame
+    timesteps [B, F] and the loss weight of each frame [B, F, 1, 1, 1]. In image-to-video rows [B] (as Wan2.2-TI2V
+    trains) frame 0 is the given image: clean, at timestep 0, and out of the loss."""
+    timestep = (NUM_TRAIN_TIMESTEPS * sigma[:, None]).expand(-1, x0.shape[1]).clone()
+    x_t = add_noise(x0, noise, timestep, NUM_TRAIN_TIMESTEPS)
+    frame_weight = torch.ones(*x0.shape[:2], 1, 1, 1)
+    timestep[image_rows, 0] = 0.0
+    x_t[image_rows, 0] = x0[image_rows, 0]
+    frame_weight[image_rows, 0] = 0.0
+    return x_t, timestep, frame_weight
 
 
 @torch.no_grad()
@@ -184,13 +203,15 @@ def train(args: argparse.Namespace, model: WanModel, vae: MiniatureVAE, contexts
         noise = torch.randn(x0.shape, generator=generator)
         # Wan's shift: more of the draw at high noise, where layout and motion are decided
         sigma = shift_sigmas(torch.rand(args.batch_size, generator=generator), args.train_shift)
-        timestep = (NUM_TRAIN_TIMESTEPS * sigma[:, None]).expand(-1, x0.shape[1])
-        x_t = add_noise(x0, noise, timestep, NUM_TRAIN_TIMESTEPS)
+        image_rows = (torch.rand(args.batch_size, generator=generator) < args.image_share if args.image_share > 0
+                      else torch.zeros(args.batch_size, dtype=torch.bool))  # (no draw: the shipped runs' stream)
+        x_t, timestep, frame_weight = noisy_clips(x0, noise, sigma, image_rows)
 
         # 2. Step.
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, args)
-        loss = ((model.predict_flow(x_t, timestep, context) - flow_target(x0, noise)).pow(2) * channel_weight).mean()
+        error = (model.predict_flow(x_t, timestep, context) - flow_target(x0, noise)).pow(2) * channel_weight
+        loss = (error * frame_weight).sum() / (frame_weight.sum() * error[0, 0].numel())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -212,10 +233,11 @@ def train(args: argparse.Namespace, model: WanModel, vae: MiniatureVAE, contexts
 
 class RecipeJudge:
     """Samples the validation set (the judge's captions, other seeds) with the recipe's `teacher:` and `ode:`
-    settings and scores it."""
+    settings and scores it; with `image_to_video` also with the `teacher:` settings from each clip's given first
+    frame (`given_image`), the "teacher_ti2v" setting."""
 
     def __init__(self, vae: MiniatureVAE, encoder: WanTextEncoder, world: WorldSpec, recipe: Path = RECIPE,
-                 clips_per_seed_set: int = 12) -> None:
+                 clips_per_seed_set: int = 12, image_to_video: bool = False) -> None:
         config = load_config(str(recipe))
         self.settings: dict[str, SamplingConfig] = {"teacher": config.teacher, "ode": config.ode}
         if config.flow.num_train_timesteps != NUM_TRAIN_TIMESTEPS:
@@ -231,6 +253,11 @@ class RecipeJudge:
         latent_shape = vae.latent_shape(DEFAULT_WORLD.num_frames, DEFAULT_WORLD.height, DEFAULT_WORLD.width)
         generators = [torch.Generator().manual_seed(seed) for _, seed in prompts]
         self.noise = torch.stack([torch.randn(latent_shape, generator=g) for g in generators])
+        self.first_frames = None
+        if image_to_video:
+            self.settings["teacher_ti2v"] = config.teacher
+            images = torch.stack([given_image(text, seed, world) for text, seed in prompts])  # [N, 3, H, W]
+            self.first_frames = vae.encode_to_latent(images[:, :, None])  # [N, 1, C, h, w]
 
     @torch.no_grad()
     def evaluate(self, model: WanModel) -> dict[str, dict]:
@@ -240,7 +267,8 @@ class RecipeJudge:
         reports = {}
         for name, sampling in self.settings.items():
             sample = sample_teacher(model, self.noise, self.cond, self.uncond, sampling,
-                                    num_train_timesteps=NUM_TRAIN_TIMESTEPS)
+                                    num_train_timesteps=NUM_TRAIN_TIMESTEPS,
+                                    first_frame=self.first_frames if name == "teacher_ti2v" else None)
             videos = self.vae.decode_to_pixel(sample.latent)
             scores = [score_clip(video, caption, self.world) for video, caption in zip(videos, self.captions)]
             summary = {key: sum(s[key] for s in scores) / len(scores) for key in scores[0]}
@@ -277,7 +305,7 @@ def main(argv: list[str] | None = None) -> None:
     empty = encoder.encode([""])
     teacher_dir = args.out / TEACHER_FOLDERS[args.world]
     judge = None if args.no_eval else RecipeJudge(vae, encoder, world_named(args.world),
-                                                  clips_per_seed_set=args.val_clips)
+                                                  clips_per_seed_set=args.val_clips, image_to_video=args.image_share > 0)
     if args.eval_only:
         teacher = WanModel.from_pretrained(str(teacher_dir))
     else:
