@@ -7,7 +7,19 @@ from typing import Sequence
 import torch
 
 from miniature.report import long_video_summary, standard_error, temporal_means
-from miniature.world import WorldSpec, parse_caption
+from miniature.world import DIRECTIONS, WorldSpec, parse_caption
+
+
+def continuation_lines(captions: Sequence[str]) -> list[str]:
+    """`caption<TAB>next caption` lines for long tuning's switches (distill.switch_prompts), written as LongLive's
+    continuations are: the same scene goes on and the action changes (the shape turns to each other direction; the
+    evaluation's switch, the motion turned round, is one of them)."""
+    lines = []
+    for text in captions:
+        direction = parse_caption(text).direction
+        lines += [f"{text}\t{text.replace(f'moving {direction}', f'moving {other}')}" for other in DIRECTIONS
+                  if other != direction]
+    return lines
 
 
 def switch_caption(text: str) -> str:

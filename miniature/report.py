@@ -28,8 +28,12 @@ from utils.temporal import temporal_report
 # = 0.82 with 95% probability. The bar was 0.9, set when the teacher had been measured on 12 clips only; no sampler
 # setting (steps, CFG, shift, Euler) and no further training moved the teacher past 0.90 on validation
 # (docs/EXPERIMENTS.md, 2026-12-04): what it misses is fast motion, which it makes in 4-frame stairs.
+# An image-to-video run (--task ti2v|both) judges the teacher of both tasks from first frames: validated the same way
+# (`--eval-only --out <folder holding teacher/> --val-clips 48 --image-share 0.5`), 0.907 +- 0.021 on 96 clips, so its
+# bar is 0.907 - 1.645 x (0.021^2 + 0.031^2)^0.5 = 0.84.
 CRITERIA = {
     "teacher_adherence_min": 0.82,
+    "teacher_adherence_min_ti2v": 0.84,
     "student_adherence_ratio_min": 0.9,
     "nfe_ratio_min": 10.0,
     "speedup_min": 5.0,
@@ -250,7 +254,9 @@ def write_report(out_dir: Path, results: dict, settings: dict, name: str = "repo
             **({"first_frame": s["first_frame_error"] <= vae_first_frame["first_frame_error"] + FIRST_FRAME_TOLERANCE}
                if vae_first_frame else {}),
         }
-    checks["teacher_adherence"] = teacher["adherence"] >= CRITERIA["teacher_adherence_min"]
+    from_images = settings.get("task") in ("ti2v", "both")  # the teacher row is the teacher from first frames
+    checks["teacher_adherence"] = teacher["adherence"] >= CRITERIA[
+        "teacher_adherence_min_ti2v" if from_images else "teacher_adherence_min"]
     # a student of both tasks, judged from text alone too (rows <model>_t2v), against the teacher from text alone
     text_teacher = results.get("teacher_t2v")
     for student in [k for k in results if k.endswith("_t2v") and k != "teacher_t2v"]:

@@ -1,7 +1,8 @@
 """The three inits side by side in the miniature: Self-Forcing, Causal Forcing and LongLive 2.0, over DMD seeds.
 
     python scripts/compare_inits.py [--world bounded|wrap] [--seeds 0 1 2]
-        [--chains self_forcing causal_forcing longlive] [--out outputs/inits_<world>] [--eval_clips 48] [--short]
+        [--chains self_forcing causal_forcing longlive] [--out outputs/inits_<world>] [--eval_clips 48]
+        [--pairs_per_caption N] [--short]
 
 Runs `scripts/quickstart.py --chain <chain> --seed <seed>` into <out>/<chain>_s<seed> for every seed and chain (seeds
 outer, so the first seed of every chain is done first), each run starting with the finished stages it shares with
@@ -63,10 +64,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chains", nargs="+", choices=CHAINS, default=list(CHAINS), help="the inits compared")
     parser.add_argument("--out", type=Path, default=None, help="where the runs go (default: outputs/inits_<world>)")
     parser.add_argument("--eval_clips", type=int, default=None, help="evaluation clips per run (the quickstart's default)")
+    parser.add_argument("--pairs_per_caption", type=int, default=None,
+                        help="ODE pairs per caption in every run (the quickstart's default: the world's)")
     parser.add_argument("--short", action="store_true", help="the quickstart's shortened runs (tests)")
     parser.add_argument("--teacher", type=Path, default=None, help="teacher folder instead of the world's shipped one")
     parser.add_argument("--fresh", action="store_true", help="run every chain and seed anew")
     args = parser.parse_args(argv)
+    if args.pairs_per_caption is not None and args.pairs_per_caption < 1:
+        raise UserError(f"--pairs_per_caption {args.pairs_per_caption}: expected at least 1")
     if len(set(args.seeds)) != len(args.seeds) or min(args.seeds) < 0:
         raise UserError(f"--seeds {' '.join(map(str, args.seeds))}: expected distinct seeds of 0 or more")
     out = (args.out or REPO_ROOT / f"outputs/inits_{args.world}").resolve()
@@ -87,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
                 command = [sys.executable, str(REPO_ROOT / "scripts" / "quickstart.py"), "--world", args.world,
                            "--chain", chain, "--seed", str(seed), "--out", str(run)]
                 command += [*(["--short"] if args.short else []), *(["--teacher", str(args.teacher)] if args.teacher else []),
-                            *(["--eval_clips", str(args.eval_clips)] if args.eval_clips is not None else [])]
+                            *(["--eval_clips", str(args.eval_clips)] if args.eval_clips is not None else []),
+                            *(["--pairs_per_caption", str(args.pairs_per_caption)] if args.pairs_per_caption else [])]
                 status = subprocess.call(command, cwd=REPO_ROOT)
                 if status != 0:
                     raise SystemExit(f"[compare_inits] the quickstart of {run} failed with exit status {status}")

@@ -1,7 +1,7 @@
 """What long tuning buys in the miniature: long-tune a quickstart's DMD student and judge long videos with and without.
 
     python scripts/long_tuning_report.py --quickstart outputs/quickstart_wrap [--seeds 0 1 2] [--factors 4 8 16]
-        [--eval_clips 12] [--steps N] [--tune_only]
+        [--eval_clips 12] [--steps N] [--switch_to continuations|any] [--switch_share S] [--tune_only]
 
 From a finished quickstart folder (python scripts/quickstart.py --world wrap: the world whose canvas wraps, so every
 segment of a long video has a true motion to judge), it long-tunes the DMD student's EMA export with
@@ -70,6 +70,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--factors", type=int, nargs="+", default=[4, 8, 16], help="video lengths, x the training length")
     parser.add_argument("--eval_clips", type=int, default=12, help="evaluation clips (the judge's set)")
     parser.add_argument("--steps", type=int, default=None, help="long-tuning iterations (default: the recipe's)")
+    parser.add_argument("--switch_to", choices=("continuations", "any"), default="continuations",
+                        help="where the tuning's prompt switches go: continuations (as LongLive's data: the same scene, "
+                             "the shape turning to another direction; switch_prompts.txt) or any other training prompt")
+    parser.add_argument("--switch_share", type=float, default=None,
+                        help="share of the longer rollouts that switch prompt (default: the recipe's)")
     parser.add_argument("--tune_only", action="store_true",
                         help="only the long-tuning runs (several seeds in parallel processes); judge in a later call")
     args = parser.parse_args(argv)
@@ -108,8 +113,17 @@ def main(argv: list[str] | None = None) -> int:
     stages = Stages(out, REPO_ROOT)
     prompts = eval_prompts(num_clips=args.eval_clips)
     # the real score (and the critic's start) is the world's teacher; the generator starts from the DMD export
-    common = [f"real_score.checkpoint={folder}", f"train.data_path={out / 'train_prompts.txt'}",
-              *([f"train.max_steps={args.steps}"] if args.steps else [])]
+    switches = []
+    if args.switch_to == "continuations":
+        from miniature.long_videos import continuation_lines
+        from utils.datasets import read_text_lines
+
+        atomic_write_text(out / "switch_prompts.txt",
+                          "\n".join(continuation_lines(read_text_lines(out / "train_prompts.txt", "prompt"))) + "\n")
+        switches = [f"distill.switch_prompts={out / 'switch_prompts.txt'}"]
+    common = [f"real_score.checkpoint={folder}", f"train.data_path={out / 'train_prompts.txt'}", *switches,
+              *([f"train.max_steps={args.steps}"] if args.steps else []),
+              *([f"distill.prompt_switch_share={args.switch_share}"] if args.switch_share is not None else [])]
     # 1. Long tuning from the DMD student's EMA weights, one run per seed.
     for seed in args.seeds:
         stages.run(f"long_tuning_s{seed}", ["train.py", "--config_path", RECIPE, "--logdir", str(out / f"long_tuning_s{seed}"),
@@ -132,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
                "switch_adherence_se": switched["adherence_se"]}
     # 3. The report.
     document = {"world": world_name, "factors": args.factors, "seeds": args.seeds, "eval_clips": args.eval_clips,
+                "switch_to": args.switch_to,
                 "teacher": teacher, "students": results, "seconds": time.perf_counter() - start}
     atomic_write_text(out / "long_tuning.json", json.dumps(document, indent=2) + "\n")
     lines = [f"# Long tuning in the {world_name} world ({args.eval_clips} clips per row)", "",

@@ -162,6 +162,52 @@ def test_switched_rollouts_are_scored_under_the_new_prompt():
         objective.generator_loss(models, batch)
 
 
+def test_switches_go_to_each_prompts_own_next_prompts(tmp_path):
+    """distill.switch_prompts: a row switches to one of its own prompt's next prompts (LongLive's continuations),
+    drawn from the seed (the same draws again from a fresh sampler); a prompt without one is refused, naming it."""
+    from trainer.data import BatchSource
+    from trainer.data_position import ShardedSampler
+    from utils.datasets import TextPromptDataset, read_switch_prompts
+
+    class Encoder:
+        def __init__(self):
+            self.seen = []
+
+        def encode(self, prompts):
+            self.seen.append(list(prompts))
+            return torch.zeros(len(prompts), 2, 4)
+
+        def encode_cached(self, prompt):
+            return torch.zeros(1, 2, 4)
+
+    (tmp_path / "prompts.txt").write_text("a cat\na dog\n")
+    (tmp_path / "next.txt").write_text("a cat\tthe cat sits\na cat\tthe cat jumps\na dog\tthe dog barks\n")
+    dataset = TextPromptDataset(tmp_path / "prompts.txt")
+    nexts = read_switch_prompts(tmp_path / "next.txt", dataset.prompts)
+    assert nexts == [["the cat sits", "the cat jumps"], ["the dog barks"]]
+
+    def draws():
+        encoder = Encoder()
+        source = BatchSource(dataset, ShardedSampler(2, 2, 0, 1, seed=5), encoder, "", torch.device("cpu"), ti2v=False,
+                             switch_prompts=True, next_prompts=nexts)
+        pairs = []
+        for _ in range(12):
+            batch_prompts = source.next().prompts
+            pairs += list(zip(batch_prompts, encoder.seen[-1]))  # encode(prompts), then encode(their next prompts)
+            assert encoder.seen[-2] == batch_prompts
+        return pairs
+
+    pairs = draws()
+    assert all(after in dict(zip(dataset.prompts, nexts))[before] for before, after in pairs)
+    assert {after for before, after in pairs if before == "a cat"} == {"the cat sits", "the cat jumps"}
+    assert draws() == pairs  # drawn from the seed, epoch and item alone
+    (tmp_path / "some.txt").write_text("a cat\tthe cat sits\n")
+    with pytest.raises(UserError, match="no next prompt for 1 training prompt.*'a dog'"):
+        read_switch_prompts(tmp_path / "some.txt", dataset.prompts)
+    with pytest.raises(UserError, match="distill.switch_prompts.*unset unless distill.prompt_switch_share > 0"):
+        load_config(RECIPE, [f"distill.switch_prompts={tmp_path / 'next.txt'}"])
+
+
 def test_long_tuning_resumes_exactly(tmp_path):
     """A long-tuning run with prompt switches trains and logs the lengths and switches it drew; stopped at step 2 and
     resumed to 4, it draws the same lengths, switches and switch prompts, and ends with the same weights, critic and

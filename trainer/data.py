@@ -58,8 +58,10 @@ class BatchSource:
 
     def __init__(self, dataset: Dataset, sampler: ShardedSampler, text_encoder: nn.Module, negative_prompt: str,
                  device: torch.device, *, ti2v: bool, vae: Optional[nn.Module] = None,
-                 switch_prompts: bool = False, image_share: float = 1.0) -> None:
+                 switch_prompts: bool = False, image_share: float = 1.0,
+                 next_prompts: Optional[list[list[str]]] = None) -> None:
         self.dataset, self.sampler, self.ti2v, self.switch_prompts = dataset, sampler, ti2v, switch_prompts
+        self.next_prompts = next_prompts  # per item, the prompts a switch may go to (None: any other item's)
         self.image_share = image_share  # TI2V prompt data: the share of rows given their first frame
         self.text_encoder, self.negative_prompt = text_encoder, negative_prompt
         self.device, self.vae = device, vae
@@ -73,7 +75,11 @@ class BatchSource:
         prompts = items["prompts"]
         context = self.text_encoder.encode(prompts).to(self.device)
         switch_context = None
-        if self.switch_prompts:  # long tuning's prompt switches: another prompt of the data for each sample
+        if self.switch_prompts and self.next_prompts is not None:  # long tuning's switches: one of its next prompts
+            options = [self.next_prompts[i] for i in indices]
+            chosen = self.sampler.draw_choices(indices, [len(o) for o in options])
+            switch_context = self.text_encoder.encode([o[c] for o, c in zip(options, chosen)]).to(self.device)
+        elif self.switch_prompts:  # or another prompt of the data
             partners = [self.dataset.prompt(i) for i in self.sampler.partner_indices(indices)]
             switch_context = self.text_encoder.encode(partners).to(self.device)
         negative = self.text_encoder.encode_cached(self.negative_prompt).to(self.device)

@@ -53,6 +53,12 @@ class ShardedSampler:
             partners.append(other + 1 if self.num_items > 1 and other >= index else other)
         return partners
 
+    def draw_choices(self, indices: list[int], counts: list[int]) -> list[int]:
+        """For each index, one of its `counts` options (a row's next prompt), drawn from the seed, the epoch and the
+        index alone, the same on a resumed run."""
+        return [int(torch.randint(0, count, (1,), generator=self._item_generator(index, 1_000_039)))
+                for index, count in zip(indices, counts, strict=True)]
+
     def draw_below(self, indices: list[int], share: float) -> list[bool]:
         """For each index, whether a uniform draw from the seed, the epoch and the index falls below `share` (which
         rows of a batch of both tasks get their image), the same on a resumed run."""

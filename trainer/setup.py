@@ -169,6 +169,12 @@ def build_training(
     data_parallel = build_data_parallel(info, config.parallel.sp_size, config.train.sharding_strategy)
     mesh = build_mesh(info, config.train.sharding_strategy)
     dataset = build_dataset(config, recipe.geometry)  # before the models: a database it cannot use is refused first
+    next_prompts = None
+    if config.distill.switch_prompts is not None and objective_class(config).switches_prompts(config):
+        from utils.datasets import read_switch_prompts
+
+        next_prompts = read_switch_prompts(config.distill.switch_prompts,
+                                           [dataset.prompt(i) for i in range(len(dataset))])
     models = build_models(config, recipe, device, mesh, data_parallel.sequence, profiler)
 
     # 4. Text encoder (frozen, possibly on the CPU), the VAE for TI2V first frames, and the data.
@@ -184,7 +190,7 @@ def build_training(
     batches = BatchSource(dataset, sampler, text_encoder, config.text_encoder.negative_prompt, device,
                           ti2v=config.video.task == "ti2v", vae=vae,
                           switch_prompts=objective_class(config).switches_prompts(config),
-                          image_share=config.train.image_share)
+                          image_share=config.train.image_share, next_prompts=next_prompts)
 
     return TrainingSetup(
         **vars(models),

@@ -169,6 +169,10 @@ class DistillConfig:
     # the scored window starts, to another prompt of the data, re-caching the held frames under it; the teacher and
     # critic score that window under the new prompt, so the student learns to follow a switch.
     prompt_switch_share: float = 0.0
+    # Where a switch goes: None, another prompt of the data; or a file of `prompt<TAB>next prompt` lines (LongLive
+    # trains on continuations written for each prompt: the scene goes on, the action changes), a row switching to
+    # one of its own prompt's next prompts, drawn from the seed (every training prompt needs at least one).
+    switch_prompts: Optional[str] = None
 
 
 @dataclass
@@ -484,6 +488,8 @@ def validate_choices(config: Config) -> None:
          "1 unless video.task is ti2v (the share of samples given their first frame)"),
         ("distill.prompt_switch_share", config.distill.prompt_switch_share == 0 or config.distill.long_rollout_factor > 1,
          "0 unless distill.long_rollout_factor > 1 (a switch happens inside a long rollout)"),
+        ("distill.switch_prompts", config.distill.switch_prompts is None or config.distill.prompt_switch_share > 0,
+         "unset unless distill.prompt_switch_share > 0 (the prompts switches go to)"),
         ("rollout.denoising_step_list", len(config.rollout.denoising_step_list) >= 1, "at least one timestep"),
         ("rollout.sink_size", config.rollout.sink_size >= 0, "0 or more frames"),
         ("evaluation.every", config.evaluation.every >= 0, "0 (off) or a number of iterations"),

@@ -187,6 +187,22 @@ def read_video_requests(path: str | os.PathLike, image_root: str | os.PathLike |
     return requests
 
 
+def read_switch_prompts(path: str | os.PathLike, prompts: list[str]) -> list[list[str]]:
+    """Each of `prompts`' next prompts from a `prompt<TAB>next prompt` file (a prompt may have several lines), in the
+    file's order; a training prompt with none is refused, naming it."""
+    nexts: dict[str, list[str]] = {}
+    for number, line in enumerate(read_text_lines(path, "switch-prompt"), start=1):
+        prompt, separator, following = line.partition(IMAGE_PROMPT_SEPARATOR)
+        if not separator or not prompt.strip() or not following.strip():
+            raise UserError(f"{path} line {number}: expected `prompt<TAB>next prompt`")
+        nexts.setdefault(prompt.strip(), []).append(following.strip())
+    missing = [prompt for prompt in dict.fromkeys(prompts) if prompt not in nexts]
+    if missing:
+        raise UserError(f"distill.switch_prompts {path} has no next prompt for {len(missing)} training prompt(s), "
+                        f"e.g. '{missing[0]}': expected a `prompt<TAB>next prompt` line for each")
+    return [nexts[prompt] for prompt in prompts]
+
+
 # --------------------------------------------------------------------------------------------- batching
 def collate(items: list[dict]) -> dict:
     """Items -> a batch: "prompt" becomes "prompts" (a list); every tensor field is stacked along a new dim 0."""
@@ -205,4 +221,4 @@ def collate(items: list[dict]) -> dict:
 
 
 __all__ = ["ImageTextDataset", "OdeLmdbDataset", "TextPromptDataset", "collate", "load_image", "read_text_lines",
-           "read_video_requests"]
+           "read_switch_prompts", "read_video_requests"]
