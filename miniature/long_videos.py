@@ -17,16 +17,19 @@ def continuation_lines(captions: Sequence[str]) -> list[str]:
     lines = []
     for text in captions:
         direction = parse_caption(text).direction
-        lines += [f"{text}\t{text.replace(f'moving {direction}', f'moving {other}')}" for other in DIRECTIONS
-                  if other != direction]
+        lines += [f"{text}\t{moving(text, other)}" for other in DIRECTIONS if other != direction]
     return lines
 
 
 def switch_caption(text: str) -> str:
     """The caption a switch moves to: the same scene, the motion turned round (left <-> right, up <-> down)."""
     turned = {"left": "right", "right": "left", "up": "down", "down": "up"}
-    caption = parse_caption(text)
-    return text.replace(f"moving {caption.direction}", f"moving {turned[caption.direction]}")
+    return moving(text, turned[parse_caption(text).direction])
+
+
+def moving(text: str, direction: str) -> str:
+    """The caption with its shape moving in `direction` instead, the rest of its scene kept."""
+    return text.replace(f"moving {parse_caption(text).direction}", f"moving {direction}")
 
 
 def length_rows(pipe, prompts: Sequence[tuple[str, int]], factors: Sequence[int], world: WorldSpec) -> dict:
