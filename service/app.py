@@ -1,7 +1,7 @@
 """The HTTP and WebSocket surface of the streaming service (FastAPI).
 
     GET  /                      the web page (static files, no build step)
-    GET  /health                {"status": "ok", model, device, active, queued, limits}
+    GET  /health                {"status": "ok", model, device, active, stopping, queued, limits}
     POST /jobs                  {"prompt", "seed"?, "num_frames"?, "image"? (base64)} -> 202 {"job_id", ...}
     GET  /jobs/{id}             status, queue position, blocks done
     GET  /jobs/{id}/video.mp4   the finished video; /jobs/{id}/record its inference record

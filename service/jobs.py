@@ -118,6 +118,7 @@ class JobManager:
         self.jobs: dict[str, Job] = {}
         self.waiting: collections.deque[Job] = collections.deque()
         self.active = 0
+        self.running: dict[str, Job] = {}
         self.lock = threading.Lock()
         self.executor = ThreadPoolExecutor(max_workers=max_active, thread_name_prefix="generate")
         self.uploads = Path(tempfile.mkdtemp(prefix="serve-uploads-"))
@@ -185,8 +186,9 @@ class JobManager:
 
     def status(self) -> dict:
         with self.lock:
-            return {"active": self.active, "queued": len(self.waiting), "max_active": self.max_active,
-                    "max_queue": self.max_queue}
+            stopping = sum(job.stop.is_set() for job in self.running.values())  # asked to stop, not yet at their next block
+            return {"active": self.active, "stopping": stopping, "queued": len(self.waiting),
+                    "max_active": self.max_active, "max_queue": self.max_queue}
 
     # ------------------------------------------------------------------------------------- running
     def _start_next(self) -> None:
@@ -196,6 +198,7 @@ class JobManager:
                 job = self.waiting.popleft()
                 job.status = "running"
                 self.active += 1
+                self.running[job.id] = job
                 started.append(job)
         for job in started:
             self.executor.submit(self._run, job)
@@ -278,6 +281,7 @@ class JobManager:
             self._release_upload(job)
             with self.lock:
                 self.active -= 1
+                self.running.pop(job.id, None)
             self._start_next()
 
     # ------------------------------------------------------------------------------------- housekeeping

@@ -95,6 +95,20 @@ class Server:
         status, body = self.request("GET", path)
         return json.loads(body)
 
+    def assert_idle_within(self, seconds: float) -> None:
+        """Every job stopped or finished within `seconds`; if not, say whether the running ones were asked to stop
+        (slow to reach their next block) or never were (a disconnect that was missed), with the server's log."""
+        deadline = time.time() + seconds
+        health = self.get("/health")
+        while time.time() < deadline and (health["active"] or health["queued"]):
+            time.sleep(0.1)
+            health = self.get("/health")
+        if health["active"] or health["queued"]:
+            self.log.flush()
+            tail = "\n".join((self.out.parent / "server.log").read_text().splitlines()[-30:])
+            raise AssertionError(f"after {seconds} s: {health['active']} running ({health['stopping']} of them asked to "
+                                 f"stop), {health['queued']} queued; server log:\n{tail}")
+
     def stream(self, request: dict, on_message=None) -> dict:
         """One WebSocket session to its end: blocks (header, frames, received_at) and every JSON message."""
         from websockets.sync.client import connect
@@ -247,11 +261,7 @@ def test_a_client_that_leaves_early_leaves_no_job_running(server, moment):
             assert json.loads(socket.recv(timeout=30))["type"] == "queued"
     if holder is not None:
         holder.close()
-    deadline = time.time() + 60  # the job stops at its next block; a loaded machine makes blocks slow
-    while time.time() < deadline and (server.get("/health")["active"] or server.get("/health")["queued"]):
-        time.sleep(0.2)
-    health = server.get("/health")
-    assert health["active"] == 0 and health["queued"] == 0, health
+    server.assert_idle_within(60)  # the job stops at its next block; a loaded machine makes blocks slow
     assert (set(server.out.glob("*")) if server.out.exists() else set()) == written  # no video was finished
 
 
@@ -286,11 +296,10 @@ def test_a_disconnect_frees_the_slot_for_the_next_in_queue(server):
     assert result["messages"][0] == {"type": "queued", "job_id": result["last"]["job_id"], "queue_position": 1}
     assert "started" in kinds  # it waited, then took the freed slot
     hold[1].close()
-    deadline = time.time() + 30
-    while server.get("/health")["active"] and time.time() < deadline:
-        time.sleep(0.1)
-    stack.close()
-    assert server.get("/health")["active"] == 0  # stopped at the next block, not at the video's end
+    try:
+        server.assert_idle_within(30)  # stopped at the next block, not at the video's end
+    finally:
+        stack.close()
 
 
 # --------------------------------------------------------------------------------------------- bad input
@@ -496,11 +505,7 @@ def test_a_storm_of_bad_and_abandoned_requests_leaves_every_slot_free(server):
     for index in range(50):
         with connect(f"ws://127.0.0.1:{server.port}/ws", max_size=None) as socket:
             socket.send(json.dumps({"prompt": PROMPT, "seed": index, "num_frames": longest}))
-    deadline = time.time() + 120
-    while time.time() < deadline and (server.get("/health")["active"] or server.get("/health")["queued"]):
-        time.sleep(0.2)
-    health = server.get("/health")
-    assert health["active"] == 0 and health["queued"] == 0, health
+    server.assert_idle_within(120)
     result = server.stream({"prompt": PROMPT, "seed": 9})
     assert result["last"]["type"] == "done"
     server.log.flush()
