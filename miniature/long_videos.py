@@ -60,7 +60,8 @@ def length_rows(pipe, prompts: Sequence[tuple[str, int]], factors: Sequence[int]
 
 def switch_rows(pipe, prompts: Sequence[tuple[str, int]], world: WorldSpec) -> dict:
     """Each clip made 2x the training length, its caption switched (with a recache) where the second segment starts:
-    the adherence of that segment to the new caption."""
+    the adherence of that segment to the new caption, beside the student's own clip of the new caption from the start
+    (same seed): what the switch costs over making that caption at all."""
     from miniature.judge import score_clip
     from utils.geometry import pixel_frames_for
 
@@ -68,14 +69,17 @@ def switch_rows(pipe, prompts: Sequence[tuple[str, int]], world: WorldSpec) -> d
     segment, latent = geometry.num_pixel_frames, geometry.num_latent_frames
     frames = pixel_frames_for(2 * latent, geometry.vae_stride[0])
     switch_block = len(geometry.block_sizes)  # the block where the second training-length window starts
-    scores = []
+    scores, fresh = [], []
     for prompt, seed in prompts:
         after = switch_caption(prompt)
         result = pipe.generate(prompt, seed=seed, num_output_frames=frames,
                                prompt_switch=lambda index, after=after: (after, True) if index == switch_block else None)
         start = segment  # the pixel frames of the second segment
         scores.append(float(score_clip(result.video[start:start + segment], parse_caption(after), world)["total"]))
+        made = pipe.generate(after, seed=seed, num_output_frames=segment).video
+        fresh.append(float(score_clip(made, parse_caption(after), world)["total"]))
     return {"adherence_after_switch": sum(scores) / len(scores), "adherence_after_switch_se": standard_error(scores),
+            "adherence_from_start": sum(fresh) / len(fresh), "adherence_from_start_se": standard_error(fresh),
             "num_clips": len(scores)}
 
 
@@ -93,4 +97,5 @@ def teacher_adherence(sampler, prompts: Sequence[tuple[str, int]], world: WorldS
 
 @torch.no_grad()
 def judge_long_student(pipe, prompts, factors, world) -> dict:
+    """Rows at each factor x the training length (none: no long videos) and after a prompt switch."""
     return {"lengths": length_rows(pipe, prompts, factors, world), "switch": switch_rows(pipe, prompts, world)}

@@ -54,11 +54,13 @@ def table(results: dict, teacher: dict) -> list[str]:
                          f"{row['last_drift']:.3f} |")
     lines += ["", "After a prompt switch (the segment after it, judged against the new caption; teacher: "
               f"{teacher['switch_adherence']:.3f} +- {teacher['switch_adherence_se']:.3f} on those captions):", "",
-              "| model | adherence after the switch | x teacher |", "|---|---|---|"]
+              "| model | adherence after the switch | x teacher | the new caption from the start (no switch) |",
+              "|---|---|---|---|"]
     for name, rows in results.items():
         switch = rows["switch"]
         lines.append(f"| {name} | {switch['adherence_after_switch']:.3f} +- {switch['adherence_after_switch_se']:.3f} | "
-                     f"{times(switch['adherence_after_switch'], teacher['switch_adherence'])} |")
+                     f"{times(switch['adherence_after_switch'], teacher['switch_adherence'])} | "
+                     f"{switch['adherence_from_start']:.3f} +- {switch['adherence_from_start_se']:.3f} |")
     return lines
 
 
@@ -67,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = OneLineArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quickstart", type=Path, required=True, help="a finished quickstart folder (its dmd/ export)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="long-tuning runs, one per seed")
-    parser.add_argument("--factors", type=int, nargs="+", default=[4, 8, 16], help="video lengths, x the training length")
+    parser.add_argument("--factors", type=int, nargs="*", default=[4, 8, 16],
+                        help="video lengths, x the training length (none: judge the prompt switch only)")
     parser.add_argument("--eval_clips", type=int, default=12, help="evaluation clips (the judge's set)")
     parser.add_argument("--steps", type=int, default=None, help="long-tuning iterations (default: the recipe's)")
     parser.add_argument("--switch_to", choices=("continuations", "any"), default="continuations",
@@ -150,12 +153,14 @@ def main(argv: list[str] | None = None) -> int:
                 "teacher": teacher, "students": results, "seconds": time.perf_counter() - start}
     atomic_write_text(out / "long_tuning.json", json.dumps(document, indent=2) + "\n")
     lines = [f"# Long tuning in the {world_name} world ({args.eval_clips} clips per row)", "",
-             f"Teacher seam ratio (training length): {teacher['seam_ratio']:.3f}", "", *table(results, teacher), "",
-             "Picture: long_tuning_segments.png (adherence per segment at the longest length)."]
+             f"Teacher seam ratio (training length): {teacher['seam_ratio']:.3f}", "", *table(results, teacher)]
+    if args.factors:
+        longest = f"{max(args.factors)}x"
+        segment_adherence(out / "long_tuning_segments.png",
+                          {name: rows["lengths"][longest] for name, rows in results.items()}, fps,
+                          title=f"students at {longest} its training length ({world_name} world)")
+        lines += ["", "Picture: long_tuning_segments.png (adherence per segment at the longest length)."]
     atomic_write_text(out / "long_tuning.md", "\n".join(lines) + "\n")
-    longest = f"{max(args.factors)}x"
-    segment_adherence(out / "long_tuning_segments.png", {name: rows["lengths"][longest] for name, rows in results.items()},
-                      fps, title=f"students at {longest} its training length ({world_name} world)")
     print("\n".join(lines), flush=True)
     return 0
 

@@ -144,8 +144,16 @@ def test_short_causal_chain_reports_the_causal_teacher(tmp_path, random_teacher)
     for rows in long_tuning["students"].values():
         assert len(rows["lengths"]["2x"]["segments"]) == 2 and rows["lengths"]["2x"]["num_frames"] == 69
         assert rows["switch"]["num_clips"] == 1 and 0 <= rows["switch"]["adherence_after_switch"] <= 1
+        assert 0 <= rows["switch"]["adherence_from_start"] <= 1  # the same caption made from the start, beside it
     assert (out / "long_tuning_segments.png").stat().st_size > 0 and "| long_tuned_s0 | 2x |" in tuned.stdout
     assert "generator/prompt_switched" in (out / "long_tuning_s0" / "metrics.jsonl").read_text()
+    # no factors: the switch alone is judged, the tuning reused
+    switch_only = run_script(["scripts/long_tuning_report.py", "--quickstart", str(out), "--seeds", "0", "--factors",
+                              "--eval_clips", "1", "--steps", "2"], timeout=900)
+    assert switch_only.returncode == 0, switch_only.stdout[-3000:] + switch_only.stderr[-3000:]
+    again = json.loads((out / "long_tuning.json").read_text())
+    assert again["factors"] == [] and all(rows["lengths"] == {} for rows in again["students"].values())
+    assert again["students"]["long_tuned_s0"]["switch"] == long_tuning["students"]["long_tuned_s0"]["switch"]
 
 
 @pytest.mark.slow
