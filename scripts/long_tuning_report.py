@@ -44,15 +44,18 @@ def times(value: float, reference: float) -> str:
 
 
 def table(results: dict, teacher: dict) -> list[str]:
-    lines = ["| model | length | first segment | last segment (+- se) | last / first | seam ratio (x teacher) | flicker |"
-             " last drift |", "|---|---|---|---|---|---|---|---|"]
-    for name, rows in results.items():
-        for length, row in rows["lengths"].items():
-            lines.append(f"| {name} | {length} | {row['first_adherence']:.3f} | {row['last_adherence']:.3f} +- "
-                         f"{row['last_adherence_se']:.3f} | {row['adherence_ratio']:.3f} | {row['seam_ratio']:.3f} "
-                         f"({times(row['seam_ratio'], teacher['seam_ratio'])}) | {row['flicker']:.3f} | "
-                         f"{row['last_drift']:.3f} |")
-    lines += ["", "After a prompt switch (the segment after it, judged against the new caption; teacher: "
+    lines = []
+    if any(rows["lengths"] for rows in results.values()):
+        lines += ["| model | length | first segment | last segment (+- se) | last / first | seam ratio (x teacher) | "
+                  "flicker | last drift |", "|---|---|---|---|---|---|---|---|"]
+        for name, rows in results.items():
+            for length, row in rows["lengths"].items():
+                lines.append(f"| {name} | {length} | {row['first_adherence']:.3f} | {row['last_adherence']:.3f} +- "
+                             f"{row['last_adherence_se']:.3f} | {row['adherence_ratio']:.3f} | {row['seam_ratio']:.3f} "
+                             f"({times(row['seam_ratio'], teacher['seam_ratio'])}) | {row['flicker']:.3f} | "
+                             f"{row['last_drift']:.3f} |")
+        lines.append("")
+    lines += ["After a prompt switch (the segment after it, judged against the new caption; teacher: "
               f"{teacher['switch_adherence']:.3f} +- {teacher['switch_adherence_se']:.3f} on those captions):", "",
               "| model | adherence after the switch | x teacher | the new caption from the start (no switch) |",
               "|---|---|---|---|"]
