@@ -117,8 +117,7 @@ class JobManager:
         self.parameters = parameters
         self.jobs: dict[str, Job] = {}
         self.waiting: collections.deque[Job] = collections.deque()
-        self.active = 0
-        self.running: dict[str, Job] = {}
+        self.running: dict[str, Job] = {}  # by id: the jobs generating now (at most max_active)
         self.lock = threading.Lock()
         self.executor = ThreadPoolExecutor(max_workers=max_active, thread_name_prefix="generate")
         self.uploads = Path(tempfile.mkdtemp(prefix="serve-uploads-"))
@@ -152,10 +151,10 @@ class JobManager:
     def submit(self, request: JobRequest, listener: Optional[tuple] = None) -> Job:
         """Queue a checked request; `listener` (loop, queue) hears every event from the first one on."""
         with self.lock:
-            if self.active >= self.max_active and len(self.waiting) >= self.max_queue:
+            if len(self.running) >= self.max_active and len(self.waiting) >= self.max_queue:
                 if request.image_path is not None:
                     request.image_path.unlink(missing_ok=True)
-                raise ServiceBusy(f"{self.active} streams running and {len(self.waiting)} waiting (the limit): try later")
+                raise ServiceBusy(f"{len(self.running)} streams running and {len(self.waiting)} waiting (the limit): try later")
             job = Job(id=uuid.uuid4().hex[:12], request=request)
             if listener is not None:
                 job.listeners.append(listener)
@@ -187,17 +186,16 @@ class JobManager:
     def status(self) -> dict:
         with self.lock:
             stopping = sum(job.stop.is_set() for job in self.running.values())  # asked to stop, not yet at their next block
-            return {"active": self.active, "stopping": stopping, "queued": len(self.waiting),
+            return {"active": len(self.running), "stopping": stopping, "queued": len(self.waiting),
                     "max_active": self.max_active, "max_queue": self.max_queue}
 
     # ------------------------------------------------------------------------------------- running
     def _start_next(self) -> None:
         started = []
         with self.lock:
-            while self.active < self.max_active and self.waiting:
+            while len(self.running) < self.max_active and self.waiting:
                 job = self.waiting.popleft()
                 job.status = "running"
-                self.active += 1
                 self.running[job.id] = job
                 started.append(job)
         for job in started:
@@ -280,7 +278,6 @@ class JobManager:
         finally:
             self._release_upload(job)
             with self.lock:
-                self.active -= 1
                 self.running.pop(job.id, None)
             self._start_next()
 
